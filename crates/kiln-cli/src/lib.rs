@@ -1,0 +1,448 @@
+//! The `kiln` command line: parses, calls the library, prints. Exit codes: 0 success, 1 a failure
+//! while running, 2 a mistake in the config or the arguments (nothing is written then).
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use kiln_config::{AdapterChoice, BackendConfig, BackendKind, Config};
+use kiln_data::Tokenizer;
+use kiln_train::checkpoint;
+use kiln_train::device;
+use kiln_train::inference::{self, SampleOptions};
+use kiln_train::memory::human_bytes;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "Train and fine-tune small language models on your own machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model as a YAML config describes.
+    Train(TrainArgs),
+    /// Continue a prompt with a trained model.
+    Generate(GenerateArgs),
+    /// Loss, perplexity and token count of a model on a text file.
+    Eval(EvalArgs),
+    /// List the compute devices kiln can use.
+    Devices,
+    /// Time the training step of a config (tokens/s, peak memory). Prints figures; writes nothing.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The experiment's YAML file.
+    config: PathBuf,
+    /// Override a config field: `--set optim.lr=3e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the newest checkpoint in the run directory.
+    #[arg(long)]
+    resume: bool,
+    /// Print the resolved config (file plus overrides) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Stop after this step, leaving a checkpoint to resume from (the schedule still spans the run).
+    #[arg(long, value_name = "STEP")]
+    stop_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Measured steps.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Steps run before measuring (first kernels, allocator warmup).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct BackendArgs {
+    /// auto | metal | vulkan | wgpu | cpu
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Use a software GPU adapter (lavapipe) with a GPU backend.
+    #[arg(long)]
+    software_adapter: bool,
+}
+
+impl BackendArgs {
+    fn config(&self) -> Result<BackendConfig, String> {
+        let kind = match self.backend.as_str() {
+            "auto" => BackendKind::Auto,
+            "metal" => BackendKind::Metal,
+            "vulkan" => BackendKind::Vulkan,
+            "wgpu" => BackendKind::Wgpu,
+            "cpu" => BackendKind::Cpu,
+            other => {
+                return Err(format!(
+                    "--backend {other}: expected one of auto, metal, vulkan, wgpu, cpu"
+                ));
+            }
+        };
+        Ok(BackendConfig {
+            kind,
+            adapter: if self.software_adapter {
+                AdapterChoice::Software
+            } else {
+                AdapterChoice::Default
+            },
+            ..BackendConfig::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A checkpoint directory, or a run directory (its `latest` checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint directory, or a run directory (its `latest` checkpoint is used).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// UTF-8 text file to score.
+    #[arg(long)]
+    data: PathBuf,
+    /// Window length (default: the run's data.seq_len, else the model's context).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Print one JSON object: {"loss", "perplexity", "tokens"}.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure { code: 1, error }
+    }
+}
+
+fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Generate(args) => generate(args),
+        Command::Eval(args) => eval(args),
+        Command::Devices => devices().map_err(Failure::from),
+        Command::Bench(args) => bench(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn train(args: TrainArgs) -> Result<(), Failure> {
+    let config = Config::load(&args.config, &args.set).map_err(usage)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
+    for (field, path) in [
+        ("data.train", Some(&config.data.train)),
+        ("data.valid", config.data.valid.as_ref()),
+    ] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            return Err(usage(anyhow::anyhow!(
+                "{}: field `{field}`: file {} not found",
+                args.config.display(),
+                p.display()
+            )));
+        }
+    }
+    let options = kiln_train::TrainOptions {
+        resume: args.resume,
+        quiet: false,
+        stop_after: args.stop_after,
+    };
+    let summary = kiln_train::train(&config, &options).context("training failed")?;
+    println!(
+        "done: {} of {} steps on {}",
+        summary.steps, summary.total_steps, summary.device
+    );
+    if let Some(l) = summary.final_train_loss {
+        println!("  train loss {l:.4}");
+    }
+    if let Some(l) = summary.final_val_loss {
+        println!(
+            "  val loss   {l:.4} (best {:.4})",
+            summary.best_val_loss.unwrap_or(l)
+        );
+    }
+    println!("  {:.0} tokens/s", summary.tokens_per_s);
+    if let Some(p) = summary.peak_memory_bytes {
+        println!("  peak memory {}", human_bytes(p));
+    }
+    if let Some(dir) = &summary.last_checkpoint {
+        println!("  checkpoint {}", dir.display());
+    }
+    if let Some(e) = &summary.event_file {
+        println!(
+            "  TensorBoard: tensorboard --logdir {}",
+            e.parent().unwrap_or(Path::new(".")).display()
+        );
+    }
+    Ok(())
+}
+
+/// A checkpoint directory itself, or a run directory's `latest` checkpoint.
+fn resolve_checkpoint(path: &Path) -> Result<PathBuf, Failure> {
+    if path.join(checkpoint::MODEL_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if let Some(latest) = checkpoint::latest(path) {
+        return Ok(latest);
+    }
+    Err(usage(anyhow::anyhow!(
+        "{}: not a checkpoint (no {}) and no checkpoints inside",
+        path.display(),
+        checkpoint::MODEL_FILE
+    )))
+}
+
+fn load(
+    checkpoint_arg: &Path,
+    backend: &BackendArgs,
+) -> Result<(kiln_models::LlamaModel, Tokenizer, PathBuf), Failure> {
+    let dir = resolve_checkpoint(checkpoint_arg)?;
+    let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
+    let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
+    let model = checkpoint::load_model(&dir, &selected.device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer =
+        Tokenizer::load_dir(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    Ok((model, tokenizer, dir))
+}
+
+fn generate(args: GenerateArgs) -> Result<(), Failure> {
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(usage(anyhow::anyhow!("--top-p must be in (0, 1]")));
+    }
+    let (model, tokenizer, _) = load(&args.checkpoint, &args.backend)?;
+    let prompt = if args.prompt.is_empty() {
+        "\n".to_string()
+    } else {
+        args.prompt.clone()
+    };
+    let ids = tokenizer
+        .encode(&prompt)
+        .map_err(|e| usage(anyhow::anyhow!("--prompt: {e}")))?;
+    let options = SampleOptions {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        stop_ids: vec![],
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", args.prompt);
+    let mut produced = Vec::new();
+    let mut printed = String::new();
+    inference::generate(&model, &ids, &options, |id| {
+        // Decode the whole continuation and print what is new, so multi-token characters print whole.
+        produced.push(id);
+        if let Ok(text) = tokenizer.decode(&produced)
+            && text.len() > printed.len()
+            && text.starts_with(&printed)
+        {
+            let _ = write!(out, "{}", &text[printed.len()..]);
+            let _ = out.flush();
+            printed = text;
+        }
+    });
+    let _ = writeln!(out);
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<(), Failure> {
+    if !args.data.is_file() {
+        return Err(usage(anyhow::anyhow!(
+            "--data {}: file not found",
+            args.data.display()
+        )));
+    }
+    let (model, tokenizer, dir) = load(&args.checkpoint, &args.backend)?;
+    let seq_len = match args.seq_len {
+        Some(s) => s,
+        None => Config::load(&dir.join(checkpoint::KILN_CONFIG_FILE), &[])
+            .map(|c| c.data.seq_len)
+            .unwrap_or(model.config.max_position_embeddings),
+    };
+    if seq_len == 0 || seq_len > model.config.max_position_embeddings {
+        return Err(usage(anyhow::anyhow!(
+            "--seq-len must be in 1..={}",
+            model.config.max_position_embeddings
+        )));
+    }
+    let tokens = kiln_data::tokenize_file(&args.data, &tokenizer)
+        .map_err(|e| usage(anyhow::Error::from(e)))?;
+    if tokens.len() < 2 {
+        bail_usage(&format!(
+            "{}: fewer than 2 tokens to score",
+            args.data.display()
+        ))?;
+    }
+    let (loss, scored) = inference::evaluate_tokens(&model, &tokens, seq_len);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": scored})
+        );
+    } else {
+        println!(
+            "loss {loss:.4}  perplexity {:.3}  tokens {scored}",
+            loss.exp()
+        );
+    }
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<(), Failure> {
+    let config = Config::load(&args.config, &args.set).map_err(usage)?;
+    if args.steps == 0 {
+        return Err(usage(anyhow::anyhow!("--steps must be at least 1")));
+    }
+    let r = kiln_train::bench::bench(&config, args.steps, args.warmup).context("bench failed")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r).context("report")?);
+        return Ok(());
+    }
+    let mut secs = r.step_secs.clone();
+    secs.sort_by(f64::total_cmp);
+    let tps = |s: f64| r.tokens_per_step as f64 / s;
+    println!("device: {} ({} threads)", r.device, r.threads);
+    println!(
+        "model: {:.3}M parameters; {} tokens per step",
+        r.parameters as f64 / 1e6,
+        r.tokens_per_step
+    );
+    println!("first step done after {:.2} s", r.first_step_secs);
+    println!(
+        "tokens/s over {} steps: median {:.0} (min {:.0}, max {:.0})",
+        secs.len(),
+        r.median_tokens_per_s,
+        tps(secs[secs.len() - 1]),
+        tps(secs[0])
+    );
+    if let Some(p) = r.peak_rss_bytes {
+        println!("peak RSS: {}", human_bytes(p));
+    }
+    if let Some(p) = r.peak_device_bytes {
+        println!("peak device memory in use: {}", human_bytes(p));
+    }
+    Ok(())
+}
+
+fn bail_usage(message: &str) -> Result<(), Failure> {
+    Err(usage(anyhow::anyhow!(message.to_string())))
+}
+
+fn devices() -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("cpu: Burn Flex, {threads} threads");
+    if let Some((total, available)) = kiln_train::memory::host_memory() {
+        println!(
+            "  memory: {} total, {} available",
+            human_bytes(total),
+            human_bytes(available)
+        );
+    }
+    if let Some(limit) = kiln_train::memory::cgroup_limit() {
+        println!("  cgroup limit: {}", human_bytes(limit));
+    }
+    let adapters = device::list_adapters();
+    if adapters.is_empty() {
+        println!("gpu: no adapters found through wgpu");
+    }
+    for a in adapters {
+        println!(
+            "gpu: {} ({}, {}{}){}",
+            a.name,
+            a.device_type,
+            a.backend,
+            if a.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", a.driver)
+            },
+            if a.software {
+                " [software: use backend.adapter: software]"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  max buffer {}, max storage binding {}",
+            human_bytes(a.max_buffer_size),
+            human_bytes(a.max_storage_binding)
+        );
+    }
+    let auto = device::select(&BackendConfig::default()).map(|d| d.description);
+    match auto {
+        Ok(d) => println!("backend: auto would use {d}"),
+        Err(e) => bail!("backend: auto failed: {e}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! kiln's experiment schema.
+//!
+//! A run is described by one YAML file whose sections mirror the pipeline: `run`, `backend`,
+//! `model`, `data`, `optim`, `train`, `logging`. Every field has a default, unknown keys are
+//! refused, and `--set section.field=value` overrides any field after the file is read. Errors
+//! name the file, line, column and field.
+
+mod error;
+mod overrides;
+mod schema;
+
+pub use error::ConfigError;
+pub use overrides::parse_override;
+pub use schema::*;
+
+use std::path::Path;
+
+impl Config {
+    /// Reads a YAML config from `path` and applies `overrides` (`a.b=c` strings) on top.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::from_yaml_str(&text, &path.display().to_string())?;
+        config.with_overrides(overrides)
+    }
+
+    /// Parses YAML text; `origin` names the text in errors (usually the file path).
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = serde_saphyr::from_str(text)
+            .map_err(|e| ConfigError::yaml(origin, &e).with_field_from(text))?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                origin: origin.to_string(),
+                field,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Applies `key.path=value` overrides, re-validating the result.
+    pub fn with_overrides(self, overrides: &[String]) -> Result<Self, ConfigError> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let mut tree =
+            serde_json::to_value(&self).map_err(|e| ConfigError::Internal(e.to_string()))?;
+        for item in overrides {
+            let (key, value) = parse_override(item)?;
+            overrides::set_path(&mut tree, &key, value, item)?;
+        }
+        let config: Config = serde_json::from_value(tree).map_err(|e| ConfigError::Override {
+            item: overrides.join(" "),
+            message: e.to_string(),
+        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                origin: "--set".to_string(),
+                field,
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// The resolved config as YAML, as written into a run directory.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self)
+            .unwrap_or_else(|e| format!("# could not serialize config: {e}\n"))
+    }
+}

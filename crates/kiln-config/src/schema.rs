@@ -1,0 +1,477 @@
+//! The config schema. A YAML key is a struct field; each field's doc comment says what it does
+//! and its default. `deny_unknown_fields` everywhere: a misspelt key is an error, not a silent default.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub backend: BackendConfig,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub train: TrainConfig,
+    pub logging: LoggingConfig,
+}
+
+/// `run`: naming, seeding and where outputs go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name; outputs go to `<output_dir>/<name>/`. Default `run`.
+    pub name: String,
+    /// Seed for weight init, data order and dropout. Default 1337.
+    pub seed: u64,
+    /// Parent directory of run directories. Default `checkpoints`.
+    pub output_dir: PathBuf,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            seed: 1337,
+            output_dir: PathBuf::from("checkpoints"),
+        }
+    }
+}
+
+/// Which compute backend trains the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Metal on macOS, else a hardware GPU through wgpu, else the CPU.
+    #[default]
+    Auto,
+    /// Apple's Metal (macOS only).
+    Metal,
+    /// Vulkan through Burn's SPIR-V compiler (needs the `vulkan` cargo feature).
+    Vulkan,
+    /// wgpu with WGSL shaders: Vulkan on Linux, Metal on macOS.
+    Wgpu,
+    /// Burn's Flex CPU backend.
+    Cpu,
+}
+
+/// Which adapter a GPU backend opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterChoice {
+    /// The best hardware adapter.
+    #[default]
+    Default,
+    /// A software rasterizer such as Mesa's lavapipe: only when asked for.
+    Software,
+}
+
+/// Element type of weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    #[default]
+    F32,
+}
+
+/// `backend`: where the run computes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// `auto | metal | vulkan | wgpu | cpu`. Default `auto`.
+    pub kind: BackendKind,
+    /// `default | software`: `software` opens a software adapter (lavapipe). Default `default`.
+    pub adapter: AdapterChoice,
+    /// Compute dtype. Default `f32` (the only one for now).
+    pub dtype: DType,
+}
+
+/// Model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+    #[default]
+    Llama,
+}
+
+/// `model`: a decoder-only transformer. Keys follow Hugging Face's `config.json` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Default `llama`.
+    pub architecture: Architecture,
+    /// Vocabulary size; `null` takes the tokenizer's. Default `null`.
+    pub vocab_size: Option<usize>,
+    /// Model width. Default 128.
+    pub hidden_size: usize,
+    /// Number of transformer blocks. Default 4.
+    pub num_hidden_layers: usize,
+    /// Attention heads. Default 4.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); `null` means as many as attention heads. Default `null`.
+    pub num_key_value_heads: Option<usize>,
+    /// SwiGLU inner width. Default 384.
+    pub intermediate_size: usize,
+    /// Longest sequence the model is built for. Default 256.
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon. Default 1e-5.
+    pub rms_norm_eps: f64,
+    /// RoPE base frequency. Default 10000.
+    pub rope_theta: f64,
+    /// Share the input embedding with the output projection. Default true.
+    pub tie_word_embeddings: bool,
+    /// Dropout on attention probabilities and residual branches while training. Default 0.0.
+    pub dropout: f64,
+    /// Standard deviation of the normal weight init. Default 0.02.
+    pub initializer_range: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::Llama,
+            vocab_size: None,
+            hidden_size: 128,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: None,
+            intermediate_size: 384,
+            max_position_embeddings: 256,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: true,
+            dropout: 0.0,
+            initializer_range: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+}
+
+/// How text becomes tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One token per character seen in the training text.
+    #[default]
+    Char,
+    /// Byte-level BPE trained on the training text with `vocab_size` tokens.
+    Bpe,
+    /// A Hugging Face `tokenizer.json` at `path`.
+    File,
+}
+
+/// `data.tokenizer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerConfig {
+    /// `char | bpe | file`. Default `char`.
+    pub kind: TokenizerKind,
+    /// Target vocabulary for `bpe`. Default 512.
+    pub vocab_size: usize,
+    /// `tokenizer.json` for `file`. Default `null`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self {
+            kind: TokenizerKind::Char,
+            vocab_size: 512,
+            path: None,
+        }
+    }
+}
+
+/// `data`: the corpus for from-scratch training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// UTF-8 text file to train on (relative paths are relative to the working directory).
+    /// Default `datasets/shakespeare/input.txt`.
+    pub train: PathBuf,
+    /// Validation text; `null` holds out the last `val_fraction` of `train`. Default `null`.
+    pub valid: Option<PathBuf>,
+    /// Share of `train` held out for validation when `valid` is `null`. Default 0.1.
+    pub val_fraction: f64,
+    /// Tokens per training window. Default 64.
+    pub seq_len: usize,
+    pub tokenizer: TokenizerConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::from("datasets/shakespeare/input.txt"),
+            valid: None,
+            val_fraction: 0.1,
+            seq_len: 64,
+            tokenizer: TokenizerConfig::default(),
+        }
+    }
+}
+
+/// Learning-rate schedule shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    Linear,
+    #[default]
+    Cosine,
+}
+
+/// `optim.schedule`: warmup, then constant, linear decay or cosine decay to `min_lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    /// `constant | linear | cosine`. Default `cosine`.
+    pub kind: ScheduleKind,
+    /// Linear warmup from 0 over this many steps. Default 100.
+    pub warmup_steps: usize,
+    /// Learning rate at the end of decay. Default 1e-4.
+    pub min_lr: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 100,
+            min_lr: 1e-4,
+        }
+    }
+}
+
+/// `optim`: AdamW with decoupled weight decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate. Default 1e-3.
+    pub lr: f64,
+    /// Adam betas. Default [0.9, 0.99].
+    pub betas: [f64; 2],
+    /// Adam epsilon. Default 1e-8.
+    pub eps: f64,
+    /// Decoupled weight decay on matrices (not norms). Default 0.1.
+    pub weight_decay: f64,
+    pub schedule: ScheduleConfig,
+    /// Clip the global gradient L2 norm to this; `null` or 0 turns clipping off. Default 1.0.
+    pub grad_clip: Option<f64>,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            betas: [0.9, 0.99],
+            eps: 1e-8,
+            weight_decay: 0.1,
+            schedule: ScheduleConfig::default(),
+            grad_clip: Some(1.0),
+        }
+    }
+}
+
+/// `train`: how long and in what steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps to run. Default 1000. Ignored when `epochs` is set.
+    pub max_steps: usize,
+    /// Passes over the training tokens (steps = epochs × tokens / (batch × accumulation × seq_len));
+    /// overrides `max_steps`. Default `null`.
+    pub epochs: Option<f64>,
+    /// Sequences per micro-batch. Default 12.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub grad_accum: usize,
+    /// Validate every N steps (0: only at the end). Default 100.
+    pub eval_every: usize,
+    /// Batches per validation. Default 20.
+    pub eval_batches: usize,
+    /// Checkpoint every N steps (0: only at the end). Default 500.
+    pub save_every: usize,
+    /// Step checkpoints kept (older ones are removed). Default 2.
+    pub keep_last: usize,
+    /// Also keep the checkpoint with the lowest validation loss as `best/`. Default true.
+    pub keep_best: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 1000,
+            epochs: None,
+            batch_size: 12,
+            grad_accum: 1,
+            eval_every: 100,
+            eval_batches: 20,
+            save_every: 500,
+            keep_last: 2,
+            keep_best: true,
+        }
+    }
+}
+
+/// `logging`: what a run reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// Write TensorBoard event files to `<run dir>/tensorboard/`. Default true.
+    pub tensorboard: bool,
+    /// Log train scalars every N steps. Default 10.
+    pub log_every: usize,
+    /// Weight histograms every N steps (0: never). Default 100.
+    pub histograms_every: usize,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            tensorboard: true,
+            log_every: 10,
+            histograms_every: 100,
+        }
+    }
+}
+
+impl Config {
+    /// Checks values that types alone cannot: returns the dotted field and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn positive(field: &str, v: usize) -> Result<(), (String, String)> {
+            if v == 0 {
+                return Err((field.into(), "must be at least 1".into()));
+            }
+            Ok(())
+        }
+        let m = &self.model;
+        positive("model.hidden_size", m.hidden_size)?;
+        positive("model.num_hidden_layers", m.num_hidden_layers)?;
+        positive("model.num_attention_heads", m.num_attention_heads)?;
+        positive("model.intermediate_size", m.intermediate_size)?;
+        positive("model.max_position_embeddings", m.max_position_embeddings)?;
+        if let Some(v) = m.vocab_size {
+            positive("model.vocab_size", v)?;
+        }
+        if m.hidden_size % m.num_attention_heads != 0 {
+            return Err((
+                "model.hidden_size".into(),
+                format!(
+                    "{} is not divisible by num_attention_heads = {}",
+                    m.hidden_size, m.num_attention_heads
+                ),
+            ));
+        }
+        if m.head_dim() % 2 != 0 {
+            return Err((
+                "model.hidden_size".into(),
+                format!("head dimension {} must be even for RoPE", m.head_dim()),
+            ));
+        }
+        let kv = m.kv_heads();
+        if kv == 0 || m.num_attention_heads % kv != 0 {
+            return Err((
+                "model.num_key_value_heads".into(),
+                format!(
+                    "{kv} must divide num_attention_heads = {}",
+                    m.num_attention_heads
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&m.dropout) {
+            return Err(("model.dropout".into(), "must be in [0, 1)".into()));
+        }
+        if m.rms_norm_eps <= 0.0 || m.rope_theta <= 0.0 || m.initializer_range <= 0.0 {
+            return Err((
+                "model".into(),
+                "rms_norm_eps, rope_theta and initializer_range must be positive".into(),
+            ));
+        }
+        let d = &self.data;
+        positive("data.seq_len", d.seq_len)?;
+        if d.seq_len > m.max_position_embeddings {
+            return Err((
+                "data.seq_len".into(),
+                format!(
+                    "{} exceeds model.max_position_embeddings = {}",
+                    d.seq_len, m.max_position_embeddings
+                ),
+            ));
+        }
+        if d.valid.is_none() && !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+            return Err((
+                "data.val_fraction".into(),
+                "must be in (0, 1) when data.valid is not given".into(),
+            ));
+        }
+        match d.tokenizer.kind {
+            TokenizerKind::Bpe if d.tokenizer.vocab_size < 257 => {
+                return Err((
+                    "data.tokenizer.vocab_size".into(),
+                    "byte-level BPE needs at least 257 tokens (256 bytes + 1 merge)".into(),
+                ));
+            }
+            TokenizerKind::File if d.tokenizer.path.is_none() => {
+                return Err((
+                    "data.tokenizer.path".into(),
+                    "required when data.tokenizer.kind is `file`".into(),
+                ));
+            }
+            _ => {}
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0) {
+            return Err(("optim.lr".into(), "must be positive".into()));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(("optim.betas".into(), "each beta must be in [0, 1)".into()));
+        }
+        if !(o.eps > 0.0) || o.weight_decay < 0.0 {
+            return Err((
+                "optim".into(),
+                "eps must be positive and weight_decay non-negative".into(),
+            ));
+        }
+        if o.schedule.min_lr < 0.0 || o.schedule.min_lr > o.lr {
+            return Err((
+                "optim.schedule.min_lr".into(),
+                format!("must be in [0, optim.lr = {}]", o.lr),
+            ));
+        }
+        if let Some(c) = o.grad_clip
+            && c < 0.0
+        {
+            return Err(("optim.grad_clip".into(), "must be non-negative".into()));
+        }
+        let t = &self.train;
+        positive("train.batch_size", t.batch_size)?;
+        positive("train.grad_accum", t.grad_accum)?;
+        positive("train.eval_batches", t.eval_batches)?;
+        match t.epochs {
+            Some(e) if !(e > 0.0) => {
+                return Err(("train.epochs".into(), "must be positive".into()));
+            }
+            None => positive("train.max_steps", t.max_steps)?,
+            _ => {}
+        }
+        positive("logging.log_every", self.logging.log_every)?;
+        if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name == ".."
+        {
+            return Err((
+                "run.name".into(),
+                "must be a non-empty name without path separators".into(),
+            ));
+        }
+        Ok(())
+    }
+}

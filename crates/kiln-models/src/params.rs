@@ -1,0 +1,31 @@
+use burn::Tensor;
+
+/// What a parameter is, which decides its Hugging Face layout and whether weight decay applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// A linear layer's weight, held as `[in, out]` here and stored as `[out, in]` in HF files.
+    LinearWeight,
+    /// Token embedding `[vocab, hidden]`, same layout in HF files.
+    Embedding,
+    /// A norm's scale vector.
+    Norm,
+    /// A linear layer's bias.
+    Bias,
+}
+
+impl ParamKind {
+    /// Matrices decay; norms and biases do not (as in nanoGPT, mlx-lm and torchtune).
+    pub fn decays(self) -> bool {
+        matches!(self, ParamKind::LinearWeight | ParamKind::Embedding)
+    }
+}
+
+/// Visits every trainable tensor with its Hugging Face name.
+pub trait ParamVisitor {
+    fn visit<const D: usize>(&mut self, name: &str, kind: ParamKind, param: &Tensor<D>);
+}
+
+/// Rebuilds every trainable tensor, given its Hugging Face name.
+pub trait ParamMapper {
+    fn map<const D: usize>(&mut self, name: &str, kind: ParamKind, param: Tensor<D>) -> Tensor<D>;
+}

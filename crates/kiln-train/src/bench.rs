@@ -1,0 +1,94 @@
+//! Throughput measurement: the training step of a config, timed step by step after a warmup.
+//! Not a test: it prints figures (see `kiln bench` and docs/PERFORMANCE.md).
+
+use crate::TrainError;
+use crate::device;
+use crate::memory;
+use crate::optim::{AdamW, learning_rate};
+use crate::trainer::{total_steps, train_step};
+use kiln_config::Config;
+use kiln_data::Corpus;
+use kiln_models::{LlamaConfig, LlamaModel};
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    pub device: String,
+    pub threads: usize,
+    pub parameters: usize,
+    pub tokens_per_step: usize,
+    /// Seconds from the call to the end of the first optimizer step (setup, first kernels).
+    pub first_step_secs: f64,
+    /// Seconds of each measured step (after warmup), each ended by a host read of the loss.
+    pub step_secs: Vec<f64>,
+    pub median_tokens_per_s: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_device_bytes: Option<u64>,
+}
+
+pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
+    let start = Instant::now();
+    let selected = device::select(&config.backend)?;
+    let (tokenizer, corpus) = Corpus::prepare(&config.data, None)?;
+    let vocab = tokenizer.vocab_size();
+    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
+    let parameters = model_config.num_params();
+    let mut model = LlamaModel::init(
+        model_config,
+        config.model.initializer_range,
+        config.run.seed,
+        &selected.device,
+    )
+    .to_device(&selected.device.clone().autodiff(), true);
+    let mut optimizer = AdamW::new(&config.optim);
+    let total = total_steps(config, corpus.train.len()).max(steps + warmup);
+    let accum = config.train.grad_accum as u64;
+    let mut first_step_secs = 0.0;
+    let mut step_secs = Vec::with_capacity(steps);
+    let mut peak_device = None;
+    for step in 0..steps + warmup.max(1) {
+        let t = Instant::now();
+        let lr = learning_rate(&config.optim, step + 1, total);
+        let (next, out) = train_step(
+            model,
+            &mut optimizer,
+            &corpus,
+            config,
+            step as u64 * accum,
+            lr,
+        );
+        model = next;
+        let loss = out.loss.into_scalar::<f32>();
+        if !loss.is_finite() {
+            return Err(TrainError::Other(format!(
+                "loss became {loss} at bench step {step}"
+            )));
+        }
+        if step == 0 {
+            first_step_secs = start.elapsed().as_secs_f64();
+        }
+        if let Some(m) = device::device_memory_in_use(&selected.device) {
+            peak_device = Some(peak_device.unwrap_or(0).max(m));
+        }
+        if step >= warmup.max(1) {
+            step_secs.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let tokens_per_step = config.train.batch_size * config.data.seq_len * config.train.grad_accum;
+    let mut sorted = step_secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(BenchReport {
+        device: selected.description,
+        threads: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        parameters,
+        tokens_per_step,
+        first_step_secs,
+        step_secs,
+        median_tokens_per_s: tokens_per_step as f64 / median,
+        peak_rss_bytes: memory::peak_rss(),
+        peak_device_bytes: peak_device,
+    })
+}

@@ -1,0 +1,181 @@
+//! Checkpoints: `<run dir>/step-NNNNNNN/` holds
+//! - `model.safetensors` and `config.json`: a Hugging Face Llama model directory,
+//! - the tokenizer (`tokenizer.json`, or `char_tokenizer.json` for char-level runs),
+//! - `optimizer.safetensors`: AdamW moments keyed by parameter name,
+//! - `trainer_state.json`: step, data position, scheduler and best-loss bookkeeping,
+//! - `kiln.yaml`: the resolved config.
+//!
+//! A checkpoint is written into a hidden temp directory and renamed into place, so a directory
+//! named `step-*` is always complete. `latest` and `best` are symlinks, replaced atomically.
+
+use crate::TrainError;
+use kiln_config::Config;
+use kiln_data::Tokenizer;
+use kiln_models::fsutil::{atomic_write, sync_dir};
+use kiln_models::safetensors_io::{self, HostTensor};
+use kiln_models::{LlamaConfig, LlamaModel};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const CONFIG_FILE: &str = "config.json";
+pub const KILN_CONFIG_FILE: &str = "kiln.yaml";
+
+/// Everything besides tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    /// Total steps of the run (the schedule's horizon).
+    pub total_steps: usize,
+    /// Micro-batches consumed: the data position (batches are a function of seed and index).
+    pub micro_batches: u64,
+    /// AdamW's bias-correction counter.
+    pub optimizer_t: u64,
+    pub tokens_seen: u64,
+    pub seed: u64,
+    pub learning_rate: f64,
+    pub last_train_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Seconds of training before this checkpoint (excluding time spent before a resume's load).
+    pub elapsed_secs: f64,
+    pub kiln_version: String,
+}
+
+fn ckpt_err(path: &Path, message: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+pub fn step_dir_name(step: usize) -> String {
+    format!("step-{step:07}")
+}
+
+/// Writes a checkpoint for `state.step` and points `latest` at it.
+pub fn save(
+    run_dir: &Path,
+    config: &Config,
+    model: &LlamaModel,
+    optimizer_state: &BTreeMap<String, HostTensor>,
+    state: &TrainerState,
+    tokenizer: &Tokenizer,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = run_dir.join(step_dir_name(state.step));
+    let tmp = run_dir.join(format!(".{}.tmp", step_dir_name(state.step)));
+    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+
+    safetensors_io::write_f32(&tmp.join(MODEL_FILE), &model.to_hf_tensors(), &[])?;
+    safetensors_io::write_f32(&tmp.join(OPTIMIZER_FILE), optimizer_state, &[])?;
+    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json())
+        .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    atomic_write(&tmp.join(CONFIG_FILE), &hf).map_err(|e| io(&tmp, e))?;
+    let st = serde_json::to_vec_pretty(state).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    atomic_write(&tmp.join(STATE_FILE), &st).map_err(|e| io(&tmp, e))?;
+    atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes())
+        .map_err(|e| io(&tmp, e))?;
+    tokenizer.save(&tmp)?;
+    sync_dir(&tmp);
+
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| io(&final_dir, e))?;
+    sync_dir(run_dir);
+    point(run_dir, "latest", &final_dir)?;
+    Ok(final_dir)
+}
+
+/// Atomically makes `run_dir/<link>` a relative symlink to `target`.
+pub fn point(run_dir: &Path, link: &str, target: &Path) -> Result<(), TrainError> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| ckpt_err(target, "no directory name"))?;
+    let tmp = run_dir.join(format!(".{link}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(name, &tmp).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    #[cfg(not(unix))]
+    std::fs::write(&tmp, name.to_string_lossy().as_bytes())
+        .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    std::fs::rename(&tmp, run_dir.join(link)).map_err(|e| ckpt_err(run_dir, e.to_string()))?;
+    sync_dir(run_dir);
+    Ok(())
+}
+
+/// Step checkpoints in `run_dir`, oldest first.
+pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path()
+                .join(STATE_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest complete checkpoint of a run.
+pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+    list(run_dir).pop().map(|(_, p)| p)
+}
+
+/// Removes step checkpoints beyond the newest `keep_last`, sparing `best`.
+pub fn prune(run_dir: &Path, keep_last: usize, best_step: Option<usize>) -> Result<(), TrainError> {
+    let all = list(run_dir);
+    let cut = all.len().saturating_sub(keep_last.max(1));
+    for (step, path) in &all[..cut] {
+        if Some(*step) == best_step {
+            continue;
+        }
+        std::fs::remove_dir_all(path).map_err(|e| ckpt_err(path, e.to_string()))?;
+    }
+    Ok(())
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| ckpt_err(&path, e.to_string()))
+}
+
+/// Reads a checkpoint's (or any HF Llama directory's) `config.json`.
+pub fn read_model_config(dir: &Path) -> Result<LlamaConfig, TrainError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| ckpt_err(&path, format!("not a Llama config: {e}")))
+}
+
+/// Loads a checkpoint's weights into a model of its own config on `device`.
+pub fn load_model(dir: &Path, device: &burn::tensor::Device) -> Result<LlamaModel, TrainError> {
+    let config = read_model_config(dir)?;
+    let path = dir.join(MODEL_FILE);
+    let tensors = safetensors_io::read_all(&path)?;
+    let skeleton = LlamaModel::init(config, 0.02, 0, device);
+    skeleton
+        .load_hf_tensors(&tensors)
+        .map_err(|(name, message)| {
+            TrainError::Model(kiln_models::ModelError::Tensor {
+                path,
+                name,
+                message,
+            })
+        })
+}

@@ -1,0 +1,199 @@
+//! Choosing the device a run computes on, and describing what the machine offers.
+
+use crate::TrainError;
+use crate::memory;
+use burn::prelude::*;
+use kiln_config::{AdapterChoice, BackendConfig, BackendKind};
+
+/// The device a run uses, with a line that says what it is.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    pub device: Device,
+    pub kind: BackendKind,
+    pub description: String,
+}
+
+/// One graphics adapter wgpu can open.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub device_type: String,
+    pub backend: String,
+    pub driver: String,
+    pub software: bool,
+    pub max_buffer_size: u64,
+    pub max_storage_binding: u64,
+}
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Thread(std::thread::Thread);
+    impl Wake for Thread {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Thread(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+/// The adapters wgpu finds (Vulkan, Metal, ...), hardware and software alike.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters
+        .into_iter()
+        .map(|a| {
+            let info = a.get_info();
+            let limits = a.limits();
+            AdapterSummary {
+                software: info.device_type == wgpu::DeviceType::Cpu,
+                name: info.name,
+                device_type: format!("{:?}", info.device_type),
+                backend: format!("{:?}", info.backend),
+                driver: format!("{} {}", info.driver, info.driver_info)
+                    .trim()
+                    .to_string(),
+                max_buffer_size: limits.max_buffer_size,
+                max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            }
+        })
+        .filter(|a| a.backend != "Gl" && a.backend != "Noop")
+        .collect()
+}
+
+fn cpu_device() -> SelectedDevice {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let ram = memory::host_memory()
+        .map(|(total, _)| format!(", {} RAM", memory::human_bytes(total)))
+        .unwrap_or_default();
+    SelectedDevice {
+        device: Device::flex(),
+        kind: BackendKind::Cpu,
+        description: format!("cpu (Burn Flex, {threads} threads{ram})"),
+    }
+}
+
+fn wgpu_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
+    let adapters = list_adapters();
+    let wanted_software = adapter == AdapterChoice::Software;
+    let Some(found) = adapters.iter().find(|a| a.software == wanted_software) else {
+        return Err(TrainError::Device(if wanted_software {
+            "no software GPU adapter found (on Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
+                .into()
+        } else {
+            "no hardware GPU adapter found through wgpu; use backend.kind: cpu, or \
+             backend.adapter: software for a software Vulkan device"
+                .into()
+        }));
+    };
+    let kind = if wanted_software {
+        // Autotuning every kernel on a software rasterizer takes minutes per shape (FACTS.md).
+        if std::env::var_os("CUBECL_AUTOTUNE_LEVEL").is_none() {
+            // SAFETY: set once at device selection, before the runtime reads it.
+            unsafe { std::env::set_var("CUBECL_AUTOTUNE_LEVEL", "minimal") };
+        }
+        DeviceKind::Cpu
+    } else {
+        DeviceKind::DefaultDevice
+    };
+    Ok(SelectedDevice {
+        device: Device::wgpu(kind),
+        kind: BackendKind::Wgpu,
+        description: format!(
+            "wgpu: {} ({}, {}{})",
+            found.name,
+            found.device_type,
+            found.backend,
+            if found.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", found.driver)
+            }
+        ),
+    })
+}
+
+/// Opens the device the config asks for; `auto` prefers Metal on macOS, then a hardware GPU
+/// through wgpu, then the CPU. A software adapter is used only when asked for.
+pub fn select(config: &BackendConfig) -> Result<SelectedDevice, TrainError> {
+    match config.kind {
+        BackendKind::Cpu => Ok(cpu_device()),
+        BackendKind::Wgpu => wgpu_device(config.adapter),
+        BackendKind::Metal => metal_device(),
+        BackendKind::Vulkan => vulkan_device(config.adapter),
+        BackendKind::Auto => {
+            if config.adapter == AdapterChoice::Software {
+                return wgpu_device(AdapterChoice::Software);
+            }
+            if cfg!(target_os = "macos") {
+                return metal_device();
+            }
+            if list_adapters().iter().any(|a| !a.software) {
+                return wgpu_device(AdapterChoice::Default);
+            }
+            Ok(cpu_device())
+        }
+    }
+}
+
+#[cfg(target_os = "macos")]
+fn metal_device() -> Result<SelectedDevice, TrainError> {
+    let name = list_adapters()
+        .into_iter()
+        .find(|a| a.backend == "Metal")
+        .map(|a| a.name)
+        .unwrap_or_else(|| "default Metal device".into());
+    Ok(SelectedDevice {
+        device: Device::metal(DeviceKind::DefaultDevice),
+        kind: BackendKind::Metal,
+        description: format!("metal: {name}"),
+    })
+}
+
+#[cfg(not(target_os = "macos"))]
+fn metal_device() -> Result<SelectedDevice, TrainError> {
+    Err(TrainError::Device(
+        "backend.kind: metal needs macOS; use auto, wgpu or cpu here".into(),
+    ))
+}
+
+#[cfg(feature = "vulkan")]
+fn vulkan_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
+    let mut selected = wgpu_device(adapter)?;
+    let kind = if adapter == AdapterChoice::Software {
+        DeviceKind::Cpu
+    } else {
+        DeviceKind::DefaultDevice
+    };
+    selected.device = Device::vulkan(kind);
+    selected.kind = BackendKind::Vulkan;
+    selected.description = selected
+        .description
+        .replacen("wgpu:", "vulkan (SPIR-V):", 1);
+    Ok(selected)
+}
+
+#[cfg(not(feature = "vulkan"))]
+fn vulkan_device(_: AdapterChoice) -> Result<SelectedDevice, TrainError> {
+    Err(TrainError::Device(
+        "backend.kind: vulkan needs kiln built with `--features vulkan`; backend.kind: wgpu \
+         reaches Vulkan through WGSL without it"
+            .into(),
+    ))
+}
+
+/// Bytes the device's allocator holds now (GPU backends), if it reports them.
+pub fn device_memory_in_use(device: &Device) -> Option<u64> {
+    device.memory_pool_usage().map(|u| u.bytes_in_use)
+}

@@ -1,0 +1,15 @@
+//! Training: device selection, memory figures, AdamW with schedules and global-norm clipping,
+//! the step loop, checkpoints and resume, and the sinks (TensorBoard, progress).
+
+pub mod bench;
+pub mod checkpoint;
+pub mod device;
+mod error;
+pub mod inference;
+pub mod memory;
+pub mod optim;
+mod progress;
+pub mod trainer;
+
+pub use error::TrainError;
+pub use trainer::{RunSummary, TrainOptions, train};

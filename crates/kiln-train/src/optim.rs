@@ -1,0 +1,239 @@
+//! AdamW (PyTorch's formulation), learning-rate schedules and global gradient-norm clipping.
+//!
+//! Optimizer state is keyed by the parameter's Hugging Face name, not by a runtime id, so it can be
+//! saved to safetensors and restored into a freshly built model for exact resume.
+
+use burn::prelude::*;
+use kiln_config::{OptimConfig, ScheduleKind};
+use kiln_models::safetensors_io::HostTensor;
+use kiln_models::{LlamaModel, ParamKind, ParamMapper, ParamVisitor};
+use std::collections::{BTreeMap, HashMap};
+
+/// Learning rate at optimizer step `step` (1-based) of `total`.
+pub fn learning_rate(config: &OptimConfig, step: usize, total: usize) -> f64 {
+    let s = &config.schedule;
+    let peak = config.lr;
+    if s.warmup_steps > 0 && step <= s.warmup_steps {
+        return peak * step as f64 / s.warmup_steps as f64;
+    }
+    let decay_steps = total.saturating_sub(s.warmup_steps).max(1);
+    let progress = ((step - s.warmup_steps.min(step)) as f64 / decay_steps as f64).clamp(0.0, 1.0);
+    match s.kind {
+        ScheduleKind::Constant => peak,
+        ScheduleKind::Linear => peak + (s.min_lr - peak) * progress,
+        ScheduleKind::Cosine => {
+            s.min_lr + 0.5 * (peak - s.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Gradients of one optimizer step, summed over micro-batches, flattened, keyed by name.
+#[derive(Default)]
+pub struct GradAccumulator {
+    grads: HashMap<String, Tensor<1>>,
+}
+
+impl GradAccumulator {
+    /// Adds `scale ×` the gradients of `model`'s parameters found in `grads`.
+    pub fn add(&mut self, model: &LlamaModel, grads: &burn::tensor::Gradients, scale: f64) {
+        struct Collect<'a> {
+            acc: &'a mut HashMap<String, Tensor<1>>,
+            grads: &'a burn::tensor::Gradients,
+            scale: f64,
+        }
+        impl ParamVisitor for Collect<'_> {
+            fn visit<const D: usize>(&mut self, name: &str, _: ParamKind, p: &Tensor<D>) {
+                let Some(g) = p.grad(self.grads) else { return };
+                let n = g.shape().num_elements();
+                let g = g.reshape([n]) * self.scale;
+                let sum = match self.acc.remove(name) {
+                    Some(prev) => prev + g,
+                    None => g,
+                };
+                self.acc.insert(name.to_string(), sum);
+            }
+        }
+        model.visit_params(&mut Collect {
+            acc: &mut self.grads,
+            grads,
+            scale,
+        });
+    }
+
+    /// The global L2 norm of all gradients, as a one-element device tensor (no host read).
+    pub fn global_norm(&self) -> Option<Tensor<1>> {
+        let mut names: Vec<&String> = self.grads.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|n| self.grads[n].clone().square().sum())
+            .reduce(|a, b| a + b)
+            .map(|s| s.sqrt())
+    }
+}
+
+/// AdamW with decoupled weight decay: `p ← p(1 − lr·wd) − lr · m̂ / (√v̂ + ε)`.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Completed updates (bias-correction exponent).
+    pub t: u64,
+    /// First and second moments, flattened, keyed by parameter name.
+    pub state: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+}
+
+impl AdamW {
+    pub fn new(config: &OptimConfig) -> Self {
+        Self {
+            beta1: config.betas[0],
+            beta2: config.betas[1],
+            eps: config.eps,
+            weight_decay: config.weight_decay,
+            t: 0,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one update with learning rate `lr` and returns the model with new parameter leaves.
+    /// Gradients are multiplied by `clip_coef` (a one-element tensor) first when given.
+    pub fn step(
+        &mut self,
+        model: LlamaModel,
+        grads: GradAccumulator,
+        lr: f64,
+        clip_coef: Option<Tensor<1>>,
+    ) -> LlamaModel {
+        self.t += 1;
+        struct Update<'a> {
+            opt: &'a mut AdamW,
+            grads: HashMap<String, Tensor<1>>,
+            lr: f64,
+            clip: Option<Tensor<1>>,
+        }
+        impl ParamMapper for Update<'_> {
+            fn map<const D: usize>(
+                &mut self,
+                name: &str,
+                kind: ParamKind,
+                p: Tensor<D>,
+            ) -> Tensor<D> {
+                let Some(g) = self.grads.remove(name) else {
+                    return p;
+                };
+                let shape = p.shape();
+                let autodiff = p.is_autodiff();
+                let n = shape.num_elements();
+                let flat = p.detach().without_autodiff().reshape([n]);
+                let g = match &self.clip {
+                    Some(c) => g * c.clone(),
+                    None => g,
+                };
+                let o = &mut *self.opt;
+                let (m, v) = match o.state.remove(name) {
+                    Some(mv) => mv,
+                    None => (g.zeros_like(), g.zeros_like()),
+                };
+                let m = m * o.beta1 + g.clone() * (1.0 - o.beta1);
+                let v = v * o.beta2 + g.square() * (1.0 - o.beta2);
+                let bc1 = 1.0 - o.beta1.powi(o.t as i32);
+                let bc2 = 1.0 - o.beta2.powi(o.t as i32);
+                let denom = (v.clone() / bc2).sqrt() + o.eps;
+                let decayed = if kind.decays() && o.weight_decay > 0.0 {
+                    flat * (1.0 - self.lr * o.weight_decay)
+                } else {
+                    flat
+                };
+                let updated = decayed - (m.clone() / bc1) / denom * self.lr;
+                o.state.insert(name.to_string(), (m, v));
+                let p = updated.reshape(shape);
+                if autodiff {
+                    p.autodiff().require_grad()
+                } else {
+                    p
+                }
+            }
+        }
+        let mut update = Update {
+            opt: self,
+            grads: grads.grads,
+            lr,
+            clip: clip_coef,
+        };
+        model.map_params(&mut update)
+    }
+
+    /// Moments as host tensors named `<param>.exp_avg` / `<param>.exp_avg_sq` (PyTorch's names).
+    pub fn state_to_host(&self) -> BTreeMap<String, HostTensor> {
+        let host = |t: &Tensor<1>| HostTensor {
+            shape: t.dims().to_vec(),
+            data: t
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap_or_default(),
+        };
+        let mut out = BTreeMap::new();
+        for (name, (m, v)) in &self.state {
+            out.insert(format!("{name}.exp_avg"), host(m));
+            out.insert(format!("{name}.exp_avg_sq"), host(v));
+        }
+        out
+    }
+
+    /// Restores moments written by [`AdamW::state_to_host`].
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, HostTensor>,
+        t: u64,
+        device: &Device,
+    ) -> Result<(), String> {
+        self.state.clear();
+        self.t = t;
+        let load = |t: &HostTensor| {
+            Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
+        };
+        for (key, m) in tensors {
+            let Some(name) = key.strip_suffix(".exp_avg") else {
+                continue;
+            };
+            let v = tensors
+                .get(&format!("{name}.exp_avg_sq"))
+                .ok_or_else(|| format!("`{name}.exp_avg_sq` missing"))?;
+            if v.data.len() != m.data.len() {
+                return Err(format!("`{name}` moments differ in size"));
+            }
+            self.state.insert(name.to_string(), (load(m), load(v)));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_config::ScheduleConfig;
+
+    #[test]
+    fn schedules_warm_up_and_decay_to_min() {
+        let mut c = OptimConfig {
+            lr: 1.0,
+            schedule: ScheduleConfig {
+                kind: ScheduleKind::Cosine,
+                warmup_steps: 10,
+                min_lr: 0.1,
+            },
+            ..OptimConfig::default()
+        };
+        assert!((learning_rate(&c, 5, 110) - 0.5).abs() < 1e-12);
+        assert!((learning_rate(&c, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&c, 60, 110) - 0.55).abs() < 1e-12);
+        assert!((learning_rate(&c, 110, 110) - 0.1).abs() < 1e-12);
+        c.schedule.kind = ScheduleKind::Linear;
+        assert!((learning_rate(&c, 60, 110) - 0.55).abs() < 1e-12);
+        c.schedule.kind = ScheduleKind::Constant;
+        assert_eq!(learning_rate(&c, 100, 110), 1.0);
+    }
+}

@@ -1,0 +1,88 @@
+//! The terminal view of a run: a progress bar with step, loss, tokens/s, memory and ETA on a
+//! terminal; plain log lines when stdout is a file or a pipe.
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    quiet: bool,
+}
+
+pub struct StepReport {
+    pub step: usize,
+    pub total: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub memory: String,
+    pub eta_secs: f64,
+}
+
+fn eta(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+impl Progress {
+    pub fn new(start_step: usize, total: usize, quiet: bool) -> Self {
+        let bar = (!quiet && std::io::stdout().is_terminal()).then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(start_step as u64);
+            bar
+        });
+        Self { bar, quiet }
+    }
+
+    /// Prints a line above the bar (or on its own without one).
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None if !self.quiet => println!("{line}"),
+            None => {}
+        }
+    }
+
+    pub fn step(&self, step: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64);
+        }
+    }
+
+    pub fn report(&self, r: &StepReport) {
+        let msg = format!(
+            "loss {:.4} | lr {:.2e} | {:.0} tok/s | mem {}",
+            r.loss, r.lr, r.tokens_per_s, r.memory
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(r.step as u64);
+                bar.set_message(msg);
+            }
+            None if !self.quiet => println!(
+                "step {:>6}/{} | {msg} | eta {}",
+                r.step,
+                r.total,
+                eta(r.eta_secs)
+            ),
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The step loop: micro-batches with gradient accumulation, global-norm clipping, AdamW under a
+//! schedule, validation, TensorBoard, progress, checkpoints, and exact resume.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::device::{self, SelectedDevice};
+use crate::memory;
+use crate::optim::{AdamW, GradAccumulator, learning_rate};
+use crate::progress::{Progress, StepReport};
+use crate::{TrainError, inference};
+use burn::prelude::*;
+use kiln_config::Config;
+use kiln_data::{Corpus, Rng, Tokenizer};
+use kiln_models::llama::Dropout;
+use kiln_models::safetensors_io;
+use kiln_models::{LlamaConfig, LlamaModel, ParamKind, ParamVisitor};
+use kiln_tensorboard::EventWriter;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+const DROPOUT_PURPOSE: u64 = 3;
+
+/// How to run, beyond the config itself.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the run directory.
+    pub resume: bool,
+    /// No progress output (library use, tests).
+    pub quiet: bool,
+    /// Stop after this optimizer step (the schedule still spans the configured run); for tests and
+    /// for splitting a run into sessions.
+    pub stop_after: Option<usize>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub last_checkpoint: Option<PathBuf>,
+    pub device: String,
+    pub steps: usize,
+    pub total_steps: usize,
+    pub trainable_params: usize,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub tokens_per_s: f64,
+    pub peak_memory_bytes: Option<u64>,
+    pub event_file: Option<PathBuf>,
+}
+
+fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Output {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks that `dir` can be created and written before any work starts.
+fn ensure_writable(dir: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(output_err(dir))?;
+    let probe = dir.join(".kiln-write-test");
+    std::fs::write(&probe, b"ok").map_err(output_err(dir))?;
+    std::fs::remove_file(&probe).map_err(output_err(dir))?;
+    Ok(())
+}
+
+/// Total optimizer steps the config asks for.
+pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
+    let t = &config.train;
+    match t.epochs {
+        Some(epochs) => {
+            let per_step = t.batch_size * t.grad_accum * config.data.seq_len;
+            ((epochs * train_tokens as f64) / per_step as f64)
+                .ceil()
+                .max(1.0) as usize
+        }
+        None => t.max_steps,
+    }
+}
+
+fn count_params(model: &LlamaModel) -> usize {
+    struct Count(usize);
+    impl ParamVisitor for Count {
+        fn visit<const D: usize>(&mut self, _: &str, _: ParamKind, p: &Tensor<D>) {
+            self.0 += p.shape().num_elements();
+        }
+    }
+    let mut c = Count(0);
+    model.visit_params(&mut c);
+    c.0
+}
+
+fn memory_now(device: &Device) -> Option<u64> {
+    device::device_memory_in_use(device).or_else(memory::current_rss)
+}
+
+/// What one optimizer step leaves on the device (read only at log intervals).
+pub struct StepOutput {
+    /// Mean loss over the step's micro-batches.
+    pub loss: Tensor<1>,
+    /// Global gradient norm before clipping.
+    pub grad_norm: Option<Tensor<1>>,
+}
+
+/// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
+/// gradients averaged, clipped to the global norm, one AdamW update at `lr`.
+pub fn train_step(
+    model: LlamaModel,
+    optimizer: &mut AdamW,
+    corpus: &Corpus,
+    config: &Config,
+    first_micro: u64,
+    lr: f64,
+) -> (LlamaModel, StepOutput) {
+    let (bs, seq, accum) = (
+        config.train.batch_size,
+        config.data.seq_len,
+        config.train.grad_accum,
+    );
+    let seed = config.run.seed;
+    let dropout_p = config.model.dropout;
+    let mut grads = GradAccumulator::default();
+    let mut loss_sum: Option<Tensor<1>> = None;
+    for index in first_micro..first_micro + accum as u64 {
+        let batch = corpus.train_batch(seed, index, bs, seq);
+        let mut dropout = (dropout_p > 0.0).then(|| Dropout {
+            p: dropout_p,
+            rng: Rng::stream(seed, DROPOUT_PURPOSE, index),
+        });
+        let loss = model.loss(&batch.inputs, &batch.targets, bs, seq, &mut dropout);
+        let g = loss.backward();
+        grads.add(&model, &g, 1.0 / accum as f64);
+        let l = loss.detach().without_autodiff();
+        loss_sum = Some(match loss_sum {
+            Some(s) => s + l,
+            None => l,
+        });
+    }
+    let norm = grads.global_norm();
+    let clip = match (config.optim.grad_clip, &norm) {
+        (Some(max), Some(n)) if max > 0.0 => {
+            Some((n.clone() + 1e-6).recip().mul_scalar(max).clamp_max(1.0))
+        }
+        _ => None,
+    };
+    let model = optimizer.step(model, grads, lr, clip);
+    let loss = loss_sum
+        .map(|l| l / accum as f64)
+        .unwrap_or_else(|| Tensor::<1>::zeros([1], &model.device().without_autodiff()));
+    (
+        model,
+        StepOutput {
+            loss,
+            grad_norm: norm,
+        },
+    )
+}
+
+/// Trains a model as `config` describes. Returns when the run ends (or at `stop_after`).
+pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
+    let run_dir = config.run.output_dir.join(&config.run.name);
+    ensure_writable(&run_dir)?;
+    let resume_from = if options.resume {
+        Some(checkpoint::latest(&run_dir).ok_or_else(|| {
+            TrainError::Other(format!(
+                "--resume: no checkpoint in {} to resume from",
+                run_dir.display()
+            ))
+        })?)
+    } else {
+        if let Some(existing) = checkpoint::latest(&run_dir) {
+            return Err(TrainError::Other(format!(
+                "{} already holds checkpoints (newest: {}); pass --resume to continue it, or choose \
+                 another run.name",
+                run_dir.display(),
+                existing.display()
+            )));
+        }
+        None
+    };
+
+    let selected: SelectedDevice = device::select(&config.backend)?;
+    let progress_quiet = options.quiet;
+    let say = |line: &str| {
+        if !progress_quiet {
+            println!("{line}");
+        }
+    };
+    say(&format!("device: {}", selected.description));
+    let device = selected.device.clone();
+    let train_device = device.clone().autodiff();
+
+    let saved_tokenizer = match &resume_from {
+        Some(dir) => Some(Tokenizer::load_dir(dir)?),
+        None => None,
+    };
+    let (tokenizer, corpus) = Corpus::prepare(&config.data, saved_tokenizer)?;
+    let vocab = tokenizer.vocab_size();
+    if let Some(v) = config.model.vocab_size
+        && v < vocab
+    {
+        return Err(TrainError::Other(format!(
+            "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
+        )));
+    }
+    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
+    let total = total_steps(config, corpus.train.len());
+    let seed = config.run.seed;
+
+    let mut optimizer = AdamW::new(&config.optim);
+    let (model, mut state) = match &resume_from {
+        Some(dir) => {
+            let saved = checkpoint::read_model_config(dir)?;
+            if saved != model_config {
+                return Err(TrainError::Checkpoint {
+                    path: dir.clone(),
+                    message: "its model shape differs from this config's `model` section".into(),
+                });
+            }
+            let state = checkpoint::read_state(dir)?;
+            let model = checkpoint::load_model(dir, &device)?;
+            let opt_tensors = safetensors_io::read_all(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            optimizer
+                .load_state(&opt_tensors, state.optimizer_t, &device)
+                .map_err(|message| TrainError::Checkpoint {
+                    path: dir.clone(),
+                    message,
+                })?;
+            say(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                state.step
+            ));
+            (model, state)
+        }
+        None => {
+            let model = LlamaModel::init(
+                model_config.clone(),
+                config.model.initializer_range,
+                seed,
+                &device,
+            );
+            let state = TrainerState {
+                step: 0,
+                total_steps: total,
+                micro_batches: 0,
+                optimizer_t: 0,
+                tokens_seen: 0,
+                seed,
+                learning_rate: 0.0,
+                last_train_loss: None,
+                last_val_loss: None,
+                best_val_loss: None,
+                best_step: None,
+                elapsed_secs: 0.0,
+                kiln_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            (model, state)
+        }
+    };
+    let mut model = model.to_device(&train_device, true);
+    let n_params = count_params(&model);
+    say(&format!(
+        "model: llama, {} layers, width {}, {} heads ({} kv), vocab {} — {:.2}M trainable parameters",
+        model_config.num_hidden_layers,
+        model_config.hidden_size,
+        model_config.num_attention_heads,
+        model_config.num_key_value_heads,
+        model_config.vocab_size,
+        n_params as f64 / 1e6
+    ));
+    say(&format!(
+        "data: {} train / {} validation tokens; {} steps of {} × {} × {} tokens",
+        corpus.train.len(),
+        corpus.valid.len(),
+        total,
+        config.train.batch_size,
+        config.train.grad_accum,
+        config.data.seq_len
+    ));
+
+    let resolved = config.to_yaml();
+    kiln_models::fsutil::atomic_write(
+        &run_dir.join(checkpoint::KILN_CONFIG_FILE),
+        resolved.as_bytes(),
+    )
+    .map_err(output_err(&run_dir))?;
+    let mut events = if config.logging.tensorboard {
+        let mut w = EventWriter::create(&run_dir.join("tensorboard"))?;
+        w.add_text(
+            "config",
+            &format!("```yaml\n{resolved}\n```"),
+            state.step as i64,
+        )?;
+        w.flush()?;
+        Some(w)
+    } else {
+        None
+    };
+
+    let (bs, seq, accum) = (
+        config.train.batch_size,
+        config.data.seq_len,
+        config.train.grad_accum,
+    );
+    let tokens_per_step = (bs * seq * accum) as u64;
+    let last_step = options.stop_after.unwrap_or(total).min(total);
+    let progress = Progress::new(state.step, total, options.quiet);
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_secs;
+    let mut interval_start = Instant::now();
+    let mut interval_tokens = 0u64;
+    let mut last_checkpoint = None;
+    let mut peak_device: Option<u64> = None;
+    let mut run_tokens = 0u64;
+
+    while state.step < last_step {
+        let step = state.step + 1;
+        let lr = learning_rate(&config.optim, step, total);
+        let (next, out) = train_step(
+            model,
+            &mut optimizer,
+            &corpus,
+            config,
+            state.micro_batches,
+            lr,
+        );
+        model = next;
+        state.micro_batches += accum as u64;
+        state.step = step;
+        state.optimizer_t = optimizer.t;
+        state.learning_rate = lr;
+        state.tokens_seen += tokens_per_step;
+        run_tokens += tokens_per_step;
+        interval_tokens += tokens_per_step;
+        progress.step(step);
+
+        let at_end = step == last_step;
+        if step % config.logging.log_every == 0 || at_end {
+            // The only host read of the step: loss and gradient norm, once per log interval.
+            let loss = out.loss.into_scalar::<f32>() as f64;
+            let grad_norm = out
+                .grad_norm
+                .map(|n| n.into_scalar::<f32>() as f64)
+                .unwrap_or(0.0);
+            let secs = interval_start.elapsed().as_secs_f64().max(1e-9);
+            let tps = interval_tokens as f64 / secs;
+            interval_start = Instant::now();
+            interval_tokens = 0;
+            let mem = memory_now(&device);
+            if let Some(m) = device::device_memory_in_use(&device) {
+                peak_device = Some(peak_device.unwrap_or(0).max(m));
+            }
+            state.last_train_loss = Some(loss);
+            let steps_left = (last_step - step) as f64;
+            let rate = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress.report(&StepReport {
+                step,
+                total,
+                loss,
+                lr,
+                tokens_per_s: tps,
+                memory: mem.map(memory::human_bytes).unwrap_or_else(|| "?".into()),
+                eta_secs: steps_left * tokens_per_step as f64 / rate.max(1e-9),
+            });
+            if let Some(w) = events.as_mut() {
+                let s = step as i64;
+                w.add_scalar("train/loss", loss as f32, s)?;
+                w.add_scalar("train/lr", lr as f32, s)?;
+                w.add_scalar("train/grad_norm", grad_norm as f32, s)?;
+                w.add_scalar("train/tokens_per_s", tps as f32, s)?;
+                if let Some(m) = mem {
+                    w.add_scalar("memory/bytes", m as f32, s)?;
+                }
+                if let Some(p) = memory::peak_rss() {
+                    w.add_scalar("memory/peak_rss_bytes", p as f32, s)?;
+                }
+                w.flush()?;
+            }
+        }
+
+        let hist_every = config.logging.histograms_every;
+        if let Some(w) = events.as_mut()
+            && hist_every > 0
+            && (step % hist_every == 0 || at_end)
+        {
+            for (name, t) in model.to_hf_tensors() {
+                w.add_histogram(&format!("weights/{name}"), &t.data, step as i64)?;
+            }
+            w.flush()?;
+        }
+
+        let eval_due =
+            (config.train.eval_every > 0 && step % config.train.eval_every == 0) || at_end;
+        let mut new_best = false;
+        if eval_due {
+            let view = inference::inference_view(&model);
+            let val = inference::mean_loss(
+                &view,
+                (0..config.train.eval_batches as u64).map(|i| corpus.valid_batch(seed, i, bs, seq)),
+            );
+            state.last_val_loss = Some(val);
+            if state.best_val_loss.is_none_or(|b| val < b) {
+                state.best_val_loss = Some(val);
+                state.best_step = Some(step);
+                new_best = true;
+            }
+            progress.println(&format!(
+                "step {step}: val loss {val:.4} (best {:.4} at step {})",
+                state.best_val_loss.unwrap_or(val),
+                state.best_step.unwrap_or(step)
+            ));
+            if let Some(w) = events.as_mut() {
+                w.add_scalar("val/loss", val as f32, step as i64)?;
+                w.add_scalar("val/perplexity", val.exp() as f32, step as i64)?;
+                w.flush()?;
+            }
+        }
+
+        let save_due = (config.train.save_every > 0 && step % config.train.save_every == 0)
+            || at_end
+            || (new_best && config.train.keep_best);
+        if save_due {
+            state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            let dir = checkpoint::save(
+                &run_dir,
+                config,
+                &model,
+                &optimizer.state_to_host(),
+                &state,
+                &tokenizer,
+            )?;
+            if new_best && config.train.keep_best {
+                checkpoint::point(&run_dir, "best", &dir)?;
+            }
+            checkpoint::prune(
+                &run_dir,
+                config.train.keep_last,
+                state.best_step.filter(|_| config.train.keep_best),
+            )?;
+            progress.println(&format!("step {step}: saved {}", dir.display()));
+            last_checkpoint = Some(dir);
+        }
+    }
+    progress.finish();
+
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let peak = peak_device.or_else(memory::peak_rss);
+    let summary = RunSummary {
+        run_dir,
+        last_checkpoint,
+        device: selected.description,
+        steps: state.step,
+        total_steps: total,
+        trainable_params: n_params,
+        final_train_loss: state.last_train_loss,
+        final_val_loss: state.last_val_loss,
+        best_val_loss: state.best_val_loss,
+        tokens_per_s: run_tokens as f64 / secs,
+        peak_memory_bytes: peak,
+        event_file: events.as_ref().map(|w| w.path().to_path_buf()),
+    };
+    Ok(summary)
+}

@@ -1,0 +1,395 @@
+//! End-to-end tests of kiln, in one test binary (each test binary links all of Burn).
+//! Models are tiny so the suite stays fast on two cores.
+
+use kiln::config::Config;
+use kiln::train::{TrainOptions, train};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch directory with a small slice of the shipped corpus in it.
+fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("kiln-{name}-"))
+        .tempdir()
+        .unwrap();
+    let text = std::fs::read_to_string(repo().join("datasets/shakespeare/input.txt")).unwrap();
+    let cut = text
+        .char_indices()
+        .nth(40_000)
+        .map(|(i, _)| i)
+        .unwrap_or(text.len());
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, &text[..cut]).unwrap();
+    (dir, corpus)
+}
+
+/// A tiny Llama (2 layers, width 32, grouped-query attention) on a char corpus.
+fn tiny_yaml(out: &Path, corpus: &Path, name: &str, extra: &str) -> String {
+    format!(
+        r#"
+run: {{ name: {name}, seed: 7, output_dir: "{out}" }}
+backend: {{ kind: cpu }}
+model:
+  hidden_size: 32
+  num_hidden_layers: 2
+  num_attention_heads: 4
+  num_key_value_heads: 2
+  intermediate_size: 64
+  max_position_embeddings: 32
+data:
+  train: "{corpus}"
+  seq_len: 16
+optim:
+  lr: 3.0e-3
+  schedule: {{ kind: cosine, warmup_steps: 5, min_lr: 1.0e-4 }}
+train:
+  max_steps: 40
+  batch_size: 8
+  eval_every: 20
+  eval_batches: 4
+  save_every: 20
+logging:
+  log_every: 5
+  histograms_every: 20
+{extra}
+"#,
+        out = out.display(),
+        corpus = corpus.display()
+    )
+}
+
+fn tiny_config(out: &Path, corpus: &Path, name: &str, overrides: &[&str]) -> Config {
+    let yaml = tiny_yaml(out, corpus, name, "");
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::from_yaml_str(&yaml, "tiny.yaml")
+        .unwrap()
+        .with_overrides(&overrides)
+        .unwrap()
+}
+
+fn quiet() -> TrainOptions {
+    TrainOptions {
+        quiet: true,
+        ..Default::default()
+    }
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_mistakes_name_file_line_column_and_field_exit_2_and_write_nothing() {
+    let (dir, corpus) = scratch("config");
+    let out = dir.path().join("runs");
+    let good = tiny_yaml(&out, &corpus, "bad", "");
+    // (what, the line that replaces a good one, the line it replaces, what the error must name)
+    let cases: Vec<(&str, &str, &str, Vec<&str>)> = vec![
+        (
+            "unknown key",
+            "  batch_sise: 8",
+            "  batch_size: 8",
+            vec!["batch_sise", "train.batch_sise"],
+        ),
+        ("wrong type", "  lr: fast", "  lr: 3.0e-3", vec!["optim.lr"]),
+        (
+            "bad enum value",
+            "  schedule: { kind: cosin, warmup_steps: 5, min_lr: 1.0e-4 }",
+            "  schedule: { kind: cosine, warmup_steps: 5, min_lr: 1.0e-4 }",
+            vec!["cosin", "optim.schedule.kind"],
+        ),
+    ];
+    for (what, bad_line, good_line, needles) in cases {
+        assert!(good.contains(good_line));
+        let yaml = good.replace(good_line, bad_line);
+        let path = dir.path().join(format!("{}.yaml", what.replace(' ', "-")));
+        std::fs::write(&path, &yaml).unwrap();
+        let r = kiln(&["train", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{what}: {err}");
+        let line = yaml.lines().position(|l| l == bad_line).unwrap() + 1;
+        let loc = format!("{}:{line}:", path.display());
+        assert!(err.contains(&loc), "{what}: expected `{loc}` in: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{what}: expected `{n}` in: {err}");
+        }
+        assert!(!out.exists(), "{what}: a failed config must write nothing");
+    }
+    // A missing config file, and a missing data file named by the config.
+    let r = kiln(&["train", "no/such/config.yaml"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no/such/config.yaml"));
+    let path = dir.path().join("missing-data.yaml");
+    std::fs::write(
+        &path,
+        good.replace(corpus.to_str().unwrap(), "/no/such/corpus.txt"),
+    )
+    .unwrap();
+    let r = kiln(&["train", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("data.train") && err.contains("/no/such/corpus.txt"),
+        "{err}"
+    );
+    // A bad --set names the override.
+    std::fs::write(&path, &good).unwrap();
+    let r = kiln(&["train", path.to_str().unwrap(), "--set", "optim.nope=1"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("optim.nope"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn cli_trains_on_cpu_then_generates_and_evaluates() {
+    let (dir, corpus) = scratch("cli");
+    let out = dir.path().join("runs");
+    let path = dir.path().join("tiny.yaml");
+    std::fs::write(&path, tiny_yaml(&out, &corpus, "cli", "")).unwrap();
+    let r = kiln(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "train.max_steps=60",
+    ]);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(stdout.contains("device: cpu"), "{stdout}");
+
+    let run = out.join("cli");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("latest/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 60);
+    let val = state["last_val_loss"].as_f64().unwrap();
+    // A uniform guess over ~60 characters costs ln(60) ≈ 4.1 nats; 60 steps must learn letters.
+    assert!(val < 3.2, "validation loss {val} did not fall");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+        "char_tokenizer.json",
+        "kiln.yaml",
+    ] {
+        assert!(run.join("latest").join(f).is_file(), "missing {f}");
+    }
+    assert!(run.join("best").join("model.safetensors").is_file());
+    // keep_last = 2: steps 40 and 60 remain (20 only if it is the best).
+    let steps: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert!(
+        steps.len() <= 3 && steps.contains(&"step-0000060".to_string()),
+        "{steps:?}"
+    );
+
+    let r = kiln(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:\n",
+        "--max-tokens",
+        "80",
+        "--seed",
+        "3",
+        "--backend",
+        "cpu",
+    ]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        text.starts_with("ROMEO:\n") && text.chars().count() >= 80,
+        "{text}"
+    );
+
+    let r = kiln(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        corpus.to_str().unwrap(),
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let loss = v["loss"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
+    assert_eq!(v["tokens"].as_u64().unwrap(), 40_000 - 1);
+    assert!(loss < 3.2, "{loss}");
+
+    // Training into a run directory that has checkpoints, without --resume, is refused.
+    let r = kiln(&["train", path.to_str().unwrap()]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--resume"));
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run_bit_for_bit_on_cpu() {
+    let (dir, corpus) = scratch("resume");
+    let out = dir.path().join("runs");
+    // Dropout and accumulation on, so both must replay exactly.
+    let common = [
+        "model.dropout=0.1",
+        "train.grad_accum=2",
+        "train.max_steps=12",
+        "train.save_every=0",
+    ];
+    let full = tiny_config(&out, &corpus, "full", &common);
+    let a = train(&full, &quiet()).unwrap();
+    assert_eq!(a.steps, 12);
+
+    let split = tiny_config(&out, &corpus, "split", &common);
+    let first = train(
+        &split,
+        &TrainOptions {
+            stop_after: Some(5),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(first.steps, 5);
+    let b = train(
+        &split,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(b.steps, 12);
+
+    let bytes = |run: &str, file: &str| {
+        std::fs::read(out.join(run).join("step-0000012").join(file)).unwrap()
+    };
+    assert!(
+        bytes("full", "model.safetensors") == bytes("split", "model.safetensors"),
+        "weights after resume differ from the uninterrupted run"
+    );
+    assert!(bytes("full", "optimizer.safetensors") == bytes("split", "optimizer.safetensors"));
+    assert_eq!(a.final_val_loss, b.final_val_loss);
+}
+
+#[test]
+fn tensorboard_reader_finds_every_logged_scalar() {
+    let (dir, corpus) = scratch("tb");
+    let out = dir.path().join("runs");
+    let config = tiny_config(
+        &out,
+        &corpus,
+        "tb",
+        &[
+            "train.max_steps=12",
+            "logging.log_every=4",
+            "train.eval_every=6",
+            "logging.histograms_every=6",
+        ],
+    );
+    let summary = train(&config, &quiet()).unwrap();
+    let logdir = summary.event_file.unwrap().parent().unwrap().to_path_buf();
+    let r = Command::new("python3")
+        .arg(repo().join("tests/read_events.py"))
+        .arg(&logdir)
+        .output()
+        .expect("python3 is needed to read event files with TensorBoard");
+    assert!(
+        r.status.success(),
+        "TensorBoard's reader failed (pip install tensorboard): {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let steps = |kind: &str, tag: &str| -> Vec<u64> {
+        v[kind][tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {kind} `{tag}` in {v}"))
+            .iter()
+            .map(|e| {
+                if e.is_array() {
+                    e[0].as_u64().unwrap()
+                } else {
+                    e.as_u64().unwrap()
+                }
+            })
+            .collect()
+    };
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "memory/bytes",
+    ] {
+        assert_eq!(steps("scalars", tag), vec![4, 8, 12], "{tag}");
+    }
+    assert_eq!(steps("scalars", "val/loss"), vec![6, 12]);
+    assert_eq!(
+        steps(
+            "histograms",
+            "weights/model.layers.0.self_attn.q_proj.weight"
+        ),
+        vec![6, 12]
+    );
+    let losses = v["scalars"]["train/loss"].as_array().unwrap();
+    assert!(losses.iter().all(|e| e[1].as_f64().unwrap().is_finite()));
+    let text = v["text"]["config"][0].as_str().unwrap();
+    assert!(text.contains("hidden_size: 32"), "{text}");
+}
+
+#[test]
+fn wgpu_on_lavapipe_matches_cpu() {
+    let software = kiln::train::device::list_adapters()
+        .into_iter()
+        .any(|a| a.software);
+    if !software {
+        eprintln!(
+            "SKIPPED wgpu_on_lavapipe_matches_cpu: no software Vulkan adapter (apt-get install mesa-vulkan-drivers)"
+        );
+        return;
+    }
+    let (dir, corpus) = scratch("wgpu");
+    let out = dir.path().join("runs");
+    let small = [
+        "model.num_hidden_layers=1",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.save_every=0",
+        "logging.log_every=1",
+        "logging.histograms_every=0",
+    ];
+    let cpu = train(&tiny_config(&out, &corpus, "cpu", &small), &quiet()).unwrap();
+    let mut gpu_overrides = small.to_vec();
+    gpu_overrides.extend(["backend.kind=wgpu", "backend.adapter=software"]);
+    let gpu = train(&tiny_config(&out, &corpus, "gpu", &gpu_overrides), &quiet()).unwrap();
+    assert!(gpu.device.starts_with("wgpu:"), "{}", gpu.device);
+    let (c, g) = (cpu.final_train_loss.unwrap(), gpu.final_train_loss.unwrap());
+    // f32 on both; summation order differs between kernels, so allow 1e-3 relative after 3 steps.
+    assert!(
+        (c - g).abs() <= 1e-3 * c.abs(),
+        "cpu loss {c} vs wgpu loss {g}"
+    );
+    let (c, g) = (cpu.final_val_loss.unwrap(), gpu.final_val_loss.unwrap());
+    assert!(
+        (c - g).abs() <= 1e-3 * c.abs(),
+        "cpu val {c} vs wgpu val {g}"
+    );
+}
