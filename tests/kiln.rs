@@ -159,7 +159,7 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
         "train",
         path.to_str().unwrap(),
         "--set",
-        "train.max_steps=60",
+        "train.max_steps=300",
     ]);
     let stdout = String::from_utf8_lossy(&r.stdout);
     assert!(
@@ -174,10 +174,10 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
         &std::fs::read_to_string(run.join("latest/trainer_state.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(state["step"], 60);
+    assert_eq!(state["step"], 300);
     let val = state["last_val_loss"].as_f64().unwrap();
-    // A uniform guess over ~60 characters costs ln(60) ≈ 4.1 nats; 60 steps must learn letters.
-    assert!(val < 3.2, "validation loss {val} did not fall");
+    // A uniform guess over ~60 characters costs ln(60) ≈ 4.1 nats; 300 steps must learn more than letter frequencies (≈ 2.9 nats).
+    assert!(val < 2.7, "validation loss {val} did not fall");
     for f in [
         "model.safetensors",
         "optimizer.safetensors",
@@ -188,7 +188,7 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
         assert!(run.join("latest").join(f).is_file(), "missing {f}");
     }
     assert!(run.join("best").join("model.safetensors").is_file());
-    // keep_last = 2: steps 40 and 60 remain (20 only if it is the best).
+    // keep_last = 2: steps 280 and 300 remain, and the best if it is older.
     let steps: Vec<_> = std::fs::read_dir(&run)
         .unwrap()
         .flatten()
@@ -196,7 +196,7 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
         .filter(|n| n.starts_with("step-"))
         .collect();
     assert!(
-        steps.len() <= 3 && steps.contains(&"step-0000060".to_string()),
+        steps.len() <= 3 && steps.contains(&"step-0000300".to_string()),
         "{steps:?}"
     );
 
@@ -235,7 +235,7 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
     let loss = v["loss"].as_f64().unwrap();
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
     assert_eq!(v["tokens"].as_u64().unwrap(), 40_000 - 1);
-    assert!(loss < 3.2, "{loss}");
+    assert!(loss < 2.7, "{loss}");
 
     // Training into a run directory that has checkpoints, without --resume, is refused.
     let r = kiln(&["train", path.to_str().unwrap()]);

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 /// Everything that can be wrong with a config. Each variant names where the mistake is.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -72,11 +72,19 @@ impl ConfigError {
     }
 }
 
+/// serde-saphyr's messages carry their own `error: line L column C: ` prefix (or an ` at line L
+/// column C` suffix); ours already says where, so keep only the description.
 fn strip_location_suffix(message: &str) -> String {
-    // serde-saphyr appends " at line L column C" in some messages; the prefix already says it.
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
+    let mut m = message.trim_start_matches("error:").trim_start();
+    if let Some(rest) = m.strip_prefix("line ")
+        && let Some(i) = rest.find(": ")
+        && rest[..i].contains("column")
+    {
+        m = &rest[i + 2..];
+    }
+    match m.find(" at line ") {
+        Some(i) => m[..i].to_string(),
+        None => m.to_string(),
     }
 }
 
@@ -131,6 +139,15 @@ fn flow_key_before(text: &str, line: usize, column: usize) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::{field_at_line, flow_key_before};
+
+    #[test]
+    fn keeps_only_the_description_of_library_messages() {
+        assert_eq!(
+            super::strip_location_suffix("error: line 31 column 7: invalid floating point"),
+            "invalid floating point"
+        );
+        assert_eq!(super::strip_location_suffix("unknown field `x` at line 2 column 3"), "unknown field `x`");
+    }
 
     #[test]
     fn names_keys_inside_flow_mappings() {

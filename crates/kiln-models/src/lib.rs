@@ -22,7 +22,7 @@ pub enum ModelError {
         name: String,
         message: String,
     },
-    #[error("I/O on {path}: {source}")]
+    #[error("I/O on {path}")]
     Io {
         path: std::path::PathBuf,
         source: std::io::Error,

@@ -16,7 +16,7 @@ pub use proto::{Event, HistogramProto, Summary};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("TensorBoard event file {path}: {source}")]
+    #[error("TensorBoard event file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -14,7 +14,7 @@ pub enum TrainError {
     Device(String),
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
-    #[error("output directory {path}: {source}")]
+    #[error("output directory {path}")]
     Output {
         path: PathBuf,
         source: std::io::Error,
