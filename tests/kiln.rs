@@ -298,6 +298,9 @@ fn tensorboard_reader_finds_every_logged_scalar() {
         &corpus,
         "tb",
         &[
+            // A byte-level BPE trained on the corpus, so that path runs end to end too.
+            "data.tokenizer.kind=bpe",
+            "data.tokenizer.vocab_size=300",
             "train.max_steps=12",
             "logging.log_every=4",
             "train.eval_every=6",
@@ -352,6 +355,9 @@ fn tensorboard_reader_finds_every_logged_scalar() {
     assert!(losses.iter().all(|e| e[1].as_f64().unwrap().is_finite()));
     let text = v["text"]["config"][0].as_str().unwrap();
     assert!(text.contains("hidden_size: 32"), "{text}");
+    let ckpt = summary.last_checkpoint.unwrap();
+    let tokenizer = kiln::data::Tokenizer::load_dir(&ckpt).unwrap();
+    assert!(ckpt.join("tokenizer.json").is_file() && tokenizer.vocab_size() <= 300);
 }
 
 #[test]

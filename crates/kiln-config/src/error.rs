@@ -146,7 +146,10 @@ mod tests {
             super::strip_location_suffix("error: line 31 column 7: invalid floating point"),
             "invalid floating point"
         );
-        assert_eq!(super::strip_location_suffix("unknown field `x` at line 2 column 3"), "unknown field `x`");
+        assert_eq!(
+            super::strip_location_suffix("unknown field `x` at line 2 column 3"),
+            "unknown field `x`"
+        );
     }
 
     #[test]

@@ -345,6 +345,11 @@ impl Default for LoggingConfig {
     }
 }
 
+/// True for a positive number; false for zero, negatives and NaN.
+fn is_positive(x: f64) -> bool {
+    x > 0.0
+}
+
 impl Config {
     /// Checks values that types alone cannot: returns the dotted field and what is wrong.
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -363,7 +368,7 @@ impl Config {
         if let Some(v) = m.vocab_size {
             positive("model.vocab_size", v)?;
         }
-        if m.hidden_size % m.num_attention_heads != 0 {
+        if !m.hidden_size.is_multiple_of(m.num_attention_heads) {
             return Err((
                 "model.hidden_size".into(),
                 format!(
@@ -372,14 +377,14 @@ impl Config {
                 ),
             ));
         }
-        if m.head_dim() % 2 != 0 {
+        if !m.head_dim().is_multiple_of(2) {
             return Err((
                 "model.hidden_size".into(),
                 format!("head dimension {} must be even for RoPE", m.head_dim()),
             ));
         }
         let kv = m.kv_heads();
-        if kv == 0 || m.num_attention_heads % kv != 0 {
+        if kv == 0 || !m.num_attention_heads.is_multiple_of(kv) {
             return Err((
                 "model.num_key_value_heads".into(),
                 format!(
@@ -408,7 +413,7 @@ impl Config {
                 ),
             ));
         }
-        if d.valid.is_none() && !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
+        if d.valid.is_none() && !(is_positive(d.val_fraction) && d.val_fraction < 1.0) {
             return Err((
                 "data.val_fraction".into(),
                 "must be in (0, 1) when data.valid is not given".into(),
@@ -430,13 +435,13 @@ impl Config {
             _ => {}
         }
         let o = &self.optim;
-        if !(o.lr > 0.0) {
+        if !is_positive(o.lr) {
             return Err(("optim.lr".into(), "must be positive".into()));
         }
         if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(("optim.betas".into(), "each beta must be in [0, 1)".into()));
         }
-        if !(o.eps > 0.0) || o.weight_decay < 0.0 {
+        if !is_positive(o.eps) || o.weight_decay < 0.0 {
             return Err((
                 "optim".into(),
                 "eps must be positive and weight_decay non-negative".into(),
@@ -458,7 +463,7 @@ impl Config {
         positive("train.grad_accum", t.grad_accum)?;
         positive("train.eval_batches", t.eval_batches)?;
         match t.epochs {
-            Some(e) if !(e > 0.0) => {
+            Some(e) if !is_positive(e) => {
                 return Err(("train.epochs".into(), "must be positive".into()));
             }
             None => positive("train.max_steps", t.max_steps)?,

@@ -52,9 +52,10 @@ impl Corpus {
                     }
                     Tokenizer::Char(crate::CharTokenizer::from_text(&all))
                 }
-                TokenizerKind::Bpe => {
-                    Tokenizer::train_bpe(&[config.train.clone()], config.tokenizer.vocab_size)?
-                }
+                TokenizerKind::Bpe => Tokenizer::train_bpe(
+                    std::slice::from_ref(&config.train),
+                    config.tokenizer.vocab_size,
+                )?,
                 TokenizerKind::File => {
                     let path = config.tokenizer.path.as_deref().ok_or_else(|| {
                         DataError::Other("data.tokenizer.path is required for kind `file`".into())

@@ -41,6 +41,7 @@ pub mod summary {
         pub value: Option<value::Value>,
     }
 
+    #[allow(clippy::enum_variant_names)] // names follow TensorFlow's summary.proto
     pub mod value {
         #[derive(Clone, PartialEq, prost::Oneof)]
         pub enum Value {

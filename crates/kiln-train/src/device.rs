@@ -63,7 +63,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
                     .trim()
                     .to_string(),
                 max_buffer_size: limits.max_buffer_size,
-                max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+                max_storage_binding: limits.max_storage_buffer_binding_size,
             }
         })
         .filter(|a| a.backend != "Gl" && a.backend != "Noop")
