@@ -399,3 +399,47 @@ fn wgpu_on_lavapipe_matches_cpu() {
         "cpu val {c} vs wgpu val {g}"
     );
 }
+
+/// Logits of tiny random models that `transformers` built and recorded
+/// (tests/fixtures/make_parity.py): Llama with GQA and tied embeddings; Llama 3 RoPE scaling,
+/// untied, bf16 in shards; Qwen2 with q/k/v biases in f16.
+#[test]
+fn hf_models_match_transformers_logits() {
+    for name in ["llama-gqa-tied", "llama3-untied-bf16-sharded", "qwen2-f16"] {
+        let dir = repo().join("tests/fixtures/parity").join(name);
+        let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let inputs: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap())
+                .unwrap();
+        let rows = inputs["input_ids"].as_array().unwrap();
+        let (batch, seq) = (rows.len(), rows[0].as_array().unwrap().len());
+        let ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap() as u32)
+            })
+            .collect();
+        let logits = model
+            .forward(&ids, batch, seq, &mut None)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let expected =
+            kiln::models::safetensors_io::read_all(&dir.join("expected.safetensors")).unwrap();
+        let expected = &expected["logits"];
+        assert_eq!(expected.shape, vec![batch, seq, model.config.vocab_size]);
+        let max_diff = logits
+            .iter()
+            .zip(&expected.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let scale = expected.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name}: max |kiln - transformers| = {max_diff:.2e} (logits up to {scale:.2})");
+        assert!(max_diff <= 1e-4, "{name}: logits differ by {max_diff}");
+    }
+}

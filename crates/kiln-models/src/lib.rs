@@ -2,8 +2,9 @@
 //! so that a safetensors key maps to a field by rule and checkpoints load in `transformers`.
 
 pub mod fsutil;
+pub mod hf;
 pub mod llama;
-mod params;
+pub mod params;
 pub mod safetensors_io;
 
 pub use llama::{LlamaConfig, LlamaModel};

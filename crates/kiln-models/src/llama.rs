@@ -10,62 +10,116 @@ use kiln_data::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// The model's shape, serialized as Hugging Face's `config.json` for `LlamaForCausalLM`.
+/// Llama 3's frequency-dependent RoPE scaling (`rope_scaling.rope_type: llama3`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The model's shape: the fields of Hugging Face's `config.json` that the Llama family's
+/// computation depends on, normalised across `llama`, `mistral` and `qwen2`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`: decides the `config.json` written back.
+    pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     pub num_key_value_heads: usize,
+    /// Per-head width; HF's default is `hidden_size / num_attention_heads`.
+    pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
     pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub attention_bias: bool,
-    #[serde(default)]
+    /// Biases on q/k/v projections (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Biases on the MLP projections (Llama with `mlp_bias`).
     pub mlp_bias: bool,
 }
 
 impl LlamaConfig {
     pub fn from_model_config(m: &ModelConfig, vocab_size: usize) -> Self {
         Self {
+            model_type: "llama".into(),
             vocab_size: m.vocab_size.unwrap_or(vocab_size),
             hidden_size: m.hidden_size,
             intermediate_size: m.intermediate_size,
             num_hidden_layers: m.num_hidden_layers,
             num_attention_heads: m.num_attention_heads,
             num_key_value_heads: m.kv_heads(),
+            head_dim: m.head_dim(),
             max_position_embeddings: m.max_position_embeddings,
             rms_norm_eps: m.rms_norm_eps,
             rope_theta: m.rope_theta,
+            rope_scaling: None,
             tie_word_embeddings: m.tie_word_embeddings,
-            attention_bias: false,
+            qkv_bias: false,
+            o_bias: false,
             mlp_bias: false,
         }
     }
 
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        self.head_dim
     }
 
     /// `config.json` as `transformers` writes it for this architecture.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let Some(map) = v.as_object_mut() {
+        let mut v = serde_json::json!({
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": true,
+        });
+        let map = v.as_object_mut().expect("object literal");
+        let arch = match self.model_type.as_str() {
+            "qwen2" => "Qwen2ForCausalLM",
+            "mistral" => "MistralForCausalLM",
+            _ => "LlamaForCausalLM",
+        };
+        map.insert("architectures".into(), serde_json::json!([arch]));
+        if self.model_type == "qwen2" {
+            map.insert("use_sliding_window".into(), false.into());
+        } else {
+            map.insert("attention_bias".into(), self.o_bias.into());
+            map.insert("mlp_bias".into(), self.mlp_bias.into());
+        }
+        if self.model_type == "mistral" {
+            map.insert("sliding_window".into(), serde_json::Value::Null);
+        }
+        if let Some(r) = &self.rope_scaling {
             map.insert(
-                "architectures".into(),
-                serde_json::json!(["LlamaForCausalLM"]),
+                "rope_scaling".into(),
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "factor": r.factor,
+                    "low_freq_factor": r.low_freq_factor,
+                    "high_freq_factor": r.high_freq_factor,
+                    "original_max_position_embeddings": r.original_max_position_embeddings,
+                }),
             );
-            map.insert("model_type".into(), "llama".into());
-            map.insert("hidden_act".into(), "silu".into());
-            map.insert("torch_dtype".into(), "float32".into());
-            map.insert("head_dim".into(), self.head_dim().into());
-            map.insert("attention_dropout".into(), 0.0.into());
-            map.insert("initializer_range".into(), 0.02.into());
-            map.insert("use_cache".into(), true.into());
         }
         v
     }
@@ -73,13 +127,49 @@ impl LlamaConfig {
     /// Number of parameters (tied embeddings counted once).
     pub fn num_params(&self) -> usize {
         let d = self.hidden_size;
-        let kv = self.num_key_value_heads * self.head_dim();
-        let attn = d * d * 2 + d * kv * 2;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let attn = d * q * 2 + d * kv * 2;
         let mlp = 3 * d * self.intermediate_size;
-        let layer = attn + mlp + 2 * d;
+        let biases = if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { d } else { 0 }
+            + if self.mlp_bias {
+                2 * self.intermediate_size + d
+            } else {
+                0
+            };
+        let layer = attn + mlp + biases + 2 * d;
         let embed = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + head + self.num_hidden_layers * layer + d
+    }
+
+    /// RoPE inverse frequencies, with Llama 3 scaling applied when configured.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let hd = self.head_dim;
+        let base: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        let Some(r) = &self.rope_scaling else {
+            return base;
+        };
+        let old = r.original_max_position_embeddings as f64;
+        let low_wavelen = old / r.low_freq_factor;
+        let high_wavelen = old / r.high_freq_factor;
+        base.into_iter()
+            .map(|f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / r.factor
+                } else {
+                    let smooth = (old / wavelen - r.low_freq_factor)
+                        / (r.high_freq_factor - r.low_freq_factor);
+                    (1.0 - smooth) * f / r.factor + smooth * f
+                }
+            })
+            .collect()
     }
 }
 
@@ -219,76 +309,187 @@ pub fn transpose_host(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn normal_tensor<const D: usize>(
-    rng: &mut Rng,
-    shape: [usize; D],
-    std: f64,
-    device: &Device,
-) -> Tensor<D> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n).map(|_| (rng.normal() * std) as f32).collect();
-    Tensor::from_data(TensorData::new(data, shape), device)
+/// Gives a parameter's values from its name, kind and shape (kiln's layout).
+pub type ParamSource<'a> = dyn FnMut(&str, ParamKind, &[usize]) -> Vec<f32> + 'a;
+
+/// FNV-1a: a stable per-parameter stream index from its name.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl LlamaModel {
-    /// A freshly initialised model: normal(0, std) matrices with the residual projections scaled
-    /// by 1/sqrt(2 × layers) (as GPT-2 does), unit norms. Drawn on the host from the run seed, so
-    /// every backend starts from the same weights.
-    pub fn init(config: LlamaConfig, std: f64, seed: u64, device: &Device) -> Self {
+    /// Builds every parameter by asking `make(name, kind, shape)` for its values, in kiln's
+    /// layout (linear weights `[in, out]`). Names are Hugging Face's.
+    pub fn build(config: LlamaConfig, device: &Device, make: &mut ParamSource<'_>) -> Self {
         let d = config.hidden_size;
-        let kv = config.num_key_value_heads * config.head_dim();
+        let q = config.num_attention_heads * config.head_dim;
+        let kv = config.num_key_value_heads * config.head_dim;
         let ff = config.intermediate_size;
-        let residual_std = std / (2.0 * config.num_hidden_layers as f64).sqrt();
-        let mut counter = 0u64;
-        let mut next_rng = || {
-            counter += 1;
-            Rng::stream(seed, INIT_PURPOSE, counter)
+        let mut matrix = |name: &str, kind: ParamKind, rows: usize, cols: usize| {
+            Tensor::<2>::from_data(
+                TensorData::new(make(name, kind, &[rows, cols]), [rows, cols]),
+                device,
+            )
         };
-        let mut linear = |din: usize, dout: usize, std: f64| Linear {
-            weight: normal_tensor(&mut next_rng(), [din, dout], std, device),
-            bias: None,
-        };
-        let ones = |n: usize| Tensor::<1>::ones([n], device);
+        let mut linear_weights = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut w = |n: &str, rows: usize, cols: usize| {
+                matrix(
+                    &format!("{p}.{n}.weight"),
+                    ParamKind::LinearWeight,
+                    rows,
+                    cols,
+                )
+            };
+            linear_weights.push([
+                w("self_attn.q_proj", d, q),
+                w("self_attn.k_proj", d, kv),
+                w("self_attn.v_proj", d, kv),
+                w("self_attn.o_proj", q, d),
+                w("mlp.gate_proj", d, ff),
+                w("mlp.up_proj", d, ff),
+                w("mlp.down_proj", ff, d),
+            ]);
+        }
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for _ in 0..config.num_hidden_layers {
+        let embed_tokens = matrix(
+            "model.embed_tokens.weight",
+            ParamKind::Embedding,
+            config.vocab_size,
+            d,
+        );
+        let lm_head_weight = (!config.tie_word_embeddings).then(|| {
+            matrix(
+                "lm_head.weight",
+                ParamKind::LinearWeight,
+                d,
+                config.vocab_size,
+            )
+        });
+        let mut vector = |name: String, kind: ParamKind, n: usize| {
+            Tensor::<1>::from_data(TensorData::new(make(&name, kind, &[n]), [n]), device)
+        };
+        for (i, ws) in linear_weights.into_iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mut bias = |on: bool, n: &str, width: usize| {
+                on.then(|| vector(format!("{p}.{n}.bias"), ParamKind::Bias, width))
+            };
+            let [wq, wk, wv, wo, wg, wu, wd] = ws;
+            let lin = |weight, bias| Linear { weight, bias };
+            let self_attn = Attention {
+                q_proj: lin(wq, bias(config.qkv_bias, "self_attn.q_proj", q)),
+                k_proj: lin(wk, bias(config.qkv_bias, "self_attn.k_proj", kv)),
+                v_proj: lin(wv, bias(config.qkv_bias, "self_attn.v_proj", kv)),
+                o_proj: lin(wo, bias(config.o_bias, "self_attn.o_proj", d)),
+            };
+            let mlp = Mlp {
+                gate_proj: lin(wg, bias(config.mlp_bias, "mlp.gate_proj", ff)),
+                up_proj: lin(wu, bias(config.mlp_bias, "mlp.up_proj", ff)),
+                down_proj: lin(wd, bias(config.mlp_bias, "mlp.down_proj", d)),
+            };
+            let input_layernorm = RmsNorm {
+                weight: vector(format!("{p}.input_layernorm.weight"), ParamKind::Norm, d),
+                eps: config.rms_norm_eps,
+            };
+            let post_attention_layernorm = RmsNorm {
+                weight: vector(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    ParamKind::Norm,
+                    d,
+                ),
+                eps: config.rms_norm_eps,
+            };
             layers.push(DecoderLayer {
-                self_attn: Attention {
-                    q_proj: linear(d, d, std),
-                    k_proj: linear(d, kv, std),
-                    v_proj: linear(d, kv, std),
-                    o_proj: linear(d, d, residual_std),
-                },
-                mlp: Mlp {
-                    gate_proj: linear(d, ff, std),
-                    up_proj: linear(d, ff, std),
-                    down_proj: linear(ff, d, residual_std),
-                },
-                input_layernorm: RmsNorm {
-                    weight: ones(d),
-                    eps: config.rms_norm_eps,
-                },
-                post_attention_layernorm: RmsNorm {
-                    weight: ones(d),
-                    eps: config.rms_norm_eps,
-                },
+                self_attn,
+                mlp,
+                input_layernorm,
+                post_attention_layernorm,
             });
         }
-        let lm_head = (!config.tie_word_embeddings).then(|| linear(d, config.vocab_size, std));
-        let embed_tokens = normal_tensor(
-            &mut Rng::stream(seed, INIT_PURPOSE, 0),
-            [config.vocab_size, d],
-            std,
-            device,
-        );
+        let norm = RmsNorm {
+            weight: vector("model.norm.weight".into(), ParamKind::Norm, d),
+            eps: config.rms_norm_eps,
+        };
+        let lm_head = lm_head_weight.map(|weight| Linear { weight, bias: None });
         Self {
-            norm: RmsNorm {
-                weight: ones(d),
-                eps: config.rms_norm_eps,
-            },
             config,
             embed_tokens,
             layers,
+            norm,
             lm_head,
+        }
+    }
+
+    /// A freshly initialised model: normal(0, std) matrices with the residual projections scaled
+    /// by 1/sqrt(2 × layers) (as GPT-2 does), unit norms, zero biases. Drawn on the host from the
+    /// run seed (one stream per parameter name), so every backend starts from the same weights.
+    pub fn init(config: LlamaConfig, std: f64, seed: u64, device: &Device) -> Self {
+        let residual_std = std / (2.0 * config.num_hidden_layers as f64).sqrt();
+        Self::build(config, device, &mut |name, kind, shape| {
+            let n: usize = shape.iter().product();
+            match kind {
+                ParamKind::Norm => vec![1.0; n],
+                ParamKind::Bias => vec![0.0; n],
+                ParamKind::LinearWeight | ParamKind::Embedding => {
+                    let std =
+                        if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                            residual_std
+                        } else {
+                            std
+                        };
+                    let mut rng = Rng::stream(seed, INIT_PURPOSE, name_hash(name));
+                    (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                }
+            }
+        })
+    }
+
+    /// A model whose every parameter comes from HF-layout host tensors (linear weights `[out, in]`).
+    /// Names and shapes must all match; the first mismatch is returned as (name, what is wrong).
+    pub fn from_hf_tensors(
+        config: LlamaConfig,
+        tensors: &BTreeMap<String, HostTensor>,
+        device: &Device,
+    ) -> Result<Self, (String, String)> {
+        let mut error: Option<(String, String)> = None;
+        let model = Self::build(config, device, &mut |name, kind, shape| {
+            let n: usize = shape.iter().product();
+            if error.is_some() {
+                return vec![0.0; n];
+            }
+            let mut expected = shape.to_vec();
+            if kind == ParamKind::LinearWeight {
+                expected.reverse();
+            }
+            match tensors.get(name) {
+                None => {
+                    error = Some((name.into(), "missing from the weights".into()));
+                    vec![0.0; n]
+                }
+                Some(t) if t.shape != expected => {
+                    error = Some((
+                        name.into(),
+                        format!(
+                            "shape {:?}, expected {:?} from config.json",
+                            t.shape, expected
+                        ),
+                    ));
+                    vec![0.0; n]
+                }
+                // Transposed on the host so that the weight is contiguous in kiln's layout, as a
+                // trained one is: the same memory layout gives bit-identical matmuls on resume.
+                Some(t) if kind == ParamKind::LinearWeight => {
+                    transpose_host(&t.data, t.shape[0], t.shape[1])
+                }
+                Some(t) => t.data.clone(),
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(model),
         }
     }
 
@@ -301,13 +502,12 @@ impl LlamaModel {
         let device = self.device().without_autodiff();
         let hd = self.config.head_dim();
         let half = hd / 2;
+        let inv_freq = self.config.inv_freq();
         let mut cos = Vec::with_capacity(seq_len * hd);
         let mut sin = Vec::with_capacity(seq_len * hd);
         for pos in 0..seq_len {
             for j in 0..hd {
-                let i = j % half;
-                let freq = 1.0 / self.config.rope_theta.powf(2.0 * i as f64 / hd as f64);
-                let angle = pos as f64 * freq;
+                let angle = pos as f64 * inv_freq[j % half];
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -608,61 +808,5 @@ impl LlamaModel {
         let mut e = Export(BTreeMap::new());
         self.visit_params(&mut e);
         e.0
-    }
-
-    /// Replaces every parameter from HF-layout host tensors; names and shapes must all match.
-    pub fn load_hf_tensors(
-        self,
-        tensors: &BTreeMap<String, HostTensor>,
-    ) -> Result<Self, (String, String)> {
-        struct Import<'a> {
-            tensors: &'a BTreeMap<String, HostTensor>,
-            error: Option<(String, String)>,
-        }
-        impl ParamMapper for Import<'_> {
-            fn map<const D: usize>(
-                &mut self,
-                name: &str,
-                kind: ParamKind,
-                p: Tensor<D>,
-            ) -> Tensor<D> {
-                if self.error.is_some() {
-                    return p;
-                }
-                let Some(t) = self.tensors.get(name) else {
-                    self.error = Some((name.into(), "missing".into()));
-                    return p;
-                };
-                let mut expected = p.dims().to_vec();
-                if kind == ParamKind::LinearWeight {
-                    expected.reverse();
-                }
-                if t.shape != expected {
-                    self.error = Some((
-                        name.into(),
-                        format!("shape {:?}, expected {:?}", t.shape, expected),
-                    ));
-                    return p;
-                }
-                let device = p.device();
-                // Transposed on the host so that the weight is contiguous in kiln's layout, as
-                // a trained one is: the same memory layout gives bit-identical matmuls on resume.
-                let values = if kind == ParamKind::LinearWeight {
-                    transpose_host(&t.data, t.shape[0], t.shape[1])
-                } else {
-                    t.data.clone()
-                };
-                Tensor::<D>::from_data(TensorData::new(values, p.shape()), &device)
-            }
-        }
-        let mut import = Import {
-            tensors,
-            error: None,
-        };
-        let model = self.map_params(&mut import);
-        match import.error {
-            Some(e) => Err(e),
-            None => Ok(model),
-        }
     }
 }

@@ -29,3 +29,16 @@ pub trait ParamVisitor {
 pub trait ParamMapper {
     fn map<const D: usize>(&mut self, name: &str, kind: ParamKind, param: Tensor<D>) -> Tensor<D>;
 }
+
+/// The names of every parameter of `model`.
+pub fn names(model: &crate::LlamaModel) -> Vec<String> {
+    struct Names(Vec<String>);
+    impl ParamVisitor for Names {
+        fn visit<const D: usize>(&mut self, name: &str, _: ParamKind, _: &Tensor<D>) {
+            self.0.push(name.to_string());
+        }
+    }
+    let mut n = Names(Vec::new());
+    model.visit_params(&mut n);
+    n.0
+}

@@ -158,24 +158,10 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
 
 /// Reads a checkpoint's (or any HF Llama directory's) `config.json`.
 pub fn read_model_config(dir: &Path) -> Result<LlamaConfig, TrainError> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| ckpt_err(&path, format!("not a Llama config: {e}")))
+    Ok(kiln_models::hf::read_config(dir)?)
 }
 
-/// Loads a checkpoint's weights into a model of its own config on `device`.
+/// Loads a checkpoint's (or any HF directory's) weights onto `device`.
 pub fn load_model(dir: &Path, device: &burn::tensor::Device) -> Result<LlamaModel, TrainError> {
-    let config = read_model_config(dir)?;
-    let path = dir.join(MODEL_FILE);
-    let tensors = safetensors_io::read_all(&path)?;
-    let skeleton = LlamaModel::init(config, 0.02, 0, device);
-    skeleton
-        .load_hf_tensors(&tensors)
-        .map_err(|(name, message)| {
-            TrainError::Model(kiln_models::ModelError::Tensor {
-                path,
-                name,
-                message,
-            })
-        })
+    Ok(kiln_models::hf::load_model(dir, device)?)
 }
