@@ -4,7 +4,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kiln_config::{AdapterChoice, BackendConfig, BackendKind, Config};
-use kiln_data::Tokenizer;
+use kiln_data::Message;
+use kiln_models::pretrained::Pretrained;
 use kiln_train::checkpoint;
 use kiln_train::device;
 use kiln_train::inference::{self, SampleOptions};
@@ -110,9 +111,13 @@ impl BackendArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A checkpoint directory, or a run directory (its `latest` checkpoint is used).
+    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, or a run directory (its
+    /// `latest` checkpoint).
+    #[arg(long, visible_alias = "checkpoint")]
+    model: PathBuf,
+    /// Wrap the prompt as a user message in the model's chat template and stop at end of turn.
     #[arg(long)]
-    checkpoint: PathBuf,
+    chat: bool,
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -130,9 +135,9 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A checkpoint directory, or a run directory (its `latest` checkpoint is used).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, or a run directory.
+    #[arg(long, visible_alias = "checkpoint")]
+    model: PathBuf,
     /// UTF-8 text file to score.
     #[arg(long)]
     data: PathBuf,
@@ -245,63 +250,73 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A checkpoint directory itself, or a run directory's `latest` checkpoint.
-fn resolve_checkpoint(path: &Path) -> Result<PathBuf, Failure> {
-    if path.join(checkpoint::MODEL_FILE).is_file() {
+/// A model directory or GGUF file itself, or a run directory's `latest` checkpoint.
+fn resolve_model(path: &Path) -> Result<PathBuf, Failure> {
+    if kiln_models::pretrained::is_gguf(path) || path.join("config.json").is_file() {
         return Ok(path.to_path_buf());
     }
     if let Some(latest) = checkpoint::latest(path) {
         return Ok(latest);
     }
     Err(usage(anyhow::anyhow!(
-        "{}: not a checkpoint (no {}) and no checkpoints inside",
-        path.display(),
-        checkpoint::MODEL_FILE
+        "{}: not a model (no config.json, not GGUF) and no checkpoints inside",
+        path.display()
     )))
 }
 
-fn load(
-    checkpoint_arg: &Path,
-    backend: &BackendArgs,
-) -> Result<(kiln_models::LlamaModel, Tokenizer, PathBuf), Failure> {
-    let dir = resolve_checkpoint(checkpoint_arg)?;
+fn load(model_arg: &Path, backend: &BackendArgs) -> Result<Pretrained, Failure> {
+    let path = resolve_model(model_arg)?;
     let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
     let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-    let model = checkpoint::load_model(&dir, &selected.device)
-        .with_context(|| format!("loading {}", dir.display()))?;
-    let tokenizer =
-        Tokenizer::load_dir(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    Ok((model, tokenizer, dir))
+    Pretrained::load(&path, &selected.device)
+        .with_context(|| format!("loading {}", path.display()))
+        .map_err(Failure::from)
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(anyhow::anyhow!("--top-p must be in (0, 1]")));
     }
-    let (model, tokenizer, _) = load(&args.checkpoint, &args.backend)?;
-    let prompt = if args.prompt.is_empty() {
+    let p = load(&args.model, &args.backend)?;
+    let text = if args.chat {
+        let template = p.chat_template.as_ref().ok_or_else(|| {
+            usage(anyhow::anyhow!(
+                "--chat: {} has no chat template",
+                args.model.display()
+            ))
+        })?;
+        template
+            .render(&[Message::new("user", &args.prompt)], true)
+            .map_err(|e| Failure::from(anyhow::Error::from(e)))?
+    } else if args.prompt.is_empty() {
         "\n".to_string()
     } else {
         args.prompt.clone()
     };
-    let ids = tokenizer
-        .encode(&prompt)
+    let ids = p
+        .tokenizer
+        .encode(&text)
         .map_err(|e| usage(anyhow::anyhow!("--prompt: {e}")))?;
     let options = SampleOptions {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
-        stop_ids: vec![],
+        stop_ids: p.stop_ids.clone(),
     };
     let mut out = std::io::stdout().lock();
-    let _ = write!(out, "{}", args.prompt);
+    if !args.chat {
+        let _ = write!(out, "{}", args.prompt);
+    }
     let mut produced = Vec::new();
     let mut printed = String::new();
-    inference::generate(&model, &ids, &options, |id| {
+    inference::generate(&p.model, &ids, &options, |id| {
+        if p.stop_ids.contains(&id) {
+            return;
+        }
         // Decode the whole continuation and print what is new, so multi-token characters print whole.
         produced.push(id);
-        if let Ok(text) = tokenizer.decode(&produced)
+        if let Ok(text) = p.tokenizer.decode(&produced)
             && text.len() > printed.len()
             && text.starts_with(&printed)
         {
@@ -321,20 +336,18 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
             args.data.display()
         )));
     }
-    let (model, tokenizer, dir) = load(&args.checkpoint, &args.backend)?;
+    let p = load(&args.model, &args.backend)?;
+    let max = p.model.config.max_position_embeddings;
     let seq_len = match args.seq_len {
         Some(s) => s,
-        None => Config::load(&dir.join(checkpoint::KILN_CONFIG_FILE), &[])
+        None => Config::load(&p.path.join(checkpoint::KILN_CONFIG_FILE), &[])
             .map(|c| c.data.seq_len)
-            .unwrap_or(model.config.max_position_embeddings),
+            .unwrap_or(max.min(1024)),
     };
-    if seq_len == 0 || seq_len > model.config.max_position_embeddings {
-        return Err(usage(anyhow::anyhow!(
-            "--seq-len must be in 1..={}",
-            model.config.max_position_embeddings
-        )));
+    if seq_len == 0 || seq_len > max {
+        return Err(usage(anyhow::anyhow!("--seq-len must be in 1..={max}")));
     }
-    let tokens = kiln_data::tokenize_file(&args.data, &tokenizer)
+    let tokens = kiln_data::tokenize_file(&args.data, &p.tokenizer)
         .map_err(|e| usage(anyhow::Error::from(e)))?;
     if tokens.len() < 2 {
         bail_usage(&format!(
@@ -342,7 +355,7 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
             args.data.display()
         ))?;
     }
-    let (loss, scored) = inference::evaluate_tokens(&model, &tokens, seq_len);
+    let (loss, scored) = inference::evaluate_tokens(&p.model, &tokens, seq_len);
     if args.json {
         println!(
             "{}",

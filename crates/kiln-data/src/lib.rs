@@ -1,11 +1,13 @@
 //! Text in, token windows out: tokenizers (char-level, byte-level BPE trained here, or a Hugging Face
 //! `tokenizer.json`), corpora split into train and validation, and reproducible random windows.
 
+mod chat;
 mod corpus;
 mod error;
 mod rng;
 mod tokenizer;
 
+pub use chat::{ChatTemplate, Message};
 pub use corpus::{Batch, Corpus, sequential_windows, tokenize_file};
 pub use error::DataError;
 pub use rng::Rng;

@@ -117,6 +117,29 @@ impl Tokenizer {
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 
+    /// Parses a Hugging Face `tokenizer.json` document; `origin` names it in errors.
+    pub fn from_hf_json(text: &str, origin: &Path) -> Result<Self, DataError> {
+        let t: tokenizers::Tokenizer = text.parse().map_err(|e| DataError::Tokenizer {
+            path: origin.to_path_buf(),
+            message: format!("{e}"),
+        })?;
+        Ok(Tokenizer::Hf(Box::new(t)))
+    }
+
+    /// Id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Char(t) => {
+                let mut chars = token.chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) => t.index.get(&c).copied(),
+                    _ => None,
+                }
+            }
+            Tokenizer::Hf(t) => t.token_to_id(token),
+        }
+    }
+
     /// Writes the tokenizer into directory `dir` (as `char_tokenizer.json` or `tokenizer.json`).
     pub fn save(&self, dir: &Path) -> Result<PathBuf, DataError> {
         let (path, text) = match self {

@@ -2,9 +2,11 @@
 //! so that a safetensors key maps to a field by rule and checkpoints load in `transformers`.
 
 pub mod fsutil;
+pub mod gguf;
 pub mod hf;
 pub mod llama;
 pub mod params;
+pub mod pretrained;
 pub mod safetensors_io;
 
 pub use llama::{LlamaConfig, LlamaModel};

@@ -279,11 +279,26 @@ impl Dropout {
     }
 }
 
+/// Keys and values (after RoPE, before grouped-query expansion) of one layer: `[1, kv, t, hd]`.
+pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
+
+/// The attention keys and values of the tokens seen so far, per layer.
+#[derive(Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    /// Tokens cached.
+    pub len: usize,
+}
+
 /// Per-forward constants: rotary tables and the causal mask for one sequence length.
 pub struct ForwardConsts {
     cos: Tensor<4>,
     sin: Tensor<4>,
     causal_bias: Tensor<4>,
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// New positions per sequence.
+    pub seq: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -498,33 +513,42 @@ impl LlamaModel {
     }
 
     /// Rotary tables (rotate-half layout) and the additive causal mask for `seq_len` positions.
-    pub fn consts(&self, seq_len: usize) -> ForwardConsts {
+    pub fn consts(&self, batch: usize, seq_len: usize) -> ForwardConsts {
+        ForwardConsts {
+            batch,
+            ..self.consts_at(0, seq_len)
+        }
+    }
+
+    /// Rotary tables for positions `offset..offset + n` and the causal mask of those `n` queries
+    /// over all `offset + n` keys (the first `offset` come from a [`KvCache`]).
+    pub fn consts_at(&self, offset: usize, n: usize) -> ForwardConsts {
         let device = self.device().without_autodiff();
         let hd = self.config.head_dim();
         let half = hd / 2;
         let inv_freq = self.config.inv_freq();
-        let mut cos = Vec::with_capacity(seq_len * hd);
-        let mut sin = Vec::with_capacity(seq_len * hd);
-        for pos in 0..seq_len {
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for pos in offset..offset + n {
             for j in 0..hd {
                 let angle = pos as f64 * inv_freq[j % half];
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
-        let mut bias = vec![0f32; seq_len * seq_len];
-        for q in 0..seq_len {
-            for k in q + 1..seq_len {
-                bias[q * seq_len + k] = -1e9;
+        let total = offset + n;
+        let mut bias = vec![0f32; n * total];
+        for q in 0..n {
+            for k in offset + q + 1..total {
+                bias[q * total + k] = -1e9;
             }
         }
         ForwardConsts {
-            cos: Tensor::from_data(TensorData::new(cos, [1, 1, seq_len, hd]), &device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, 1, seq_len, hd]), &device),
-            causal_bias: Tensor::from_data(
-                TensorData::new(bias, [1, 1, seq_len, seq_len]),
-                &device,
-            ),
+            cos: Tensor::from_data(TensorData::new(cos, [1, 1, n, hd]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [1, 1, n, hd]), &device),
+            causal_bias: Tensor::from_data(TensorData::new(bias, [1, 1, n, total]), &device),
+            batch: 1,
+            seq: n,
         }
     }
 
@@ -541,11 +565,11 @@ impl LlamaModel {
         &self,
         layer: &DecoderLayer,
         x: Tensor<2>,
-        batch: usize,
-        seq: usize,
         consts: &ForwardConsts,
         dropout: &mut Option<Dropout>,
+        cache: Option<&mut LayerCache>,
     ) -> Tensor<2> {
+        let (batch, seq) = (consts.batch, consts.seq);
         let c = &self.config;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let a = &layer.self_attn;
@@ -553,14 +577,26 @@ impl LlamaModel {
         let q = Self::rope(heads(a.q_proj.forward(x.clone()), h), consts);
         let k = Self::rope(heads(a.k_proj.forward(x.clone()), kvh), consts);
         let v = heads(a.v_proj.forward(x), kvh);
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let total = k.dims()[2];
         let (k, v) = if kvh == h {
             (k, v)
         } else {
             let rep = h / kvh;
             let expand = |t: Tensor<4>| {
                 t.unsqueeze_dim::<5>(2)
-                    .expand([batch, kvh, rep, seq, hd])
-                    .reshape([batch, h, seq, hd])
+                    .expand([batch, kvh, rep, total, hd])
+                    .reshape([batch, h, total, hd])
             };
             (expand(k), expand(v))
         };
@@ -582,19 +618,17 @@ impl LlamaModel {
         &self,
         index: usize,
         x: Tensor<2>,
-        batch: usize,
-        seq: usize,
         consts: &ForwardConsts,
         dropout: &mut Option<Dropout>,
+        cache: Option<&mut LayerCache>,
     ) -> Tensor<2> {
         let layer = &self.layers[index];
         let mut attn = self.attention(
             layer,
             layer.input_layernorm.forward(x.clone()),
-            batch,
-            seq,
             consts,
             dropout,
+            cache,
         );
         if let Some(d) = dropout.as_mut() {
             attn = d.apply(attn);
@@ -636,11 +670,27 @@ impl LlamaModel {
         seq: usize,
         dropout: &mut Option<Dropout>,
     ) -> Tensor<2> {
-        let consts = self.consts(seq);
+        let consts = self.consts(batch, seq);
         let mut x = self.embed(ids);
         for i in 0..self.layers.len() {
-            x = self.block(i, x, batch, seq, &consts, dropout);
+            x = self.block(i, x, &consts, dropout, None);
         }
+        self.head(x)
+    }
+
+    /// Logits `[n, vocab]` for `n` new tokens of one sequence, attending to (and extending) the
+    /// keys and values `cache` holds: generation without recomputing the prefix.
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Tensor<2> {
+        let n = ids.len();
+        let consts = self.consts_at(cache.len, n);
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let mut x = self.embed(ids);
+        for i in 0..self.layers.len() {
+            x = self.block(i, x, &consts, &mut None, Some(&mut cache.layers[i]));
+        }
+        cache.len += n;
         self.head(x)
     }
 

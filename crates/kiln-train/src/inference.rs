@@ -2,6 +2,7 @@
 
 use burn::prelude::*;
 use kiln_data::{Batch, Rng, sequential_windows};
+use kiln_models::llama::KvCache;
 use kiln_models::{LlamaModel, ParamKind, ParamMapper};
 
 /// The same weights without autodiff: no tape is recorded, nothing is retained for backward.
@@ -107,12 +108,21 @@ pub fn generate(
     let mut tokens = prompt.to_vec();
     let window = model.config.max_position_embeddings;
     let vocab = model.config.vocab_size;
+    let mut cache = KvCache::default();
+    // Feed the prompt (or the tail of it that fits), then one token at a time from the cache.
+    let mut pending: Vec<u32> = tokens[tokens.len().saturating_sub(window)..].to_vec();
+    if pending.is_empty() {
+        return Vec::new();
+    }
     for _ in 0..options.max_tokens {
-        let start = tokens.len().saturating_sub(window);
-        let context = &tokens[start..];
-        let seq = context.len();
-        let logits = model.forward(context, 1, seq, &mut None);
-        let last = logits.slice([seq - 1..seq, 0..vocab]).into_data();
+        if cache.len + pending.len() > window {
+            // Context full: start again from the newest half window.
+            cache = KvCache::default();
+            pending = tokens[tokens.len().saturating_sub(window / 2)..].to_vec();
+        }
+        let n = pending.len();
+        let logits = model.forward_cached(&pending, &mut cache);
+        let last = logits.slice([n - 1..n, 0..vocab]).into_data();
         let row = last
             .convert::<f32>()
             .try_into_vec::<f32>()
@@ -123,6 +133,7 @@ pub fn generate(
         if options.stop_ids.contains(&next) {
             break;
         }
+        pending = vec![next];
     }
     tokens[prompt.len()..].to_vec()
 }

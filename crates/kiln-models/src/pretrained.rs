@@ -1,0 +1,150 @@
+//! A pretrained model with what it needs to be used: tokenizer, chat template, end-of-turn ids.
+//! From a Hugging Face directory (also kiln's own checkpoints) or a GGUF file.
+
+use crate::gguf::GgufFile;
+use crate::{LlamaModel, ModelError, hf};
+use burn::prelude::Device;
+use kiln_data::{ChatTemplate, Tokenizer};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub struct Pretrained {
+    pub path: PathBuf,
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Ids that end a generated answer (EOS and end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    /// `Some` for a GGUF source: its tokenizer as `tokenizer.json`, for writing HF directories.
+    pub tokenizer_json: Option<Value>,
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// True when `path` is a GGUF file (by magic, not by name).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+impl Pretrained {
+    pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        if is_gguf(path) {
+            return Self::load_gguf(path, device);
+        }
+        if !path.is_dir() {
+            return Err(file_err(path, "not a model directory or a GGUF file"));
+        }
+        let model = hf::load_model(path, device)?;
+        let tokenizer = Tokenizer::load_dir(path).map_err(|e| file_err(path, e.to_string()))?;
+        let mut stop_ids = Vec::new();
+        let mut chat_template = None;
+        let tc_path = path.join("tokenizer_config.json");
+        if tc_path.is_file() {
+            let text = std::fs::read_to_string(&tc_path).map_err(|source| ModelError::Io {
+                path: tc_path.clone(),
+                source,
+            })?;
+            let tc: Value =
+                serde_json::from_str(&text).map_err(|e| file_err(&tc_path, e.to_string()))?;
+            let eos = token_text(tc.get("eos_token")).unwrap_or_default();
+            let bos = token_text(tc.get("bos_token")).unwrap_or_default();
+            if let Some(id) = tokenizer.token_id(&eos) {
+                stop_ids.push(id);
+            }
+            let source = match tc.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: take "default".
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+                _ => None,
+            };
+            chat_template = source.map(|source| ChatTemplate {
+                source,
+                bos_token: bos,
+                eos_token: eos,
+            });
+        }
+        let gen_path = path.join("generation_config.json");
+        if let Ok(text) = std::fs::read_to_string(&gen_path)
+            && let Ok(g) = serde_json::from_str::<Value>(&text)
+        {
+            match g.get("eos_token_id") {
+                Some(Value::Number(n)) => stop_ids.extend(n.as_u64().map(|v| v as u32)),
+                Some(Value::Array(a)) => {
+                    stop_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+                }
+                _ => {}
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            tokenizer,
+            chat_template,
+            stop_ids,
+            tokenizer_json: None,
+        })
+    }
+
+    fn load_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        let file = GgufFile::read(path)?;
+        let json = file.tokenizer_json()?;
+        let tokenizer = Tokenizer::from_hf_json(&json.to_string(), path)
+            .map_err(|e| file_err(path, e.to_string()))?;
+        let token = |key: &str| {
+            file.token_id(key)
+                .and_then(|id| {
+                    file.metadata
+                        .get("tokenizer.ggml.tokens")?
+                        .as_array()?
+                        .get(id as usize)?
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .unwrap_or_default()
+        };
+        let eos = token("tokenizer.ggml.eos_token_id");
+        let bos = token("tokenizer.ggml.bos_token_id");
+        let stop_ids: Vec<u32> = file
+            .token_id("tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .collect();
+        let chat_template = file.chat_template().map(|source| ChatTemplate {
+            source,
+            bos_token: bos,
+            eos_token: eos,
+        });
+        let model = file.load_model(device)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            tokenizer,
+            chat_template,
+            stop_ids,
+            tokenizer_json: Some(json),
+        })
+    }
+}
