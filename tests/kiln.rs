@@ -443,3 +443,88 @@ fn hf_models_match_transformers_logits() {
         assert!(max_diff <= 1e-4, "{name}: logits differ by {max_diff}");
     }
 }
+
+/// The SmolLM2 GGUF that scripts/fetch-smollm2 brings (scripts/test sets KILN_SMOLLM2_GGUF).
+fn smollm2() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("KILN_SMOLLM2_GGUF")?);
+    p.is_file().then_some(p)
+}
+
+#[test]
+fn smollm2_gguf_answers_and_scores_english() {
+    let Some(gguf) = smollm2() else {
+        panic!(
+            "KILN_SMOLLM2_GGUF is not set: run the tests through scripts/test (it fetches SmolLM2)"
+        );
+    };
+    let r = kiln(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "30",
+        "--backend",
+        "cpu",
+    ]);
+    let answer = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(answer.contains("Paris"), "{answer}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("english.txt");
+    std::fs::write(
+        &text,
+        "The sun rose over the quiet village, and the children ran down to the river to play. \
+         Their mother called them back for breakfast, but they did not hear her.\n",
+    )
+    .unwrap();
+    let r = kiln(&[
+        "eval",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let ppl = v["perplexity"].as_f64().unwrap();
+    eprintln!(
+        "SmolLM2 GGUF perplexity on plain English: {ppl:.2} over {} tokens",
+        v["tokens"]
+    );
+    assert!((2.0..40.0).contains(&ppl), "perplexity {ppl}");
+}
+
+#[test]
+fn kv_cache_generation_matches_full_forward() {
+    let dir = repo().join("tests/fixtures/parity/llama3-untied-bf16-sharded");
+    let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex()).unwrap();
+    let ids: Vec<u32> = (0..20).map(|i| (i * 7 % 96) as u32).collect();
+    let rows = |t: burn::tensor::Tensor<2>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let full = rows(model.forward(&ids, 1, ids.len(), &mut None));
+    let mut cache = kiln::models::llama::KvCache::default();
+    let mut cached = rows(model.forward_cached(&ids[..12], &mut cache));
+    for &id in &ids[12..] {
+        cached.extend(rows(model.forward_cached(&[id], &mut cache)));
+    }
+    let diff = full
+        .iter()
+        .zip(&cached)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert_eq!(full.len(), cached.len());
+    assert!(diff < 1e-5, "cached logits differ by {diff}");
+}
