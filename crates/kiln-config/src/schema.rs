@@ -12,6 +12,7 @@ pub struct Config {
     pub backend: BackendConfig,
     pub model: ModelConfig,
     pub data: DataConfig,
+    pub finetune: FinetuneConfig,
     pub optim: OptimConfig,
     pub train: TrainConfig,
     pub logging: LoggingConfig,
@@ -100,6 +101,9 @@ pub enum Architecture {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// A pretrained model to fine-tune: a Hugging Face directory or a GGUF file. When set, its own
+    /// config decides the architecture and the size fields below are ignored. Default `null`.
+    pub pretrained: Option<PathBuf>,
     /// Default `llama`.
     pub architecture: Architecture,
     /// Vocabulary size; `null` takes the tokenizer's. Default `null`.
@@ -131,6 +135,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            pretrained: None,
             architecture: Architecture::Llama,
             vocab_size: None,
             hidden_size: 128,
@@ -196,14 +201,20 @@ impl Default for TokenizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// UTF-8 text file to train on (relative paths are relative to the working directory).
-    /// Default `datasets/shakespeare/input.txt`.
+    /// What to train on: a UTF-8 text file (random windows; from-scratch training), or a
+    /// directory with `train.jsonl`, `valid.jsonl` and optional `test.jsonl` (examples; fine-tuning).
+    /// Relative paths are relative to the working directory. Default `datasets/shakespeare/input.txt`.
     pub train: PathBuf,
+    /// JSONL record format: `auto` (from the first line) | `text` | `completions` | `chat`.
+    pub format: DataFormat,
+    /// JSONL: train on completion / assistant tokens only. Default false.
+    pub mask_prompt: bool,
     /// Validation text; `null` holds out the last `val_fraction` of `train`. Default `null`.
     pub valid: Option<PathBuf>,
     /// Share of `train` held out for validation when `valid` is `null`. Default 0.1.
     pub val_fraction: f64,
-    /// Tokens per training window. Default 64.
+    /// Tokens per training window; for JSONL, the longest example (longer ones are truncated and
+    /// counted). Default 64.
     pub seq_len: usize,
     pub tokenizer: TokenizerConfig,
 }
@@ -212,12 +223,108 @@ impl Default for DataConfig {
     fn default() -> Self {
         Self {
             train: PathBuf::from("datasets/shakespeare/input.txt"),
+            format: DataFormat::Auto,
+            mask_prompt: false,
             valid: None,
             val_fraction: 0.1,
             seq_len: 64,
             tokenizer: TokenizerConfig::default(),
         }
     }
+}
+
+/// Record format of JSONL data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    #[default]
+    Auto,
+    Text,
+    Completions,
+    Chat,
+}
+
+/// How a pretrained model is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneMethod {
+    /// Low-rank adapters; the base weights stay frozen.
+    #[default]
+    Lora,
+    /// Every weight.
+    Full,
+}
+
+/// Which projections get adapters: a list of HF module names, or `all-linear`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Named(String),
+    List(Vec<String>),
+}
+
+/// `finetune.lora`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Adapter rank r. Default 8.
+    pub rank: usize,
+    /// Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora). Default 16.
+    pub alpha: f64,
+    /// Dropout on the adapter's input. Default 0.05.
+    pub dropout: f64,
+    /// `[q_proj, v_proj]` style list of HF module names, or `all-linear`. Default `[q_proj, v_proj]`.
+    pub target_modules: TargetModules,
+    /// Adapt only the last N blocks; `null`: all (unless `layers` is given). Default `null`.
+    pub num_layers: Option<usize>,
+    /// Adapt exactly these block indices. Default `null`.
+    pub layers: Option<Vec<usize>>,
+    /// Rank-stabilised scaling alpha / sqrt(r). Default false.
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            num_layers: None,
+            layers: None,
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// Target module names, with `all-linear` expanded.
+    pub fn targets(&self) -> Vec<String> {
+        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        match &self.target_modules {
+            TargetModules::Named(n) if n == "all-linear" => ALL.iter().map(|s| s.to_string()).collect(),
+            TargetModules::Named(n) => vec![n.clone()],
+            TargetModules::List(l) => l.clone(),
+        }
+    }
+
+    /// Indices of the adapted blocks of a model with `n_layers` blocks.
+    pub fn layer_indices(&self, n_layers: usize) -> Vec<usize> {
+        match (&self.layers, self.num_layers) {
+            (Some(list), _) => list.clone(),
+            (None, Some(last)) => (n_layers.saturating_sub(last)..n_layers).collect(),
+            (None, None) => (0..n_layers).collect(),
+        }
+    }
+}
+
+/// `finetune`: how a `model.pretrained` is trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// `lora | full`. Default `lora`.
+    pub method: FinetuneMethod,
+    pub lora: LoraConfig,
 }
 
 /// Learning-rate schedule shape.
@@ -404,7 +511,7 @@ impl Config {
         }
         let d = &self.data;
         positive("data.seq_len", d.seq_len)?;
-        if d.seq_len > m.max_position_embeddings {
+        if m.pretrained.is_none() && d.seq_len > m.max_position_embeddings {
             return Err((
                 "data.seq_len".into(),
                 format!(
@@ -470,6 +577,18 @@ impl Config {
             _ => {}
         }
         positive("logging.log_every", self.logging.log_every)?;
+        let l = &self.finetune.lora;
+        positive("finetune.lora.rank", l.rank)?;
+        if !(0.0..1.0).contains(&l.dropout) {
+            return Err(("finetune.lora.dropout".into(), "must be in [0, 1)".into()));
+        }
+        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        if let Some(bad) = l.targets().iter().find(|t| !ALL.contains(&t.as_str())) {
+            return Err((
+                "finetune.lora.target_modules".into(),
+                format!("unknown module `{bad}` (expected all-linear or some of {})", ALL.join(", ")),
+            ));
+        }
         if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name == ".."
         {
             return Err((

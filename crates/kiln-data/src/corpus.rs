@@ -14,6 +14,9 @@ pub struct Batch {
     pub inputs: Vec<u32>,
     /// Row-major `[batch_size, seq_len]`.
     pub targets: Vec<u32>,
+    /// 1 where the target counts toward the loss (fine-tuning: no padding, no masked prompt);
+    /// `None`: every target counts.
+    pub loss_mask: Option<Vec<f32>>,
 }
 
 /// Tokenized training and validation text.
@@ -107,6 +110,7 @@ impl Corpus {
             seq_len,
             inputs,
             targets,
+            loss_mask: None,
         }
     }
 
@@ -136,6 +140,7 @@ pub fn sequential_windows(tokens: &[u32], seq_len: usize) -> Vec<Batch> {
             seq_len: end - start,
             inputs: tokens[start..end].to_vec(),
             targets: tokens[start + 1..end + 1].to_vec(),
+            loss_mask: None,
         });
         start = end;
     }

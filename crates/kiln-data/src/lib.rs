@@ -4,6 +4,7 @@
 mod chat;
 mod corpus;
 mod error;
+pub mod jsonl;
 mod rng;
 mod tokenizer;
 

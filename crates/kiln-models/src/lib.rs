@@ -5,6 +5,7 @@ pub mod fsutil;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod lora;
 pub mod params;
 pub mod pretrained;
 pub mod safetensors_io;

@@ -1,12 +1,13 @@
 //! The Llama family: RMSNorm, rotary position embedding (rotate-half layout, as in HF), SwiGLU MLP,
 //! grouped-query attention, optionally tied embeddings. Field names are Hugging Face's.
 
+use crate::lora::LoraAdapter;
 use crate::params::{ParamKind, ParamMapper, ParamVisitor};
 use crate::safetensors_io::HostTensor;
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu, softmax};
 use kiln_config::ModelConfig;
-use kiln_data::Rng;
+use kiln_data::{Batch, Rng};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -178,11 +179,22 @@ impl LlamaConfig {
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
+    /// A trainable low-rank path beside the (then frozen) weight.
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = x.matmul(self.weight.clone());
+    pub fn forward(&self, x: Tensor<2>, dropout: &mut Option<Dropout>) -> Tensor<2> {
+        let y = match &self.lora {
+            Some(l) => {
+                let xa = match dropout.as_mut() {
+                    Some(d) => d.apply_p(x.clone(), d.lora_p),
+                    None => x.clone(),
+                };
+                x.matmul(self.weight.clone()) + xa.matmul(l.a.clone()).matmul(l.b.clone()) * l.scale
+            }
+            None => x.matmul(self.weight.clone()),
+        };
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze_dim(0),
             None => y,
@@ -198,6 +210,10 @@ impl Linear {
         if let Some(b) = &self.bias {
             v.visit(&format!("{prefix}.bias"), ParamKind::Bias, b);
         }
+        if let Some(l) = &self.lora {
+            v.visit(&format!("{prefix}.lora_A.weight"), ParamKind::LoraA, &l.a);
+            v.visit(&format!("{prefix}.lora_B.weight"), ParamKind::LoraB, &l.b);
+        }
     }
 
     fn map(self, prefix: &str, m: &mut impl ParamMapper) -> Self {
@@ -210,6 +226,11 @@ impl Linear {
             bias: self
                 .bias
                 .map(|b| m.map(&format!("{prefix}.bias"), ParamKind::Bias, b)),
+            lora: self.lora.map(|l| LoraAdapter {
+                a: m.map(&format!("{prefix}.lora_A.weight"), ParamKind::LoraA, l.a),
+                b: m.map(&format!("{prefix}.lora_B.weight"), ParamKind::LoraB, l.b),
+                scale: l.scale,
+            }),
         }
     }
 }
@@ -253,13 +274,21 @@ pub struct DecoderLayer {
 /// Dropout whose masks come from kiln's own seeded stream, so a step is reproducible on every
 /// backend and a recomputed block can replay the same masks.
 pub struct Dropout {
+    /// On attention probabilities and residual branches.
     pub p: f64,
+    /// On the input of LoRA paths.
+    pub lora_p: f64,
     pub rng: Rng,
 }
 
 impl Dropout {
     fn apply<const D: usize>(&mut self, x: Tensor<D>) -> Tensor<D> {
-        if self.p <= 0.0 {
+        let p = self.p;
+        self.apply_p(x, p)
+    }
+
+    fn apply_p<const D: usize>(&mut self, x: Tensor<D>, p: f64) -> Tensor<D> {
+        if p <= 0.0 {
             return x;
         }
         let shape = x.shape();
@@ -328,7 +357,7 @@ pub fn transpose_host(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub type ParamSource<'a> = dyn FnMut(&str, ParamKind, &[usize]) -> Vec<f32> + 'a;
 
 /// FNV-1a: a stable per-parameter stream index from its name.
-fn name_hash(name: &str) -> u64 {
+pub fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
@@ -393,7 +422,11 @@ impl LlamaModel {
                 on.then(|| vector(format!("{p}.{n}.bias"), ParamKind::Bias, width))
             };
             let [wq, wk, wv, wo, wg, wu, wd] = ws;
-            let lin = |weight, bias| Linear { weight, bias };
+            let lin = |weight, bias| Linear {
+                weight,
+                bias,
+                lora: None,
+            };
             let self_attn = Attention {
                 q_proj: lin(wq, bias(config.qkv_bias, "self_attn.q_proj", q)),
                 k_proj: lin(wk, bias(config.qkv_bias, "self_attn.k_proj", kv)),
@@ -428,7 +461,11 @@ impl LlamaModel {
             weight: vector("model.norm.weight".into(), ParamKind::Norm, d),
             eps: config.rms_norm_eps,
         };
-        let lm_head = lm_head_weight.map(|weight| Linear { weight, bias: None });
+        let lm_head = lm_head_weight.map(|weight| Linear {
+            weight,
+            bias: None,
+            lora: None,
+        });
         Self {
             config,
             embed_tokens,
@@ -447,7 +484,7 @@ impl LlamaModel {
             let n: usize = shape.iter().product();
             match kind {
                 ParamKind::Norm => vec![1.0; n],
-                ParamKind::Bias => vec![0.0; n],
+                ParamKind::Bias | ParamKind::LoraA | ParamKind::LoraB => vec![0.0; n],
                 ParamKind::LinearWeight | ParamKind::Embedding => {
                     let std =
                         if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
@@ -574,9 +611,9 @@ impl LlamaModel {
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let a = &layer.self_attn;
         let heads = |t: Tensor<2>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        let q = Self::rope(heads(a.q_proj.forward(x.clone()), h), consts);
-        let k = Self::rope(heads(a.k_proj.forward(x.clone()), kvh), consts);
-        let v = heads(a.v_proj.forward(x), kvh);
+        let q = Self::rope(heads(a.q_proj.forward(x.clone(), dropout), h), consts);
+        let k = Self::rope(heads(a.k_proj.forward(x.clone(), dropout), kvh), consts);
+        let v = heads(a.v_proj.forward(x, dropout), kvh);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -610,7 +647,7 @@ impl LlamaModel {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([batch * seq, h * hd]);
-        a.o_proj.forward(out)
+        a.o_proj.forward(out, dropout)
     }
 
     /// One decoder block on `[batch × seq, hidden]` activations.
@@ -636,9 +673,8 @@ impl LlamaModel {
         let x = x + attn;
         let h = layer.post_attention_layernorm.forward(x.clone());
         let m = &layer.mlp;
-        let mut mlp = m
-            .down_proj
-            .forward(silu(m.gate_proj.forward(h.clone())) * m.up_proj.forward(h));
+        let gated = silu(m.gate_proj.forward(h.clone(), dropout)) * m.up_proj.forward(h, dropout);
+        let mut mlp = m.down_proj.forward(gated, dropout);
         if let Some(d) = dropout.as_mut() {
             mlp = d.apply(mlp);
         }
@@ -657,7 +693,7 @@ impl LlamaModel {
     pub fn head(&self, x: Tensor<2>) -> Tensor<2> {
         let x = self.norm.forward(x);
         match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward(x, &mut None),
             None => x.matmul(self.embed_tokens.clone().transpose()),
         }
     }
@@ -694,26 +730,28 @@ impl LlamaModel {
         self.head(x)
     }
 
-    /// Mean next-token cross-entropy of `logits` `[n, vocab]` against `targets` (length n).
-    pub fn cross_entropy(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+    /// Mean next-token cross-entropy of `logits` `[n, vocab]` against `targets` (length n),
+    /// over the positions where `mask` is 1 (all positions without a mask).
+    pub fn cross_entropy(logits: Tensor<2>, targets: &[u32], mask: Option<&[f32]>) -> Tensor<1> {
         let device = logits.device().without_autodiff();
         let n = targets.len();
         let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
         let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-        let picked = log_softmax(logits, 1).gather(1, idx);
-        picked.mean().neg()
+        let picked = log_softmax(logits, 1).gather(1, idx).reshape([n]);
+        match mask {
+            None => picked.mean().neg(),
+            Some(m) => {
+                let count: f32 = m.iter().sum();
+                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [n]), &device);
+                (picked * w).sum().neg() / count.max(1.0) as f64
+            }
+        }
     }
 
-    /// Mean loss of a batch of windows.
-    pub fn loss(
-        &self,
-        inputs: &[u32],
-        targets: &[u32],
-        batch: usize,
-        seq: usize,
-        dropout: &mut Option<Dropout>,
-    ) -> Tensor<1> {
-        Self::cross_entropy(self.forward(inputs, batch, seq, dropout), targets)
+    /// Mean loss of a batch.
+    pub fn loss(&self, batch: &Batch, dropout: &mut Option<Dropout>) -> Tensor<1> {
+        let logits = self.forward(&batch.inputs, batch.batch_size, batch.seq_len, dropout);
+        Self::cross_entropy(logits, &batch.targets, batch.loss_mask.as_deref())
     }
 
     pub fn visit_params(&self, v: &mut impl ParamVisitor) {
@@ -833,16 +871,24 @@ impl LlamaModel {
 
     /// All parameters in Hugging Face layout (linear weights as `[out, in]`), read to the host.
     pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
-        struct Export(BTreeMap<String, HostTensor>);
+        self.hf_tensors_where(|_| true)
+    }
+
+    /// The parameters whose kind passes `keep`, in HF/PEFT layout, read to the host.
+    pub fn hf_tensors_where(&self, keep: fn(ParamKind) -> bool) -> BTreeMap<String, HostTensor> {
+        struct Export(BTreeMap<String, HostTensor>, fn(ParamKind) -> bool);
         impl ParamVisitor for Export {
             fn visit<const D: usize>(&mut self, name: &str, kind: ParamKind, p: &Tensor<D>) {
+                if !(self.1)(kind) {
+                    return;
+                }
                 let data = p.clone().detach().into_data();
                 let mut shape = data.shape().to_vec();
                 let mut values = data
                     .convert::<f32>()
                     .try_into_vec::<f32>()
                     .unwrap_or_default();
-                if kind == ParamKind::LinearWeight {
+                if kind.transposed() {
                     values = transpose_host(&values, shape[0], shape[1]);
                     shape.reverse();
                 }
@@ -855,7 +901,7 @@ impl LlamaModel {
                 );
             }
         }
-        let mut e = Export(BTreeMap::new());
+        let mut e = Export(BTreeMap::new(), keep);
         self.visit_params(&mut e);
         e.0
     }

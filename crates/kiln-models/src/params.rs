@@ -11,12 +11,21 @@ pub enum ParamKind {
     Norm,
     /// A linear layer's bias.
     Bias,
+    /// LoRA down-projection, `[in, r]` here, `lora_A.weight` `[r, in]` in PEFT files.
+    LoraA,
+    /// LoRA up-projection, `[r, out]` here, `lora_B.weight` `[out, r]` in PEFT files.
+    LoraB,
 }
 
 impl ParamKind {
     /// Matrices decay; norms and biases do not (as in nanoGPT, mlx-lm and torchtune).
     pub fn decays(self) -> bool {
-        matches!(self, ParamKind::LinearWeight | ParamKind::Embedding)
+        matches!(self, ParamKind::LinearWeight | ParamKind::Embedding | ParamKind::LoraA | ParamKind::LoraB)
+    }
+
+    /// Held transposed relative to the PyTorch layout of HF and PEFT files.
+    pub fn transposed(self) -> bool {
+        matches!(self, ParamKind::LinearWeight | ParamKind::LoraA | ParamKind::LoraB)
     }
 }
 

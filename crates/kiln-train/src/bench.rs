@@ -7,8 +7,6 @@ use crate::memory;
 use crate::optim::{AdamW, learning_rate};
 use crate::trainer::{total_steps, train_step};
 use kiln_config::Config;
-use kiln_data::Corpus;
-use kiln_models::{LlamaConfig, LlamaModel};
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -29,19 +27,12 @@ pub struct BenchReport {
 pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
     let start = Instant::now();
     let selected = device::select(&config.backend)?;
-    let (tokenizer, corpus) = Corpus::prepare(&config.data, None)?;
-    let vocab = tokenizer.vocab_size();
-    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
-    let parameters = model_config.num_params();
-    let mut model = LlamaModel::init(
-        model_config,
-        config.model.initializer_range,
-        config.run.seed,
-        &selected.device,
-    )
-    .to_device(&selected.device.clone().autodiff(), true);
+    let setup = crate::setup::setup(config, &selected.device, None)?;
+    let parameters = setup.model.config.num_params();
+    let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
+    let mut model = kiln_models::lora::set_trainable(setup.model.clone(), &selected.device.clone().autodiff(), lora_only);
     let mut optimizer = AdamW::new(&config.optim);
-    let total = total_steps(config, corpus.train.len()).max(steps + warmup);
+    let total = total_steps(config, setup.data.train_tokens()).max(steps + warmup);
     let accum = config.train.grad_accum as u64;
     let mut first_step_secs = 0.0;
     let mut step_secs = Vec::with_capacity(steps);
@@ -52,7 +43,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         let (next, out) = train_step(
             model,
             &mut optimizer,
-            &corpus,
+            &setup.data,
             config,
             step as u64 * accum,
             lr,

@@ -10,7 +10,9 @@
 
 use crate::TrainError;
 use kiln_config::Config;
-use kiln_data::Tokenizer;
+use crate::setup::{Method, Setup};
+use kiln_models::ParamKind;
+use kiln_models::lora::LoraSpec;
 use kiln_models::fsutil::{atomic_write, sync_dir};
 use kiln_models::safetensors_io::{self, HostTensor};
 use kiln_models::{LlamaConfig, LlamaModel};
@@ -23,6 +25,10 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const CONFIG_FILE: &str = "config.json";
 pub const KILN_CONFIG_FILE: &str = "kiln.yaml";
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// PEFT's key prefix for a causal LM's adapter tensors.
+pub const PEFT_PREFIX: &str = "base_model.model.";
 
 /// Everything besides tensors that a resumed run needs to continue exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,7 +71,7 @@ pub fn save(
     model: &LlamaModel,
     optimizer_state: &BTreeMap<String, HostTensor>,
     state: &TrainerState,
-    tokenizer: &Tokenizer,
+    setup: &Setup,
 ) -> Result<PathBuf, TrainError> {
     let final_dir = run_dir.join(step_dir_name(state.step));
     let tmp = run_dir.join(format!(".{}.tmp", step_dir_name(state.step)));
@@ -75,16 +81,20 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
-    safetensors_io::write_f32(&tmp.join(MODEL_FILE), &model.to_hf_tensors(), &[])?;
+    match &setup.method {
+        Method::Lora { base, spec } => write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?,
+        Method::Scratch | Method::Full { .. } => {
+            let base = match &setup.method {
+                Method::Full { base } => Some(base.as_path()),
+                _ => None,
+            };
+            write_model_dir(&tmp, model, setup, base)?;
+        }
+    }
     safetensors_io::write_f32(&tmp.join(OPTIMIZER_FILE), optimizer_state, &[])?;
-    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json())
-        .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
-    atomic_write(&tmp.join(CONFIG_FILE), &hf).map_err(|e| io(&tmp, e))?;
     let st = serde_json::to_vec_pretty(state).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
     atomic_write(&tmp.join(STATE_FILE), &st).map_err(|e| io(&tmp, e))?;
-    atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes())
-        .map_err(|e| io(&tmp, e))?;
-    tokenizer.save(&tmp)?;
+    atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes()).map_err(|e| io(&tmp, e))?;
     sync_dir(&tmp);
 
     if final_dir.exists() {
@@ -94,6 +104,69 @@ pub fn save(
     sync_dir(run_dir);
     point(run_dir, "latest", &final_dir)?;
     Ok(final_dir)
+}
+
+/// A Hugging Face model directory: config, weights, tokenizer files (and, for a fine-tuned
+/// pretrained model, its tokenizer_config.json / generation_config.json).
+pub fn write_model_dir(dir: &Path, model: &LlamaModel, setup: &Setup, base: Option<&Path>) -> Result<(), TrainError> {
+    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
+    safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
+    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json()).map_err(|e| ckpt_err(dir, e.to_string()))?;
+    atomic_write(&dir.join(CONFIG_FILE), &hf).map_err(|e| io(dir, e))?;
+    match &setup.tokenizer_json {
+        Some(json) => atomic_write(&dir.join("tokenizer.json"), json.to_string().as_bytes()).map_err(|e| io(dir, e))?,
+        None => {
+            setup.tokenizer.save(dir)?;
+        }
+    }
+    let base_dir = base.filter(|b| b.is_dir());
+    for name in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+        if let Some(src) = base_dir.map(|b| b.join(name)).filter(|p| p.is_file()) {
+            let bytes = std::fs::read(&src).map_err(|e| io(&src, e))?;
+            atomic_write(&dir.join(name), &bytes).map_err(|e| io(dir, e))?;
+        }
+    }
+    if base_dir.is_none()
+        && let Some(t) = &setup.chat_template
+    {
+        let tc = serde_json::json!({"chat_template": t.source, "bos_token": t.bos_token,
+            "eos_token": t.eos_token, "tokenizer_class": "PreTrainedTokenizerFast"});
+        atomic_write(&dir.join("tokenizer_config.json"), tc.to_string().as_bytes()).map_err(|e| io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// A PEFT LoRA adapter directory: `adapter_model.safetensors` + `adapter_config.json`.
+pub fn write_adapter(dir: &Path, model: &LlamaModel, spec: &LoraSpec, base: &Path, dropout: f64) -> Result<(), TrainError> {
+    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let tensors: BTreeMap<String, HostTensor> = model
+        .hf_tensors_where(|k| matches!(k, ParamKind::LoraA | ParamKind::LoraB))
+        .into_iter()
+        .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t))
+        .collect();
+    safetensors_io::write_f32(&dir.join(ADAPTER_FILE), &tensors, &[])?;
+    let all_layers = spec.layers.len() == model.config.num_hidden_layers;
+    let cfg = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": dropout,
+        "target_modules": spec.targets,
+        "layers_to_transform": if all_layers { serde_json::Value::Null } else { serde_json::json!(spec.layers) },
+        "bias": "none",
+        "base_model_name_or_path": std::fs::canonicalize(base).unwrap_or(base.to_path_buf()).display().to_string(),
+        "fan_in_fan_out": false,
+        "use_rslora": spec.rslora,
+        "use_dora": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "revision": null,
+    });
+    let text = serde_json::to_vec_pretty(&cfg).map_err(|e| ckpt_err(dir, e.to_string()))?;
+    atomic_write(&dir.join(ADAPTER_CONFIG_FILE), &text).map_err(|e| io(dir, e))
 }
 
 /// Atomically makes `run_dir/<link>` a relative symlink to `target`.

@@ -20,10 +20,14 @@ pub fn inference_view(model: &LlamaModel) -> LlamaModel {
 pub fn mean_loss(model: &LlamaModel, batches: impl Iterator<Item = Batch>) -> f64 {
     let (mut sum, mut count) = (0.0f64, 0usize);
     for b in batches {
-        let n = b.targets.len();
-        let loss = model
-            .loss(&b.inputs, &b.targets, b.batch_size, b.seq_len, &mut None)
-            .into_scalar::<f32>() as f64;
+        let n = match &b.loss_mask {
+            Some(m) => m.iter().filter(|&&w| w > 0.0).count(),
+            None => b.targets.len(),
+        };
+        if n == 0 {
+            continue;
+        }
+        let loss = model.loss(&b, &mut None).into_scalar::<f32>() as f64;
         sum += loss * n as f64;
         count += n;
     }

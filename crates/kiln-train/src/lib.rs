@@ -9,6 +9,7 @@ pub mod inference;
 pub mod memory;
 pub mod optim;
 mod progress;
+pub mod setup;
 pub mod trainer;
 
 pub use error::TrainError;

@@ -9,10 +9,12 @@ use crate::progress::{Progress, StepReport};
 use crate::{TrainError, inference};
 use burn::prelude::*;
 use kiln_config::Config;
-use kiln_data::{Corpus, Rng, Tokenizer};
+use crate::setup::{self, Method, TrainData};
+use kiln_data::Rng;
+use kiln_models::lora;
 use kiln_models::llama::Dropout;
 use kiln_models::safetensors_io;
-use kiln_models::{LlamaConfig, LlamaModel, ParamKind, ParamVisitor};
+use kiln_models::{LlamaModel, ParamKind, ParamVisitor};
 use kiln_tensorboard::EventWriter;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -78,16 +80,21 @@ pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
     }
 }
 
-fn count_params(model: &LlamaModel) -> usize {
-    struct Count(usize);
+/// (trainable, total) parameter counts.
+pub fn count_params(model: &LlamaModel) -> (usize, usize) {
+    struct Count(usize, usize);
     impl ParamVisitor for Count {
         fn visit<const D: usize>(&mut self, _: &str, _: ParamKind, p: &Tensor<D>) {
-            self.0 += p.shape().num_elements();
+            let n = p.shape().num_elements();
+            self.1 += n;
+            if p.is_require_grad() {
+                self.0 += n;
+            }
         }
     }
-    let mut c = Count(0);
+    let mut c = Count(0, 0);
     model.visit_params(&mut c);
-    c.0
+    (c.0, c.1)
 }
 
 fn memory_now(device: &Device) -> Option<u64> {
@@ -107,7 +114,7 @@ pub struct StepOutput {
 pub fn train_step(
     model: LlamaModel,
     optimizer: &mut AdamW,
-    corpus: &Corpus,
+    data: &TrainData,
     config: &Config,
     first_micro: u64,
     lr: f64,
@@ -119,15 +126,20 @@ pub fn train_step(
     );
     let seed = config.run.seed;
     let dropout_p = config.model.dropout;
+    let lora_p = match config.model.pretrained {
+        Some(_) if config.finetune.method == kiln_config::FinetuneMethod::Lora => config.finetune.lora.dropout,
+        _ => 0.0,
+    };
     let mut grads = GradAccumulator::default();
     let mut loss_sum: Option<Tensor<1>> = None;
     for index in first_micro..first_micro + accum as u64 {
-        let batch = corpus.train_batch(seed, index, bs, seq);
-        let mut dropout = (dropout_p > 0.0).then(|| Dropout {
+        let batch = data.train_batch(seed, index, bs, seq);
+        let mut dropout = (dropout_p > 0.0 || lora_p > 0.0).then(|| Dropout {
             p: dropout_p,
+            lora_p,
             rng: Rng::stream(seed, DROPOUT_PURPOSE, index),
         });
-        let loss = model.loss(&batch.inputs, &batch.targets, bs, seq, &mut dropout);
+        let loss = model.loss(&batch, &mut dropout);
         let g = loss.backward();
         grads.add(&model, &g, 1.0 / accum as f64);
         let l = loss.detach().without_autodiff();
@@ -190,35 +202,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
 
-    let saved_tokenizer = match &resume_from {
-        Some(dir) => Some(Tokenizer::load_dir(dir)?),
-        None => None,
-    };
-    let (tokenizer, corpus) = Corpus::prepare(&config.data, saved_tokenizer)?;
-    let vocab = tokenizer.vocab_size();
-    if let Some(v) = config.model.vocab_size
-        && v < vocab
-    {
-        return Err(TrainError::Other(format!(
-            "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
-        )));
-    }
-    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
-    let total = total_steps(config, corpus.train.len());
+    let setup = setup::setup(config, &device, resume_from.as_deref())?;
+    let total = total_steps(config, setup.data.train_tokens());
     let seed = config.run.seed;
-
     let mut optimizer = AdamW::new(&config.optim);
-    let (model, mut state) = match &resume_from {
+    let mut state = match &resume_from {
         Some(dir) => {
-            let saved = checkpoint::read_model_config(dir)?;
-            if saved != model_config {
-                return Err(TrainError::Checkpoint {
-                    path: dir.clone(),
-                    message: "its model shape differs from this config's `model` section".into(),
-                });
-            }
             let state = checkpoint::read_state(dir)?;
-            let model = checkpoint::load_model(dir, &device)?;
             let opt_tensors = safetensors_io::read_all(&dir.join(checkpoint::OPTIMIZER_FILE))?;
             optimizer
                 .load_state(&opt_tensors, state.optimizer_t, &device)
@@ -226,58 +216,61 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     path: dir.clone(),
                     message,
                 })?;
-            say(&format!(
-                "resuming from {} (step {})",
-                dir.display(),
-                state.step
-            ));
-            (model, state)
+            say(&format!("resuming from {} (step {})", dir.display(), state.step));
+            state
         }
-        None => {
-            let model = LlamaModel::init(
-                model_config.clone(),
-                config.model.initializer_range,
-                seed,
-                &device,
-            );
-            let state = TrainerState {
-                step: 0,
-                total_steps: total,
-                micro_batches: 0,
-                optimizer_t: 0,
-                tokens_seen: 0,
-                seed,
-                learning_rate: 0.0,
-                last_train_loss: None,
-                last_val_loss: None,
-                best_val_loss: None,
-                best_step: None,
-                elapsed_secs: 0.0,
-                kiln_version: env!("CARGO_PKG_VERSION").into(),
-            };
-            (model, state)
-        }
+        None => TrainerState {
+            step: 0,
+            total_steps: total,
+            micro_batches: 0,
+            optimizer_t: 0,
+            tokens_seen: 0,
+            seed,
+            learning_rate: 0.0,
+            last_train_loss: None,
+            last_val_loss: None,
+            best_val_loss: None,
+            best_step: None,
+            elapsed_secs: 0.0,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        },
     };
-    let mut model = model.to_device(&train_device, true);
-    let n_params = count_params(&model);
+    let lora_only = matches!(setup.method, Method::Lora { .. });
+    let mut model = lora::set_trainable(setup.model.clone(), &train_device, lora_only);
+    let (n_trainable, n_total) = count_params(&model);
+    let mc = &model.config;
+    let what = match &setup.method {
+        Method::Scratch => "from scratch".to_string(),
+        Method::Full { base } => format!("full fine-tune of {}", base.display()),
+        Method::Lora { base, spec } => format!(
+            "LoRA r={} alpha={} on {} of {} in {} blocks of {}",
+            spec.rank,
+            spec.alpha,
+            spec.targets.join(","),
+            base.display(),
+            spec.layers.len(),
+            mc.num_hidden_layers
+        ),
+    };
     say(&format!(
-        "model: llama, {} layers, width {}, {} heads ({} kv), vocab {} — {:.2}M trainable parameters",
-        model_config.num_hidden_layers,
-        model_config.hidden_size,
-        model_config.num_attention_heads,
-        model_config.num_key_value_heads,
-        model_config.vocab_size,
-        n_params as f64 / 1e6
+        "model: {} {} layers, width {}, {} heads ({} kv), vocab {}; {what}",
+        mc.model_type, mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads, mc.vocab_size,
     ));
     say(&format!(
-        "data: {} train / {} validation tokens; {} steps of {} × {} × {} tokens",
-        corpus.train.len(),
-        corpus.valid.len(),
+        "parameters: {:.3}M trainable of {:.3}M ({:.2}%)",
+        n_trainable as f64 / 1e6,
+        n_total as f64 / 1e6,
+        100.0 * n_trainable as f64 / n_total.max(1) as f64
+    ));
+    say(&format!(
+        "data: {}; {} steps of {} × {} × ≤{} tokens",
+        setup.data.describe(),
         total,
         config.train.batch_size,
         config.train.grad_accum,
         config.data.seq_len
     ));
+    let n_params = n_trainable;
 
     let resolved = config.to_yaml();
     kiln_models::fsutil::atomic_write(
@@ -320,7 +313,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         let (next, out) = train_step(
             model,
             &mut optimizer,
-            &corpus,
+            &setup.data,
             config,
             state.micro_batches,
             lr,
@@ -384,7 +377,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             && hist_every > 0
             && (step % hist_every == 0 || at_end)
         {
-            for (name, t) in model.to_hf_tensors() {
+            for (name, t) in model.hf_tensors_where(|_| true) {
                 w.add_histogram(&format!("weights/{name}"), &t.data, step as i64)?;
             }
             w.flush()?;
@@ -397,7 +390,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             let view = inference::inference_view(&model);
             let val = inference::mean_loss(
                 &view,
-                (0..config.train.eval_batches as u64).map(|i| corpus.valid_batch(seed, i, bs, seq)),
+                setup.data.valid_batches(seed, config.train.eval_batches, bs, seq).into_iter(),
             );
             state.last_val_loss = Some(val);
             if state.best_val_loss.is_none_or(|b| val < b) {
@@ -428,7 +421,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 &model,
                 &optimizer.state_to_host(),
                 &state,
-                &tokenizer,
+                &setup,
             )?;
             if new_best && config.train.keep_best {
                 checkpoint::point(&run_dir, "best", &dir)?;

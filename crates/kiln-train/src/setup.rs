@@ -1,0 +1,274 @@
+//! What a run trains and on what: the model (fresh, or pretrained with LoRA or fully trained),
+//! its tokenizer, and the data (text windows or JSONL examples), all from the config and, on
+//! resume, the checkpoint.
+
+use crate::TrainError;
+use crate::checkpoint;
+use burn::prelude::*;
+use kiln_config::{Config, DataFormat, FinetuneMethod};
+use kiln_data::jsonl::{self, Dataset, Encoding, Format};
+use kiln_data::{Batch, ChatTemplate, Corpus, Tokenizer};
+use kiln_models::lora::{self, LoraSpec};
+use kiln_models::pretrained::Pretrained;
+use kiln_models::safetensors_io;
+use kiln_models::{LlamaConfig, LlamaModel};
+use std::path::{Path, PathBuf};
+
+/// How the weights are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    /// A fresh model, every weight trained.
+    Scratch,
+    /// A pretrained model, every weight trained.
+    Full { base: PathBuf },
+    /// A pretrained model frozen, adapters trained.
+    Lora { base: PathBuf, spec: LoraSpec },
+}
+
+/// The data a run samples batches from.
+pub enum TrainData {
+    /// Random contiguous windows of a token stream.
+    Text(Corpus),
+    /// Tokenized JSONL examples, padded per batch.
+    Examples { dataset: Dataset, pad_id: u32 },
+}
+
+impl TrainData {
+    pub fn train_batch(&self, seed: u64, index: u64, batch_size: usize, seq_len: usize) -> Batch {
+        match self {
+            TrainData::Text(c) => c.train_batch(seed, index, batch_size, seq_len),
+            TrainData::Examples { dataset, pad_id } => {
+                jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id)
+            }
+        }
+    }
+
+    /// Validation batches: `count` fixed random windows, or every validation example (at most
+    /// `count` batches of them).
+    pub fn valid_batches(&self, seed: u64, count: usize, batch_size: usize, seq_len: usize) -> Vec<Batch> {
+        match self {
+            TrainData::Text(c) => (0..count as u64).map(|i| c.valid_batch(seed, i, batch_size, seq_len)).collect(),
+            TrainData::Examples { dataset, pad_id } => {
+                let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
+                b.truncate(count.max(1));
+                b
+            }
+        }
+    }
+
+    /// Tokens in one pass over the training data.
+    pub fn train_tokens(&self) -> usize {
+        match self {
+            TrainData::Text(c) => c.train.len(),
+            TrainData::Examples { dataset, .. } => dataset.train.examples.iter().map(|e| e.ids.len()).sum(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TrainData::Text(c) => format!("{} train / {} validation tokens", c.train.len(), c.valid.len()),
+            TrainData::Examples { dataset, .. } => format!(
+                "{} train / {} validation examples ({:?}; {} train and {} validation truncated to data.seq_len)",
+                dataset.train.examples.len(),
+                dataset.valid.examples.len(),
+                dataset.format,
+                dataset.train.truncated,
+                dataset.valid.truncated
+            ),
+        }
+    }
+}
+
+/// Everything a run needs before its first step. The model is on the plain (non-autodiff) device.
+pub struct Setup {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub tokenizer_json: Option<serde_json::Value>,
+    pub data: TrainData,
+    pub method: Method,
+}
+
+fn format_of(f: DataFormat) -> Option<Format> {
+    match f {
+        DataFormat::Auto => None,
+        DataFormat::Text => Some(Format::Text),
+        DataFormat::Completions => Some(Format::Completions),
+        DataFormat::Chat => Some(Format::Chat),
+    }
+}
+
+/// Loads or builds the data for `tokenizer`.
+fn load_data(
+    config: &Config,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<&ChatTemplate>,
+    stop_ids: &[u32],
+) -> Result<(Tokenizer, TrainData), TrainError> {
+    let d = &config.data;
+    if d.train.is_dir() {
+        let tokenizer = tokenizer.ok_or_else(|| {
+            TrainError::Other(format!(
+                "data.train {} is a JSONL dataset: it needs a tokenizer, from model.pretrained",
+                d.train.display()
+            ))
+        })?;
+        let eos_id = stop_ids.first().copied();
+        let enc = Encoding {
+            tokenizer: &tokenizer,
+            chat_template,
+            eos_id,
+            mask_prompt: d.mask_prompt,
+            max_seq_len: d.seq_len,
+        };
+        let dataset = Dataset::load(&d.train, format_of(d.format), &enc)?;
+        let pad_id = eos_id.unwrap_or(0);
+        return Ok((tokenizer, TrainData::Examples { dataset, pad_id }));
+    }
+    let (tokenizer, corpus) = Corpus::prepare(d, tokenizer)?;
+    Ok((tokenizer, TrainData::Text(corpus)))
+}
+
+/// The LoRA spec the config asks for, for a model of `n_layers` blocks.
+pub fn lora_spec(config: &Config, n_layers: usize) -> LoraSpec {
+    let l = &config.finetune.lora;
+    LoraSpec {
+        rank: l.rank,
+        alpha: l.alpha,
+        rslora: l.rslora,
+        targets: l.targets(),
+        layers: l.layer_indices(n_layers),
+    }
+}
+
+pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<Setup, TrainError> {
+    let Some(base) = &config.model.pretrained else {
+        return setup_scratch(config, device, resume);
+    };
+    let p = Pretrained::load(base, device)?;
+    let n_layers = p.model.config.num_hidden_layers;
+    let (tokenizer, data) = load_data(config, Some(p.tokenizer.clone()), p.chat_template.as_ref(), &p.stop_ids)?;
+    let (model, method) = match config.finetune.method {
+        FinetuneMethod::Full => {
+            let model = match resume {
+                Some(dir) => checkpoint::load_model(dir, device)?,
+                None => p.model,
+            };
+            (model, Method::Full { base: base.clone() })
+        }
+        FinetuneMethod::Lora => {
+            let spec = lora_spec(config, n_layers);
+            if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
+                return Err(TrainError::Other(format!(
+                    "finetune.lora.layers: block {bad} does not exist ({} has {n_layers})",
+                    base.display()
+                )));
+            }
+            let mut model = lora::attach(p.model, &spec, config.run.seed);
+            if let Some(dir) = resume {
+                model = load_adapter(model, &dir.join(checkpoint::ADAPTER_FILE))?;
+            }
+            (model, Method::Lora { base: base.clone(), spec })
+        }
+    };
+    Ok(Setup {
+        model,
+        tokenizer,
+        chat_template: p.chat_template,
+        tokenizer_json: p.tokenizer_json,
+        data,
+        method,
+    })
+}
+
+fn setup_scratch(config: &Config, device: &Device, resume: Option<&Path>) -> Result<Setup, TrainError> {
+    let saved_tokenizer = match resume {
+        Some(dir) => Some(Tokenizer::load_dir(dir)?),
+        None => None,
+    };
+    let (tokenizer, data) = load_data(config, saved_tokenizer, None, &[])?;
+    let vocab = tokenizer.vocab_size();
+    if let Some(v) = config.model.vocab_size
+        && v < vocab
+    {
+        return Err(TrainError::Other(format!(
+            "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
+        )));
+    }
+    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
+    let model = match resume {
+        Some(dir) => {
+            let saved = checkpoint::read_model_config(dir)?;
+            if saved != model_config {
+                return Err(TrainError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    message: "its model shape differs from this config's `model` section".into(),
+                });
+            }
+            checkpoint::load_model(dir, device)?
+        }
+        None => LlamaModel::init(model_config, config.model.initializer_range, config.run.seed, device),
+    };
+    Ok(Setup {
+        model,
+        tokenizer,
+        chat_template: None,
+        tokenizer_json: None,
+        data,
+        method: Method::Scratch,
+    })
+}
+
+/// Replaces the adapter matrices of `model` with those of a PEFT `adapter_model.safetensors`.
+pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainError> {
+    use kiln_models::{ParamKind, ParamMapper};
+    let tensors = safetensors_io::read_all(path)?;
+    struct Load<'a> {
+        tensors: &'a std::collections::BTreeMap<String, safetensors_io::HostTensor>,
+        error: Option<String>,
+        used: usize,
+    }
+    impl ParamMapper for Load<'_> {
+        fn map<const D: usize>(&mut self, name: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
+            if !matches!(kind, ParamKind::LoraA | ParamKind::LoraB) || self.error.is_some() {
+                return p;
+            }
+            let key = format!("{}{name}", checkpoint::PEFT_PREFIX);
+            let Some(t) = self.tensors.get(&key) else {
+                self.error = Some(format!("`{key}` missing"));
+                return p;
+            };
+            let dims = p.dims();
+            if t.shape.len() != 2 || t.shape[0] != dims[1] || t.shape[1] != dims[0] {
+                self.error = Some(format!("`{key}` has shape {:?}, expected [{}, {}]", t.shape, dims[1], dims[0]));
+                return p;
+            }
+            self.used += 1;
+            let values = kiln_models::llama::transpose_host(&t.data, t.shape[0], t.shape[1]);
+            Tensor::from_data(TensorData::new(values, p.shape()), &p.device())
+        }
+    }
+    let mut load = Load {
+        tensors: &tensors,
+        error: None,
+        used: 0,
+    };
+    let model = model.map_params(&mut load);
+    if let Some(message) = load.error {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message,
+        });
+    }
+    if load.used != tensors.len() {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} tensors in the file, {} adapter matrices in the model: the adapter does not fit this config",
+                tensors.len(),
+                load.used
+            ),
+        });
+    }
+    Ok(model)
+}
