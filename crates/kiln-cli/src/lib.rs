@@ -35,6 +35,9 @@ enum Command {
     Eval(EvalArgs),
     /// List the compute devices kiln can use.
     Devices,
+    /// Merge a LoRA adapter into its base and write a Hugging Face model directory (a GGUF base is
+    /// written de-quantized; without --adapter this converts the model).
+    Fuse(FuseArgs),
     /// Time the training step of a config (tokens/s, peak memory). Prints figures; writes nothing.
     Bench(BenchArgs),
 }
@@ -55,6 +58,19 @@ struct TrainArgs {
     /// Stop after this step, leaving a checkpoint to resume from (the schedule still spans the run).
     #[arg(long, value_name = "STEP")]
     stop_after: Option<usize>,
+}
+
+#[derive(Args)]
+struct FuseArgs {
+    /// The base: a Hugging Face model directory or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A LoRA adapter directory (PEFT layout), or a run directory (its latest checkpoint).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Where to write the model directory (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -115,6 +131,9 @@ struct GenerateArgs {
     /// `latest` checkpoint).
     #[arg(long, visible_alias = "checkpoint")]
     model: PathBuf,
+    /// A LoRA adapter directory (PEFT layout, e.g. a kiln LoRA checkpoint) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template and stop at end of turn.
     #[arg(long)]
     chat: bool,
@@ -138,7 +157,10 @@ struct EvalArgs {
     /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, or a run directory.
     #[arg(long, visible_alias = "checkpoint")]
     model: PathBuf,
-    /// UTF-8 text file to score.
+    /// A LoRA adapter directory (PEFT layout) to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// UTF-8 text file, or a JSONL file of text/completions/chat records, to score.
     #[arg(long)]
     data: PathBuf,
     /// Window length (default: the run's data.seq_len, else the model's context).
@@ -147,6 +169,13 @@ struct EvalArgs {
     /// Print one JSON object: {"loss", "perplexity", "tokens"}.
     #[arg(long)]
     json: bool,
+    /// JSONL data: score completion / assistant tokens only.
+    #[arg(long)]
+    mask_prompt: bool,
+    /// Also write the logits of the first window of a text file (`logits` [n, vocab] and
+    /// `input_ids` [n], both f32) to this safetensors file, for comparison with other tools.
+    #[arg(long, value_name = "FILE")]
+    logits_out: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
 }
@@ -185,6 +214,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Devices => devices().map_err(Failure::from),
         Command::Bench(args) => bench(args),
+        Command::Fuse(args) => fuse(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -206,7 +236,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         ("data.valid", config.data.valid.as_ref()),
     ] {
         if let Some(p) = path
-            && !p.is_file()
+            && !p.exists()
         {
             return Err(usage(anyhow::anyhow!(
                 "{}: field `{field}`: file {} not found",
@@ -214,6 +244,15 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
                 p.display()
             )));
         }
+    }
+    if let Some(p) = &config.model.pretrained
+        && !p.exists()
+    {
+        return Err(usage(anyhow::anyhow!(
+            "{}: field `model.pretrained`: {} not found",
+            args.config.display(),
+            p.display()
+        )));
     }
     let options = kiln_train::TrainOptions {
         resume: args.resume,
@@ -264,20 +303,32 @@ fn resolve_model(path: &Path) -> Result<PathBuf, Failure> {
     )))
 }
 
-fn load(model_arg: &Path, backend: &BackendArgs) -> Result<Pretrained, Failure> {
+fn load(
+    model_arg: &Path,
+    adapter: Option<&Path>,
+    backend: &BackendArgs,
+) -> Result<Pretrained, Failure> {
     let path = resolve_model(model_arg)?;
     let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
     let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-    Pretrained::load(&path, &selected.device)
-        .with_context(|| format!("loading {}", path.display()))
-        .map_err(Failure::from)
+    let mut p = Pretrained::load(&path, &selected.device)
+        .with_context(|| format!("loading {}", path.display()))?;
+    if let Some(dir) = adapter {
+        let dir = match checkpoint::latest(dir) {
+            Some(latest) if !dir.join(checkpoint::ADAPTER_FILE).is_file() => latest,
+            _ => dir.to_path_buf(),
+        };
+        p.model = kiln_train::setup::apply_adapter_dir(p.model, &dir)
+            .with_context(|| format!("applying adapter {}", dir.display()))?;
+    }
+    Ok(p)
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(anyhow::anyhow!("--top-p must be in (0, 1]")));
     }
-    let p = load(&args.model, &args.backend)?;
+    let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
     let text = if args.chat {
         let template = p.chat_template.as_ref().ok_or_else(|| {
             usage(anyhow::anyhow!(
@@ -336,7 +387,7 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
             args.data.display()
         )));
     }
-    let p = load(&args.model, &args.backend)?;
+    let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
     let max = p.model.config.max_position_embeddings;
     let seq_len = match args.seq_len {
         Some(s) => s,
@@ -347,15 +398,62 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
     if seq_len == 0 || seq_len > max {
         return Err(usage(anyhow::anyhow!("--seq-len must be in 1..={max}")));
     }
-    let tokens = kiln_data::tokenize_file(&args.data, &p.tokenizer)
-        .map_err(|e| usage(anyhow::Error::from(e)))?;
-    if tokens.len() < 2 {
-        bail_usage(&format!(
-            "{}: fewer than 2 tokens to score",
-            args.data.display()
-        ))?;
-    }
-    let (loss, scored) = inference::evaluate_tokens(&p.model, &tokens, seq_len);
+    let (loss, scored) = if args.data.extension().is_some_and(|e| e == "jsonl") {
+        let enc = kiln_data::jsonl::Encoding {
+            tokenizer: &p.tokenizer,
+            chat_template: p.chat_template.as_ref(),
+            eos_id: p.stop_ids.first().copied(),
+            mask_prompt: args.mask_prompt,
+            max_seq_len: seq_len,
+        };
+        let (_, split) = kiln_data::jsonl::read_split(&args.data, None, &enc)
+            .map_err(|e| usage(anyhow::Error::from(e)))?;
+        let batches = kiln_data::jsonl::sequential_batches(&split, 8, enc.eos_id.unwrap_or(0));
+        let scored: usize = batches
+            .iter()
+            .map(|b| {
+                b.loss_mask
+                    .as_ref()
+                    .map_or(0, |m| m.iter().filter(|&&w| w > 0.0).count())
+            })
+            .sum();
+        (inference::mean_loss(&p.model, batches.into_iter()), scored)
+    } else {
+        let tokens = kiln_data::tokenize_file(&args.data, &p.tokenizer)
+            .map_err(|e| usage(anyhow::Error::from(e)))?;
+        if tokens.len() < 2 {
+            bail_usage(&format!(
+                "{}: fewer than 2 tokens to score",
+                args.data.display()
+            ))?;
+        }
+        if let Some(out) = &args.logits_out {
+            let ids = &tokens[..seq_len.min(tokens.len())];
+            let logits = p.model.forward(ids, 1, ids.len(), &mut None).into_data();
+            let host = |shape: Vec<usize>, data: Vec<f32>| {
+                kiln_models::safetensors_io::HostTensor { shape, data }
+            };
+            let map = std::collections::BTreeMap::from([
+                (
+                    "logits".to_string(),
+                    host(
+                        logits.shape().to_vec(),
+                        logits
+                            .convert::<f32>()
+                            .try_into_vec::<f32>()
+                            .unwrap_or_default(),
+                    ),
+                ),
+                (
+                    "input_ids".to_string(),
+                    host(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),
+                ),
+            ]);
+            kiln_models::safetensors_io::write_f32(out, &map, &[])
+                .context("writing --logits-out")?;
+        }
+        inference::evaluate_tokens(&p.model, &tokens, seq_len)
+    };
     if args.json {
         println!(
             "{}",
@@ -367,6 +465,44 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
             loss.exp()
         );
     }
+    Ok(())
+}
+
+fn fuse(args: FuseArgs) -> Result<(), Failure> {
+    if args.out.exists()
+        && std::fs::read_dir(&args.out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(usage(anyhow::anyhow!(
+            "--out {}: exists and is not empty",
+            args.out.display()
+        )));
+    }
+    let cpu = BackendArgs {
+        backend: "cpu".into(),
+        software_adapter: false,
+    };
+    let p = load(&args.model, args.adapter.as_deref(), &cpu)?;
+    let model = kiln_models::lora::fuse(p.model);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let base = (!kiln_models::pretrained::is_gguf(&p.path)).then_some(p.path.as_path());
+    checkpoint::write_model_dir(
+        &args.out,
+        &model,
+        &p.tokenizer,
+        p.tokenizer_json.as_ref(),
+        p.chat_template.as_ref(),
+        base,
+    )
+    .context("writing the fused model")?;
+    println!(
+        "wrote {} ({} {:.1}M parameters, f32)",
+        args.out.display(),
+        model.config.model_type,
+        model.config.num_params() as f64 / 1e6
+    );
     Ok(())
 }
 

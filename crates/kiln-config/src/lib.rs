@@ -23,7 +23,31 @@ impl Config {
             source,
         })?;
         let config = Self::from_yaml_str(&text, &path.display().to_string())?;
-        config.with_overrides(overrides)
+        Ok(config.with_overrides(overrides)?.expand_home())
+    }
+
+    /// Expands a leading `~/` in path fields to `$HOME/`.
+    pub fn expand_home(mut self) -> Self {
+        let Some(home) = std::env::var_os("HOME") else {
+            return self;
+        };
+        let expand = |p: &mut std::path::PathBuf| {
+            if let Ok(rest) = p.strip_prefix("~") {
+                *p = std::path::Path::new(&home).join(rest);
+            }
+        };
+        expand(&mut self.run.output_dir);
+        expand(&mut self.data.train);
+        if let Some(p) = self.data.valid.as_mut() {
+            expand(p);
+        }
+        if let Some(p) = self.model.pretrained.as_mut() {
+            expand(p);
+        }
+        if let Some(p) = self.data.tokenizer.path.as_mut() {
+            expand(p);
+        }
+        self
     }
 
     /// Parses YAML text; `origin` names the text in errors (usually the file path).

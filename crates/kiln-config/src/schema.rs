@@ -300,9 +300,19 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// Target module names, with `all-linear` expanded.
     pub fn targets(&self) -> Vec<String> {
-        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        const ALL: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
         match &self.target_modules {
-            TargetModules::Named(n) if n == "all-linear" => ALL.iter().map(|s| s.to_string()).collect(),
+            TargetModules::Named(n) if n == "all-linear" => {
+                ALL.iter().map(|s| s.to_string()).collect()
+            }
             TargetModules::Named(n) => vec![n.clone()],
             TargetModules::List(l) => l.clone(),
         }
@@ -582,11 +592,22 @@ impl Config {
         if !(0.0..1.0).contains(&l.dropout) {
             return Err(("finetune.lora.dropout".into(), "must be in [0, 1)".into()));
         }
-        const ALL: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        const ALL: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
         if let Some(bad) = l.targets().iter().find(|t| !ALL.contains(&t.as_str())) {
             return Err((
                 "finetune.lora.target_modules".into(),
-                format!("unknown module `{bad}` (expected all-linear or some of {})", ALL.join(", ")),
+                format!(
+                    "unknown module `{bad}` (expected all-linear or some of {})",
+                    ALL.join(", ")
+                ),
             ));
         }
         if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name == ".."

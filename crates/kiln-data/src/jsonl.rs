@@ -65,7 +65,12 @@ pub fn detect(record: &Value) -> Option<Format> {
     }
 }
 
-fn string_field<'v>(record: &'v Value, key: &str, path: &Path, line: usize) -> Result<&'v str, DataError> {
+fn string_field<'v>(
+    record: &'v Value,
+    key: &str,
+    path: &Path,
+    line: usize,
+) -> Result<&'v str, DataError> {
     record
         .get(key)
         .and_then(Value::as_str)
@@ -83,21 +88,22 @@ fn messages(record: &Value, path: &Path, line: usize) -> Result<Vec<Message>, Da
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| line_err(path, line, format!("messages[{i}] has no string `role`")))?;
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
+                line_err(path, line, format!("messages[{i}] has no string `role`"))
+            })?;
             if !ROLES.contains(&role) {
                 return Err(line_err(
                     path,
                     line,
-                    format!("messages[{i}]: unknown role `{role}` (expected one of {})", ROLES.join(", ")),
+                    format!(
+                        "messages[{i}]: unknown role `{role}` (expected one of {})",
+                        ROLES.join(", ")
+                    ),
                 ));
             }
-            let content = m
-                .get("content")
-                .and_then(Value::as_str)
-                .ok_or_else(|| line_err(path, line, format!("messages[{i}] has no string `content`")))?;
+            let content = m.get("content").and_then(Value::as_str).ok_or_else(|| {
+                line_err(path, line, format!("messages[{i}] has no string `content`"))
+            })?;
             Ok(Message::new(role, content))
         })
         .collect()
@@ -105,7 +111,9 @@ fn messages(record: &Value, path: &Path, line: usize) -> Result<Vec<Message>, Da
 
 impl Encoding<'_> {
     fn encode(&self, text: &str, path: &Path, line: usize) -> Result<Vec<u32>, DataError> {
-        self.tokenizer.encode(text).map_err(|e| line_err(path, line, e.to_string()))
+        self.tokenizer
+            .encode(text)
+            .map_err(|e| line_err(path, line, e.to_string()))
     }
 
     fn template(&self, path: &Path, line: usize) -> Result<&ChatTemplate, DataError> {
@@ -115,9 +123,19 @@ impl Encoding<'_> {
 
     /// Tokenizes one record. The prompt part is the rendered text before the completion (or
     /// before the last assistant turn); the mask covers the rest.
-    pub fn example(&self, record: &Value, format: Format, path: &Path, line: usize) -> Result<Example, DataError> {
+    pub fn example(
+        &self,
+        record: &Value,
+        format: Format,
+        path: &Path,
+        line: usize,
+    ) -> Result<Example, DataError> {
         let (prompt, full, append_eos) = match format {
-            Format::Text => (String::new(), string_field(record, "text", path, line)?.to_string(), true),
+            Format::Text => (
+                String::new(),
+                string_field(record, "text", path, line)?.to_string(),
+                true,
+            ),
             Format::Completions => {
                 let p = string_field(record, "prompt", path, line)?;
                 let c = string_field(record, "completion", path, line)?;
@@ -127,7 +145,10 @@ impl Encoding<'_> {
                             .render(&[Message::new("user", p)], true)
                             .map_err(|e| line_err(path, line, e.to_string()))?;
                         let full = t
-                            .render(&[Message::new("user", p), Message::new("assistant", c)], false)
+                            .render(
+                                &[Message::new("user", p), Message::new("assistant", c)],
+                                false,
+                            )
                             .map_err(|e| line_err(path, line, e.to_string()))?;
                         (prompt, full, false)
                     }
@@ -138,9 +159,13 @@ impl Encoding<'_> {
                 let msgs = messages(record, path, line)?;
                 let t = self.template(path, line)?;
                 let last_assistant = msgs.iter().rposition(|m| m.role == "assistant");
-                let full = t.render(&msgs, false).map_err(|e| line_err(path, line, e.to_string()))?;
+                let full = t
+                    .render(&msgs, false)
+                    .map_err(|e| line_err(path, line, e.to_string()))?;
                 let prompt = match last_assistant {
-                    Some(i) => t.render(&msgs[..i], true).map_err(|e| line_err(path, line, e.to_string()))?,
+                    Some(i) => t
+                        .render(&msgs[..i], true)
+                        .map_err(|e| line_err(path, line, e.to_string()))?,
                     None => String::new(),
                 };
                 (prompt, full, false)
@@ -157,13 +182,19 @@ impl Encoding<'_> {
         if append_eos && let Some(eos) = self.eos_id {
             ids.push(eos);
         }
-        let trained = (0..ids.len()).map(|i| !self.mask_prompt || i >= prompt_len).collect();
+        let trained = (0..ids.len())
+            .map(|i| !self.mask_prompt || i >= prompt_len)
+            .collect();
         Ok(Example { ids, trained })
     }
 }
 
 /// Reads a JSONL file into examples; `format: None` detects it from the first record.
-pub fn read_split(path: &Path, format: Option<Format>, enc: &Encoding<'_>) -> Result<(Format, Split), DataError> {
+pub fn read_split(
+    path: &Path,
+    format: Option<Format>,
+    enc: &Encoding<'_>,
+) -> Result<(Format, Split), DataError> {
     let text = crate::corpus::read_text(path)?;
     let mut split = Split::default();
     let mut format = format;
@@ -172,7 +203,8 @@ pub fn read_split(path: &Path, format: Option<Format>, enc: &Encoding<'_>) -> Re
         if raw.trim().is_empty() {
             continue;
         }
-        let record: Value = serde_json::from_str(raw).map_err(|e| line_err(path, line, format!("not JSON: {e}")))?;
+        let record: Value = serde_json::from_str(raw)
+            .map_err(|e| line_err(path, line, format!("not JSON: {e}")))?;
         let f = match format {
             Some(f) => f,
             None => {
@@ -333,21 +365,38 @@ mod tests {
     fn detects_formats_and_rejects_bad_roles() {
         let v = |s: &str| serde_json::from_str::<Value>(s).unwrap();
         assert_eq!(detect(&v(r#"{"text": "x"}"#)), Some(Format::Text));
-        assert_eq!(detect(&v(r#"{"prompt": "x", "completion": "y"}"#)), Some(Format::Completions));
+        assert_eq!(
+            detect(&v(r#"{"prompt": "x", "completion": "y"}"#)),
+            Some(Format::Completions)
+        );
         assert_eq!(detect(&v(r#"{"messages": []}"#)), Some(Format::Chat));
-        let e = messages(&v(r#"{"messages": [{"role": "robot", "content": "x"}]}"#), Path::new("d.jsonl"), 3)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("d.jsonl") && e.contains("line 3") && e.contains("robot"), "{e}");
+        let e = messages(
+            &v(r#"{"messages": [{"role": "robot", "content": "x"}]}"#),
+            Path::new("d.jsonl"),
+            3,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("d.jsonl") && e.contains("line 3") && e.contains("robot"),
+            "{e}"
+        );
     }
 
     #[test]
     fn batches_cover_each_epoch_once() {
         let split = Split {
-            examples: (0..10).map(|i| Example { ids: vec![i, i], trained: vec![true, true] }).collect(),
+            examples: (0..10)
+                .map(|i| Example {
+                    ids: vec![i, i],
+                    trained: vec![true, true],
+                })
+                .collect(),
             truncated: 0,
         };
-        let mut seen: Vec<u32> = (0..5).flat_map(|i| train_batch(&split, 3, i, 2, 0).inputs).collect();
+        let mut seen: Vec<u32> = (0..5)
+            .flat_map(|i| train_batch(&split, 3, i, 2, 0).inputs)
+            .collect();
         seen.sort();
         assert_eq!(seen, (0..10).collect::<Vec<_>>());
     }

@@ -40,8 +40,15 @@ impl LoraSpec {
     }
 
     /// All seven projections of a Llama block.
-    pub const ALL_LINEAR: [&'static str; 7] =
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    pub const ALL_LINEAR: [&'static str; 7] = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
 }
 
 /// The module name (`q_proj`) and layer of a parameter path like
@@ -99,10 +106,42 @@ pub fn set_trainable(model: LlamaModel, device: &Device, lora_only: bool) -> Lla
     impl ParamMapper for Mark<'_> {
         fn map<const D: usize>(&mut self, _: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
             let p = p.detach().to_device(self.0);
-            let p = if self.0.is_autodiff() { p.autodiff() } else { p.without_autodiff() };
+            let p = if self.0.is_autodiff() {
+                p.autodiff()
+            } else {
+                p.without_autodiff()
+            };
             let trainable = !self.1 || matches!(kind, ParamKind::LoraA | ParamKind::LoraB);
-            if trainable && self.0.is_autodiff() { p.require_grad() } else { p }
+            if trainable && self.0.is_autodiff() {
+                p.require_grad()
+            } else {
+                p
+            }
         }
     }
     model.map_params(&mut Mark(device, lora_only))
+}
+
+/// Merges every adapter into its weight, `W += s · A B` (PEFT's `W += s · B A` in its layout),
+/// and drops the adapters: a plain model that computes what base + adapter computed.
+pub fn fuse(model: LlamaModel) -> LlamaModel {
+    let mut model = model;
+    for layer in model.layers.iter_mut() {
+        let linears = [
+            &mut layer.self_attn.q_proj,
+            &mut layer.self_attn.k_proj,
+            &mut layer.self_attn.v_proj,
+            &mut layer.self_attn.o_proj,
+            &mut layer.mlp.gate_proj,
+            &mut layer.mlp.up_proj,
+            &mut layer.mlp.down_proj,
+        ];
+        for linear in linears {
+            if let Some(l) = linear.lora.take() {
+                let delta = l.a.matmul(l.b) * l.scale;
+                linear.weight = linear.weight.clone() + delta;
+            }
+        }
+    }
+    model
 }

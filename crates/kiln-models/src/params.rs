@@ -20,12 +20,18 @@ pub enum ParamKind {
 impl ParamKind {
     /// Matrices decay; norms and biases do not (as in nanoGPT, mlx-lm and torchtune).
     pub fn decays(self) -> bool {
-        matches!(self, ParamKind::LinearWeight | ParamKind::Embedding | ParamKind::LoraA | ParamKind::LoraB)
+        matches!(
+            self,
+            ParamKind::LinearWeight | ParamKind::Embedding | ParamKind::LoraA | ParamKind::LoraB
+        )
     }
 
     /// Held transposed relative to the PyTorch layout of HF and PEFT files.
     pub fn transposed(self) -> bool {
-        matches!(self, ParamKind::LinearWeight | ParamKind::LoraA | ParamKind::LoraB)
+        matches!(
+            self,
+            ParamKind::LinearWeight | ParamKind::LoraA | ParamKind::LoraB
+        )
     }
 }
 

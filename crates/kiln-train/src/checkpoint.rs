@@ -9,11 +9,12 @@
 //! named `step-*` is always complete. `latest` and `best` are symlinks, replaced atomically.
 
 use crate::TrainError;
-use kiln_config::Config;
 use crate::setup::{Method, Setup};
+use kiln_config::Config;
+use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_models::ParamKind;
-use kiln_models::lora::LoraSpec;
 use kiln_models::fsutil::{atomic_write, sync_dir};
+use kiln_models::lora::LoraSpec;
 use kiln_models::safetensors_io::{self, HostTensor};
 use kiln_models::{LlamaConfig, LlamaModel};
 use serde::{Deserialize, Serialize};
@@ -82,19 +83,29 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
     match &setup.method {
-        Method::Lora { base, spec } => write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?,
+        Method::Lora { base, spec } => {
+            write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?
+        }
         Method::Scratch | Method::Full { .. } => {
             let base = match &setup.method {
                 Method::Full { base } => Some(base.as_path()),
                 _ => None,
             };
-            write_model_dir(&tmp, model, setup, base)?;
+            write_model_dir(
+                &tmp,
+                model,
+                &setup.tokenizer,
+                setup.tokenizer_json.as_ref(),
+                setup.chat_template.as_ref(),
+                base,
+            )?;
         }
     }
     safetensors_io::write_f32(&tmp.join(OPTIMIZER_FILE), optimizer_state, &[])?;
     let st = serde_json::to_vec_pretty(state).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
     atomic_write(&tmp.join(STATE_FILE), &st).map_err(|e| io(&tmp, e))?;
-    atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes()).map_err(|e| io(&tmp, e))?;
+    atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes())
+        .map_err(|e| io(&tmp, e))?;
     sync_dir(&tmp);
 
     if final_dir.exists() {
@@ -108,37 +119,60 @@ pub fn save(
 
 /// A Hugging Face model directory: config, weights, tokenizer files (and, for a fine-tuned
 /// pretrained model, its tokenizer_config.json / generation_config.json).
-pub fn write_model_dir(dir: &Path, model: &LlamaModel, setup: &Setup, base: Option<&Path>) -> Result<(), TrainError> {
+pub fn write_model_dir(
+    dir: &Path,
+    model: &LlamaModel,
+    tokenizer: &Tokenizer,
+    tokenizer_json: Option<&serde_json::Value>,
+    chat_template: Option<&ChatTemplate>,
+    base: Option<&Path>,
+) -> Result<(), TrainError> {
     let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
     let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
     safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
-    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json()).map_err(|e| ckpt_err(dir, e.to_string()))?;
+    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json())
+        .map_err(|e| ckpt_err(dir, e.to_string()))?;
     atomic_write(&dir.join(CONFIG_FILE), &hf).map_err(|e| io(dir, e))?;
-    match &setup.tokenizer_json {
-        Some(json) => atomic_write(&dir.join("tokenizer.json"), json.to_string().as_bytes()).map_err(|e| io(dir, e))?,
+    match tokenizer_json {
+        Some(json) => atomic_write(&dir.join("tokenizer.json"), json.to_string().as_bytes())
+            .map_err(|e| io(dir, e))?,
         None => {
-            setup.tokenizer.save(dir)?;
+            tokenizer.save(dir)?;
         }
     }
     let base_dir = base.filter(|b| b.is_dir());
-    for name in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for name in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         if let Some(src) = base_dir.map(|b| b.join(name)).filter(|p| p.is_file()) {
             let bytes = std::fs::read(&src).map_err(|e| io(&src, e))?;
             atomic_write(&dir.join(name), &bytes).map_err(|e| io(dir, e))?;
         }
     }
     if base_dir.is_none()
-        && let Some(t) = &setup.chat_template
+        && let Some(t) = chat_template
     {
         let tc = serde_json::json!({"chat_template": t.source, "bos_token": t.bos_token,
             "eos_token": t.eos_token, "tokenizer_class": "PreTrainedTokenizerFast"});
-        atomic_write(&dir.join("tokenizer_config.json"), tc.to_string().as_bytes()).map_err(|e| io(dir, e))?;
+        atomic_write(
+            &dir.join("tokenizer_config.json"),
+            tc.to_string().as_bytes(),
+        )
+        .map_err(|e| io(dir, e))?;
     }
     Ok(())
 }
 
 /// A PEFT LoRA adapter directory: `adapter_model.safetensors` + `adapter_config.json`.
-pub fn write_adapter(dir: &Path, model: &LlamaModel, spec: &LoraSpec, base: &Path, dropout: f64) -> Result<(), TrainError> {
+pub fn write_adapter(
+    dir: &Path,
+    model: &LlamaModel,
+    spec: &LoraSpec,
+    base: &Path,
+    dropout: f64,
+) -> Result<(), TrainError> {
     let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
     let tensors: BTreeMap<String, HostTensor> = model
         .hf_tensors_where(|k| matches!(k, ParamKind::LoraA | ParamKind::LoraB))

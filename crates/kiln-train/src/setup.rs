@@ -45,9 +45,17 @@ impl TrainData {
 
     /// Validation batches: `count` fixed random windows, or every validation example (at most
     /// `count` batches of them).
-    pub fn valid_batches(&self, seed: u64, count: usize, batch_size: usize, seq_len: usize) -> Vec<Batch> {
+    pub fn valid_batches(
+        &self,
+        seed: u64,
+        count: usize,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Vec<Batch> {
         match self {
-            TrainData::Text(c) => (0..count as u64).map(|i| c.valid_batch(seed, i, batch_size, seq_len)).collect(),
+            TrainData::Text(c) => (0..count as u64)
+                .map(|i| c.valid_batch(seed, i, batch_size, seq_len))
+                .collect(),
             TrainData::Examples { dataset, pad_id } => {
                 let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
                 b.truncate(count.max(1));
@@ -60,13 +68,19 @@ impl TrainData {
     pub fn train_tokens(&self) -> usize {
         match self {
             TrainData::Text(c) => c.train.len(),
-            TrainData::Examples { dataset, .. } => dataset.train.examples.iter().map(|e| e.ids.len()).sum(),
+            TrainData::Examples { dataset, .. } => {
+                dataset.train.examples.iter().map(|e| e.ids.len()).sum()
+            }
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
-            TrainData::Text(c) => format!("{} train / {} validation tokens", c.train.len(), c.valid.len()),
+            TrainData::Text(c) => format!(
+                "{} train / {} validation tokens",
+                c.train.len(),
+                c.valid.len()
+            ),
             TrainData::Examples { dataset, .. } => format!(
                 "{} train / {} validation examples ({:?}; {} train and {} validation truncated to data.seq_len)",
                 dataset.train.examples.len(),
@@ -147,7 +161,12 @@ pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<
     };
     let p = Pretrained::load(base, device)?;
     let n_layers = p.model.config.num_hidden_layers;
-    let (tokenizer, data) = load_data(config, Some(p.tokenizer.clone()), p.chat_template.as_ref(), &p.stop_ids)?;
+    let (tokenizer, data) = load_data(
+        config,
+        Some(p.tokenizer.clone()),
+        p.chat_template.as_ref(),
+        &p.stop_ids,
+    )?;
     let (model, method) = match config.finetune.method {
         FinetuneMethod::Full => {
             let model = match resume {
@@ -168,7 +187,13 @@ pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<
             if let Some(dir) = resume {
                 model = load_adapter(model, &dir.join(checkpoint::ADAPTER_FILE))?;
             }
-            (model, Method::Lora { base: base.clone(), spec })
+            (
+                model,
+                Method::Lora {
+                    base: base.clone(),
+                    spec,
+                },
+            )
         }
     };
     Ok(Setup {
@@ -181,7 +206,11 @@ pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<
     })
 }
 
-fn setup_scratch(config: &Config, device: &Device, resume: Option<&Path>) -> Result<Setup, TrainError> {
+fn setup_scratch(
+    config: &Config,
+    device: &Device,
+    resume: Option<&Path>,
+) -> Result<Setup, TrainError> {
     let saved_tokenizer = match resume {
         Some(dir) => Some(Tokenizer::load_dir(dir)?),
         None => None,
@@ -207,7 +236,12 @@ fn setup_scratch(config: &Config, device: &Device, resume: Option<&Path>) -> Res
             }
             checkpoint::load_model(dir, device)?
         }
-        None => LlamaModel::init(model_config, config.model.initializer_range, config.run.seed, device),
+        None => LlamaModel::init(
+            model_config,
+            config.model.initializer_range,
+            config.run.seed,
+            device,
+        ),
     };
     Ok(Setup {
         model,
@@ -240,7 +274,10 @@ pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainE
             };
             let dims = p.dims();
             if t.shape.len() != 2 || t.shape[0] != dims[1] || t.shape[1] != dims[0] {
-                self.error = Some(format!("`{key}` has shape {:?}, expected [{}, {}]", t.shape, dims[1], dims[0]));
+                self.error = Some(format!(
+                    "`{key}` has shape {:?}, expected [{}, {}]",
+                    t.shape, dims[1], dims[0]
+                ));
                 return p;
             }
             self.used += 1;
@@ -271,4 +308,61 @@ pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainE
         });
     }
     Ok(model)
+}
+
+/// The LoRA spec a PEFT `adapter_config.json` describes, for a model of `n_layers` blocks.
+pub fn read_adapter_spec(dir: &Path, n_layers: usize) -> Result<LoraSpec, TrainError> {
+    let path = dir.join(checkpoint::ADAPTER_CONFIG_FILE);
+    let err = |message: String| TrainError::Checkpoint {
+        path: path.clone(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    if v.get("peft_type").and_then(|t| t.as_str()) != Some("LORA") {
+        return Err(err("peft_type is not LORA".into()));
+    }
+    let rank = v
+        .get("r")
+        .and_then(|r| r.as_u64())
+        .ok_or_else(|| err("no integer `r`".into()))? as usize;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|a| a.as_f64())
+        .unwrap_or(rank as f64);
+    let targets: Vec<String> = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect(),
+        Some(serde_json::Value::String(s)) if s == "all-linear" => {
+            LoraSpec::ALL_LINEAR.iter().map(|s| s.to_string()).collect()
+        }
+        _ => return Err(err("`target_modules` must be a list of module names".into())),
+    };
+    let layers = match v.get("layers_to_transform") {
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|l| l.as_u64().map(|l| l as usize))
+            .collect(),
+        Some(serde_json::Value::Number(n)) => vec![n.as_u64().unwrap_or(0) as usize],
+        _ => (0..n_layers).collect(),
+    };
+    Ok(LoraSpec {
+        rank,
+        alpha,
+        rslora: v
+            .get("use_rslora")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false),
+        targets,
+        layers,
+    })
+}
+
+/// Attaches the PEFT adapter in `dir` to `model`.
+pub fn apply_adapter_dir(model: LlamaModel, dir: &Path) -> Result<LlamaModel, TrainError> {
+    let spec = read_adapter_spec(dir, model.config.num_hidden_layers)?;
+    let model = lora::attach(model, &spec, 0);
+    load_adapter(model, &dir.join(checkpoint::ADAPTER_FILE))
 }

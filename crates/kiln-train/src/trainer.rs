@@ -6,13 +6,13 @@ use crate::device::{self, SelectedDevice};
 use crate::memory;
 use crate::optim::{AdamW, GradAccumulator, learning_rate};
 use crate::progress::{Progress, StepReport};
+use crate::setup::{self, Method, TrainData};
 use crate::{TrainError, inference};
 use burn::prelude::*;
 use kiln_config::Config;
-use crate::setup::{self, Method, TrainData};
 use kiln_data::Rng;
-use kiln_models::lora;
 use kiln_models::llama::Dropout;
+use kiln_models::lora;
 use kiln_models::safetensors_io;
 use kiln_models::{LlamaModel, ParamKind, ParamVisitor};
 use kiln_tensorboard::EventWriter;
@@ -127,7 +127,9 @@ pub fn train_step(
     let seed = config.run.seed;
     let dropout_p = config.model.dropout;
     let lora_p = match config.model.pretrained {
-        Some(_) if config.finetune.method == kiln_config::FinetuneMethod::Lora => config.finetune.lora.dropout,
+        Some(_) if config.finetune.method == kiln_config::FinetuneMethod::Lora => {
+            config.finetune.lora.dropout
+        }
         _ => 0.0,
     };
     let mut grads = GradAccumulator::default();
@@ -216,7 +218,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     path: dir.clone(),
                     message,
                 })?;
-            say(&format!("resuming from {} (step {})", dir.display(), state.step));
+            say(&format!(
+                "resuming from {} (step {})",
+                dir.display(),
+                state.step
+            ));
             state
         }
         None => TrainerState {
@@ -254,7 +260,12 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     };
     say(&format!(
         "model: {} {} layers, width {}, {} heads ({} kv), vocab {}; {what}",
-        mc.model_type, mc.num_hidden_layers, mc.hidden_size, mc.num_attention_heads, mc.num_key_value_heads, mc.vocab_size,
+        mc.model_type,
+        mc.num_hidden_layers,
+        mc.hidden_size,
+        mc.num_attention_heads,
+        mc.num_key_value_heads,
+        mc.vocab_size,
     ));
     say(&format!(
         "parameters: {:.3}M trainable of {:.3}M ({:.2}%)",
@@ -390,7 +401,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             let view = inference::inference_view(&model);
             let val = inference::mean_loss(
                 &view,
-                setup.data.valid_batches(seed, config.train.eval_batches, bs, seq).into_iter(),
+                setup
+                    .data
+                    .valid_batches(seed, config.train.eval_batches, bs, seq)
+                    .into_iter(),
             );
             state.last_val_loss = Some(val);
             if state.best_val_loss.is_none_or(|b| val < b) {
