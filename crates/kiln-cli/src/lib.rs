@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Train a model as a YAML config describes.
     Train(TrainArgs),
+    /// Fine-tune a pretrained model (LoRA by default) on a JSONL dataset directory, from flags.
+    Finetune(FinetuneArgs),
     /// Continue a prompt with a trained model.
     Generate(GenerateArgs),
     /// Loss, perplexity and token count of a model on a text file.
@@ -87,6 +89,63 @@ struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    /// The base: a Hugging Face model directory or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A directory with train.jsonl and valid.jsonl (text, completions or chat records).
+    #[arg(long)]
+    data: PathBuf,
+    /// Train every weight instead of LoRA adapters.
+    #[arg(long)]
+    full: bool,
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    dropout: f64,
+    /// Comma-separated HF module names, or all-linear.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    targets: String,
+    /// Adapt only the last N blocks.
+    #[arg(long)]
+    num_layers: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    iters: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Longest example in tokens (longer ones are truncated and counted).
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Train on completion / assistant tokens only.
+    #[arg(long)]
+    mask_prompt: bool,
+    /// Run name (outputs in <output-dir>/<name>).
+    #[arg(long, default_value = "finetune")]
+    name: String,
+    #[arg(long, default_value = "checkpoints")]
+    output_dir: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 100)]
+    save_every: usize,
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Any other config field: `--set optim.weight_decay=0.01` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the config these flags make (as YAML for `kiln train`) and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args, Clone)]
@@ -210,6 +269,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
+        Command::Finetune(args) => finetune(args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
         Command::Devices => devices().map_err(Failure::from),
@@ -231,6 +291,57 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         print!("{}", config.to_yaml());
         return Ok(());
     }
+    run_training(config, &args.config.display().to_string(), args.resume, args.stop_after)
+}
+
+/// The config `kiln finetune` flags describe: the same a YAML file would give `kiln train`.
+fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
+    let set = |k: &str, v: String| format!("{k}={v}");
+    let targets = if args.targets == "all-linear" {
+        "all-linear".to_string()
+    } else {
+        format!("[{}]", args.targets)
+    };
+    let mut items = vec![
+        set("run.name", args.name.clone()),
+        set("run.output_dir", args.output_dir.display().to_string()),
+        set("backend.kind", args.backend.clone()),
+        set("model.pretrained", args.model.display().to_string()),
+        set("finetune.method", if args.full { "full".into() } else { "lora".into() }),
+        set("finetune.lora.rank", args.rank.to_string()),
+        set("finetune.lora.alpha", args.alpha.to_string()),
+        set("finetune.lora.dropout", args.dropout.to_string()),
+        set("finetune.lora.target_modules", targets),
+        set("data.train", args.data.display().to_string()),
+        set("data.seq_len", args.seq_len.to_string()),
+        set("data.mask_prompt", args.mask_prompt.to_string()),
+        set("optim.lr", args.lr.to_string()),
+        set("optim.weight_decay", "0.0".into()),
+        set("optim.schedule.warmup_steps", (args.iters / 20).min(100).to_string()),
+        set("optim.schedule.min_lr", (args.lr / 10.0).to_string()),
+        set("train.max_steps", args.iters.to_string()),
+        set("train.batch_size", args.batch_size.to_string()),
+        set("train.eval_every", args.eval_every.to_string()),
+        set("train.save_every", args.save_every.to_string()),
+        set("logging.histograms_every", "0".into()),
+    ];
+    if let Some(n) = args.num_layers {
+        items.push(set("finetune.lora.num_layers", n.to_string()));
+    }
+    items.extend(args.set.iter().cloned());
+    Config::default().with_overrides(&items).map(Config::expand_home).map_err(usage)
+}
+
+fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
+    let config = finetune_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_yaml());
+        return Ok(());
+    }
+    run_training(config, "kiln finetune", args.resume, None)
+}
+
+fn run_training(config: Config, origin: &str, resume: bool, stop_after: Option<usize>) -> Result<(), Failure> {
     for (field, path) in [
         ("data.train", Some(&config.data.train)),
         ("data.valid", config.data.valid.as_ref()),
@@ -239,8 +350,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
             && !p.exists()
         {
             return Err(usage(anyhow::anyhow!(
-                "{}: field `{field}`: file {} not found",
-                args.config.display(),
+                "{origin}: field `{field}`: {} not found",
                 p.display()
             )));
         }
@@ -249,15 +359,14 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         && !p.exists()
     {
         return Err(usage(anyhow::anyhow!(
-            "{}: field `model.pretrained`: {} not found",
-            args.config.display(),
+            "{origin}: field `model.pretrained`: {} not found",
             p.display()
         )));
     }
     let options = kiln_train::TrainOptions {
-        resume: args.resume,
+        resume,
         quiet: false,
-        stop_after: args.stop_after,
+        stop_after,
     };
     let summary = kiln_train::train(&config, &options).context("training failed")?;
     println!(
