@@ -540,7 +540,11 @@ fn copy_dir(from: &Path, to: &Path) {
 fn fails_naming(args: &[&str], needles: &[&str]) {
     let r = kiln(args);
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(matches!(r.status.code(), Some(1) | Some(2)), "{args:?}: exit {:?}: {err}", r.status.code());
+    assert!(
+        matches!(r.status.code(), Some(1) | Some(2)),
+        "{args:?}: exit {:?}: {err}",
+        r.status.code()
+    );
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     for n in needles {
         assert!(err.contains(n), "{args:?}: expected `{n}` in: {err}");
@@ -557,70 +561,145 @@ fn bad_models_and_data_fail_with_located_errors() {
     let t = text.to_str().unwrap();
 
     // No tokenizer in the model directory.
-    fails_naming(&["eval", "--model", fixture.to_str().unwrap(), "--data", t, "--backend", "cpu"], &[
-        "tokenizer.json",
-        "llama-gqa-tied",
-    ]);
+    fails_naming(
+        &[
+            "eval",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--data",
+            t,
+            "--backend",
+            "cpu",
+        ],
+        &["tokenizer.json", "llama-gqa-tied"],
+    );
 
     // An architecture kiln does not implement.
     let gpt2 = d.join("gpt2");
     copy_dir(&fixture, &gpt2);
     let cfg = std::fs::read_to_string(gpt2.join("config.json")).unwrap();
-    std::fs::write(gpt2.join("config.json"), cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap();
-    fails_naming(&["eval", "--model", gpt2.to_str().unwrap(), "--data", t, "--backend", "cpu"], &[
-        "config.json",
-        "GPT2LMHeadModel",
-    ]);
+    std::fs::write(
+        gpt2.join("config.json"),
+        cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
+    fails_naming(
+        &[
+            "eval",
+            "--model",
+            gpt2.to_str().unwrap(),
+            "--data",
+            t,
+            "--backend",
+            "cpu",
+        ],
+        &["config.json", "GPT2LMHeadModel"],
+    );
 
     // A config that disagrees with the weights' shapes.
     let wide = d.join("wide");
     copy_dir(&fixture, &wide);
-    std::fs::write(wide.join("config.json"), cfg.replace("\"intermediate_size\": 96", "\"intermediate_size\": 100")).unwrap();
-    fails_naming(&["eval", "--model", wide.to_str().unwrap(), "--data", t, "--backend", "cpu"], &[
-        "mlp.gate_proj.weight",
-        "shape",
-    ]);
+    std::fs::write(
+        wide.join("config.json"),
+        cfg.replace("\"intermediate_size\": 96", "\"intermediate_size\": 100"),
+    )
+    .unwrap();
+    fails_naming(
+        &[
+            "eval",
+            "--model",
+            wide.to_str().unwrap(),
+            "--data",
+            t,
+            "--backend",
+            "cpu",
+        ],
+        &["mlp.gate_proj.weight", "shape"],
+    );
 
     // A truncated safetensors file.
     let cut = d.join("cut");
     copy_dir(&fixture, &cut);
     let bytes = std::fs::read(cut.join("model.safetensors")).unwrap();
     std::fs::write(cut.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    fails_naming(&["eval", "--model", cut.to_str().unwrap(), "--data", t, "--backend", "cpu"], &[
-        "model.safetensors",
-    ]);
+    fails_naming(
+        &[
+            "eval",
+            "--model",
+            cut.to_str().unwrap(),
+            "--data",
+            t,
+            "--backend",
+            "cpu",
+        ],
+        &["model.safetensors"],
+    );
 
     // A truncated GGUF file.
     if let Some(gguf) = smollm2() {
         let bytes = std::fs::read(&gguf).unwrap();
         let short = d.join("short.gguf");
         std::fs::write(&short, &bytes[..bytes.len() / 3]).unwrap();
-        fails_naming(&["eval", "--model", short.to_str().unwrap(), "--data", t, "--backend", "cpu"], &[
-            "short.gguf",
-            "beyond the end of the file",
-        ]);
+        fails_naming(
+            &[
+                "eval",
+                "--model",
+                short.to_str().unwrap(),
+                "--data",
+                t,
+                "--backend",
+                "cpu",
+            ],
+            &["short.gguf", "beyond the end of the file"],
+        );
         // A malformed JSONL line and a chat message with an unknown role, named by file and line.
         let data = d.join("data");
         std::fs::create_dir_all(&data).unwrap();
         let good = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
         std::fs::write(data.join("valid.jsonl"), format!("{good}\n")).unwrap();
-        std::fs::write(data.join("train.jsonl"), format!("{good}\n{{\"messages\": [\n")).unwrap();
-        let g = gguf.to_str().unwrap();
-        let data_arg = data.to_str().unwrap();
-        fails_naming(&["finetune", "--model", g, "--data", data_arg, "--backend", "cpu", "--output-dir", d.to_str().unwrap()], &[
-            "train.jsonl",
-            "line 2",
-        ]);
         std::fs::write(
             data.join("train.jsonl"),
-            format!("{good}\n{}\n", good.replace("\"assistant\"", "\"narrator\"")),
+            format!("{good}\n{{\"messages\": [\n"),
         )
         .unwrap();
-        fails_naming(&["finetune", "--model", g, "--data", data_arg, "--backend", "cpu", "--output-dir", d.to_str().unwrap()], &[
-            "train.jsonl",
-            "line 2",
-            "narrator",
-        ]);
+        let g = gguf.to_str().unwrap();
+        let data_arg = data.to_str().unwrap();
+        fails_naming(
+            &[
+                "finetune",
+                "--model",
+                g,
+                "--data",
+                data_arg,
+                "--backend",
+                "cpu",
+                "--output-dir",
+                d.to_str().unwrap(),
+            ],
+            &["train.jsonl", "line 2"],
+        );
+        std::fs::write(
+            data.join("train.jsonl"),
+            format!(
+                "{good}\n{}\n",
+                good.replace("\"assistant\"", "\"narrator\"")
+            ),
+        )
+        .unwrap();
+        fails_naming(
+            &[
+                "finetune",
+                "--model",
+                g,
+                "--data",
+                data_arg,
+                "--backend",
+                "cpu",
+                "--output-dir",
+                d.to_str().unwrap(),
+            ],
+            &["train.jsonl", "line 2", "narrator"],
+        );
     } else {
         panic!("KILN_SMOLLM2_GGUF is not set: run the tests through scripts/test");
     }
@@ -632,44 +711,176 @@ fn lora_finetune_of_smollm2_learns_and_writes_a_peft_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let data = repo().join("datasets/roman-numerals");
     let base_eval = kiln(&[
-        "eval", "--model", gguf.to_str().unwrap(), "--data", data.join("valid.jsonl").to_str().unwrap(),
-        "--mask-prompt", "--json", "--backend", "cpu",
+        "eval",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        data.join("valid.jsonl").to_str().unwrap(),
+        "--mask-prompt",
+        "--json",
+        "--backend",
+        "cpu",
     ]);
-    assert!(base_eval.status.success(), "{}", String::from_utf8_lossy(&base_eval.stderr));
+    assert!(
+        base_eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base_eval.stderr)
+    );
     let before: serde_json::Value = serde_json::from_slice(&base_eval.stdout).unwrap();
     let r = kiln(&[
-        "finetune", "--model", gguf.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--targets", "q_proj,v_proj", "--num-layers", "4", "--rank", "8", "--iters", "12", "--lr", "2e-3",
-        "--batch-size", "4", "--seq-len", "64", "--mask-prompt", "--eval-every", "12", "--save-every", "12",
-        "--name", "roman", "--output-dir", dir.path().to_str().unwrap(), "--backend", "cpu",
-        "--set", "train.eval_batches=25", "--set", "finetune.lora.dropout=0.0",
+        "finetune",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--targets",
+        "q_proj,v_proj",
+        "--num-layers",
+        "4",
+        "--rank",
+        "8",
+        "--iters",
+        "12",
+        "--lr",
+        "2e-3",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--mask-prompt",
+        "--eval-every",
+        "12",
+        "--save-every",
+        "12",
+        "--name",
+        "roman",
+        "--output-dir",
+        dir.path().to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--set",
+        "train.eval_batches=25",
+        "--set",
+        "finetune.lora.dropout=0.0",
+        "--set",
+        "finetune.lora.mlx_export=true",
     ]);
     let out = String::from_utf8_lossy(&r.stdout);
-    assert!(r.status.success(), "{out}\n{}", String::from_utf8_lossy(&r.stderr));
-    assert!(out.contains("trainable of 134.") || out.contains("trainable of 13"), "{out}");
+    assert!(
+        r.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        out.contains("trainable of 134.") || out.contains("trainable of 13"),
+        "{out}"
+    );
     let ckpt = dir.path().join("roman/latest");
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
-    let (b, a) = (before["loss"].as_f64().unwrap(), state["last_val_loss"].as_f64().unwrap());
-    eprintln!("Roman numerals validation loss on the answers: {b:.3} before, {a:.3} after 12 LoRA steps");
-    assert!(a < b - 0.3, "validation loss {b} -> {a} did not fall clearly");
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let (b, a) = (
+        before["loss"].as_f64().unwrap(),
+        state["last_val_loss"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "Roman numerals validation loss on the answers: {b:.3} before, {a:.3} after 12 LoRA steps"
+    );
+    assert!(
+        a < b - 0.3,
+        "validation loss {b} -> {a} did not fall clearly"
+    );
     // PEFT's layout: 2 matrices x 2 modules x 4 layers, [r, in] and [out, r], under base_model.model.
-    let adapter = kiln::models::safetensors_io::read_all(&ckpt.join("adapter_model.safetensors")).unwrap();
+    let adapter =
+        kiln::models::safetensors_io::read_all(&ckpt.join("adapter_model.safetensors")).unwrap();
     assert_eq!(adapter.len(), 16);
     let a_q = &adapter["base_model.model.model.layers.29.self_attn.q_proj.lora_A.weight"];
     let b_v = &adapter["base_model.model.model.layers.29.self_attn.v_proj.lora_B.weight"];
-    assert_eq!((a_q.shape.clone(), b_v.shape.clone()), (vec![8, 576], vec![192, 8]));
+    assert_eq!(
+        (a_q.shape.clone(), b_v.shape.clone()),
+        (vec![8, 576], vec![192, 8])
+    );
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 8);
-    assert_eq!(cfg["layers_to_transform"], serde_json::json!([26, 27, 28, 29]));
+    assert_eq!(
+        cfg["layers_to_transform"],
+        serde_json::json!([26, 27, 28, 29])
+    );
+    // mlx-lm's layout beside it: lora_a [in, r] = PEFT's A transposed, absolute scale = alpha / r.
+    let mlx =
+        kiln::models::safetensors_io::read_all(&ckpt.join("mlx/adapters.safetensors")).unwrap();
+    let m_a = &mlx["model.layers.29.self_attn.q_proj.lora_a"];
+    assert_eq!(m_a.shape, vec![576, 8]);
+    assert_eq!(m_a.data[3 * 8 + 5], a_q.data[5 * 576 + 3]);
+    let mcfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ckpt.join("mlx/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(mcfg["num_layers"], 4);
+    assert_eq!(mcfg["lora_parameters"]["scale"], 2.0);
+    assert_eq!(
+        mcfg["lora_parameters"]["keys"],
+        serde_json::json!(["self_attn.q_proj", "self_attn.v_proj"])
+    );
     // The adapter loads back into kiln and changes the model's answers' loss the same way.
     let with = kiln(&[
-        "eval", "--model", gguf.to_str().unwrap(), "--adapter", ckpt.to_str().unwrap(), "--data",
-        data.join("valid.jsonl").to_str().unwrap(), "--mask-prompt", "--json", "--backend", "cpu",
+        "eval",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.join("valid.jsonl").to_str().unwrap(),
+        "--mask-prompt",
+        "--json",
+        "--backend",
+        "cpu",
     ]);
-    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
     let after: serde_json::Value = serde_json::from_slice(&with.stdout).unwrap();
-    assert!((after["loss"].as_f64().unwrap() - a).abs() < 1e-3, "{after} vs {a}");
+    assert!(
+        (after["loss"].as_f64().unwrap() - a).abs() < 1e-3,
+        "{after} vs {a}"
+    );
+}
+
+#[test]
+fn packed_rows_compute_each_example_as_if_alone() {
+    let dir = repo().join("tests/fixtures/parity/qwen2-f16");
+    let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex()).unwrap();
+    let a: Vec<u32> = (0..7).map(|i| (i * 5 + 1) % 96).collect();
+    let b: Vec<u32> = (0..9).map(|i| (i * 11 + 3) % 96).collect();
+    let rows = |t: burn::tensor::Tensor<2>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let mut alone = rows(model.forward(&a, 1, a.len(), &mut None));
+    alone.extend(rows(model.forward(&b, 1, b.len(), &mut None)));
+    let packed = kiln::data::Batch {
+        batch_size: 1,
+        seq_len: 16,
+        inputs: a.iter().chain(&b).copied().collect(),
+        targets: vec![0; 16],
+        loss_mask: None,
+        segments: Some([vec![0; 7], vec![1; 9]].concat()),
+    };
+    let together = rows(model.forward_batch(&packed, &mut None));
+    let diff = alone
+        .iter()
+        .zip(&together)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "packed logits differ from separate ones by {diff}"
+    );
 }

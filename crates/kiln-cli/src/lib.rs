@@ -291,7 +291,12 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         print!("{}", config.to_yaml());
         return Ok(());
     }
-    run_training(config, &args.config.display().to_string(), args.resume, args.stop_after)
+    run_training(
+        config,
+        &args.config.display().to_string(),
+        args.resume,
+        args.stop_after,
+    )
 }
 
 /// The config `kiln finetune` flags describe: the same a YAML file would give `kiln train`.
@@ -307,7 +312,14 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         set("run.output_dir", args.output_dir.display().to_string()),
         set("backend.kind", args.backend.clone()),
         set("model.pretrained", args.model.display().to_string()),
-        set("finetune.method", if args.full { "full".into() } else { "lora".into() }),
+        set(
+            "finetune.method",
+            if args.full {
+                "full".into()
+            } else {
+                "lora".into()
+            },
+        ),
         set("finetune.lora.rank", args.rank.to_string()),
         set("finetune.lora.alpha", args.alpha.to_string()),
         set("finetune.lora.dropout", args.dropout.to_string()),
@@ -317,7 +329,10 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         set("data.mask_prompt", args.mask_prompt.to_string()),
         set("optim.lr", args.lr.to_string()),
         set("optim.weight_decay", "0.0".into()),
-        set("optim.schedule.warmup_steps", (args.iters / 20).min(100).to_string()),
+        set(
+            "optim.schedule.warmup_steps",
+            (args.iters / 20).min(100).to_string(),
+        ),
         set("optim.schedule.min_lr", (args.lr / 10.0).to_string()),
         set("train.max_steps", args.iters.to_string()),
         set("train.batch_size", args.batch_size.to_string()),
@@ -329,7 +344,10 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         items.push(set("finetune.lora.num_layers", n.to_string()));
     }
     items.extend(args.set.iter().cloned());
-    Config::default().with_overrides(&items).map(Config::expand_home).map_err(usage)
+    Config::default()
+        .with_overrides(&items)
+        .map(Config::expand_home)
+        .map_err(usage)
 }
 
 fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
@@ -341,7 +359,12 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
     run_training(config, "kiln finetune", args.resume, None)
 }
 
-fn run_training(config: Config, origin: &str, resume: bool, stop_after: Option<usize>) -> Result<(), Failure> {
+fn run_training(
+    config: Config,
+    origin: &str,
+    resume: bool,
+    stop_after: Option<usize>,
+) -> Result<(), Failure> {
     for (field, path) in [
         ("data.train", Some(&config.data.train)),
         ("data.valid", config.data.valid.as_ref()),
@@ -625,22 +648,19 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         println!("{}", serde_json::to_string(&r).context("report")?);
         return Ok(());
     }
-    let mut secs = r.step_secs.clone();
-    secs.sort_by(f64::total_cmp);
-    let tps = |s: f64| r.tokens_per_step as f64 / s;
     println!("device: {} ({} threads)", r.device, r.threads);
     println!(
-        "model: {:.3}M parameters; {} tokens per step",
+        "model: {:.3}M parameters; {} tokens per step (mean)",
         r.parameters as f64 / 1e6,
         r.tokens_per_step
     );
     println!("first step done after {:.2} s", r.first_step_secs);
     println!(
         "tokens/s over {} steps: median {:.0} (min {:.0}, max {:.0})",
-        secs.len(),
+        r.step_secs.len(),
         r.median_tokens_per_s,
-        tps(secs[secs.len() - 1]),
-        tps(secs[0])
+        r.min_tokens_per_s,
+        r.max_tokens_per_s
     );
     if let Some(p) = r.peak_rss_bytes {
         println!("peak RSS: {}", human_bytes(p));

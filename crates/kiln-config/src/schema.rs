@@ -209,6 +209,9 @@ pub struct DataConfig {
     pub format: DataFormat,
     /// JSONL: train on completion / assistant tokens only. Default false.
     pub mask_prompt: bool,
+    /// JSONL: pack short examples into rows of `seq_len` tokens; attention and positions stay
+    /// inside each example. Default false.
+    pub pack: bool,
     /// Validation text; `null` holds out the last `val_fraction` of `train`. Default `null`.
     pub valid: Option<PathBuf>,
     /// Share of `train` held out for validation when `valid` is `null`. Default 0.1.
@@ -225,6 +228,7 @@ impl Default for DataConfig {
             train: PathBuf::from("datasets/shakespeare/input.txt"),
             format: DataFormat::Auto,
             mask_prompt: false,
+            pack: false,
             valid: None,
             val_fraction: 0.1,
             seq_len: 64,
@@ -281,6 +285,9 @@ pub struct LoraConfig {
     pub layers: Option<Vec<usize>>,
     /// Rank-stabilised scaling alpha / sqrt(r). Default false.
     pub rslora: bool,
+    /// Also write each adapter checkpoint in mlx-lm's layout, in its `mlx/` subdirectory
+    /// (needs the adapted blocks to be the last N, as mlx-lm's `num_layers`). Default false.
+    pub mlx_export: bool,
 }
 
 impl Default for LoraConfig {
@@ -293,6 +300,7 @@ impl Default for LoraConfig {
             num_layers: None,
             layers: None,
             rslora: false,
+            mlx_export: false,
         }
     }
 }

@@ -17,6 +17,10 @@ pub struct Batch {
     /// 1 where the target counts toward the loss (fine-tuning: no padding, no masked prompt);
     /// `None`: every target counts.
     pub loss_mask: Option<Vec<f32>>,
+    /// Packed rows: the example each position belongs to, row-major `[batch_size, seq_len]`.
+    /// Attention stays inside an example and positions restart at each one. `None`: one
+    /// sequence per row.
+    pub segments: Option<Vec<u32>>,
 }
 
 /// Tokenized training and validation text.
@@ -111,6 +115,7 @@ impl Corpus {
             inputs,
             targets,
             loss_mask: None,
+            segments: None,
         }
     }
 
@@ -141,6 +146,7 @@ pub fn sequential_windows(tokens: &[u32], seq_len: usize) -> Vec<Batch> {
             inputs: tokens[start..end].to_vec(),
             targets: tokens[start + 1..end + 1].to_vec(),
             loss_mask: None,
+            segments: None,
         });
         start = end;
     }

@@ -303,7 +303,86 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
         inputs,
         targets,
         loss_mask: Some(mask),
+        segments: None,
     }
+}
+
+/// Packs examples into `rows` of `seq_len` positions: each example adds `len - 1` positions, the
+/// next one starts where it ends; the rest of a row is padding (its own segment, masked).
+pub fn pack_rows(
+    examples: &[&Example],
+    seq_len: usize,
+    pad_id: u32,
+) -> Vec<Vec<(u32, u32, f32, u32)>> {
+    let mut rows: Vec<Vec<(u32, u32, f32, u32)>> = Vec::new();
+    let mut row: Vec<(u32, u32, f32, u32)> = Vec::new();
+    let mut segment = 0u32;
+    for e in examples {
+        let n = (e.ids.len() - 1).min(seq_len);
+        if row.len() + n > seq_len && !row.is_empty() {
+            rows.push(std::mem::take(&mut row));
+            segment = 0;
+        }
+        for t in 0..n {
+            row.push((
+                e.ids[t],
+                e.ids[t + 1],
+                if e.trained[t + 1] { 1.0 } else { 0.0 },
+                segment,
+            ));
+        }
+        segment += 1;
+    }
+    if !row.is_empty() {
+        rows.push(row);
+    }
+    for r in rows.iter_mut() {
+        let pad_segment = r.last().map_or(0, |p| p.3 + 1);
+        r.resize(seq_len, (pad_id, pad_id, 0.0, pad_segment));
+    }
+    rows
+}
+
+fn rows_batch(rows: &[Vec<(u32, u32, f32, u32)>], seq_len: usize) -> Batch {
+    let flat = rows.iter().flatten();
+    Batch {
+        batch_size: rows.len(),
+        seq_len,
+        inputs: flat.clone().map(|p| p.0).collect(),
+        targets: flat.clone().map(|p| p.1).collect(),
+        loss_mask: Some(flat.clone().map(|p| p.2).collect()),
+        segments: Some(flat.map(|p| p.3).collect()),
+    }
+}
+
+/// Micro-batch `index` of packed rows: each epoch's shuffled examples are packed into rows of
+/// `seq_len`, and batches take `batch_size` consecutive rows. A pure function of (seed, index).
+pub fn packed_train_batch(
+    split: &Split,
+    seed: u64,
+    index: u64,
+    batch_size: usize,
+    seq_len: usize,
+    pad_id: u32,
+) -> Batch {
+    let n = split.examples.len();
+    let mut wanted = index as usize * batch_size;
+    let mut out: Vec<Vec<(u32, u32, f32, u32)>> = Vec::with_capacity(batch_size);
+    let mut epoch = 0u64;
+    while out.len() < batch_size {
+        let perm = permutation(n, seed, epoch);
+        let ordered: Vec<&Example> = perm.iter().map(|&i| &split.examples[i]).collect();
+        let rows = pack_rows(&ordered, seq_len, pad_id);
+        if wanted >= rows.len() {
+            wanted -= rows.len();
+        } else {
+            let take = (batch_size - out.len()).min(rows.len() - wanted);
+            out.extend(rows[wanted..wanted + take].iter().cloned());
+            wanted = 0;
+        }
+        epoch += 1;
+    }
+    rows_batch(&out, seq_len)
 }
 
 /// Micro-batch `index` of size `batch_size` from shuffled passes over `split`: a pure function
@@ -380,6 +459,31 @@ mod tests {
         assert!(
             e.contains("d.jsonl") && e.contains("line 3") && e.contains("robot"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn packing_keeps_examples_whole_and_segmented() {
+        let ex = |ids: Vec<u32>| Example {
+            trained: vec![true; ids.len()],
+            ids,
+        };
+        let (a, b, c) = (ex(vec![1, 2, 3]), ex(vec![4, 5, 6, 7]), ex(vec![8, 9]));
+        let rows = pack_rows(&[&a, &b, &c], 6, 0);
+        assert_eq!(rows.len(), 1);
+        let batch = rows_batch(&rows, 6);
+        assert_eq!(batch.inputs, vec![1, 2, 4, 5, 6, 8]);
+        assert_eq!(batch.targets, vec![2, 3, 5, 6, 7, 9]);
+        assert_eq!(batch.segments.unwrap(), vec![0, 0, 1, 1, 1, 2]);
+        let rows = pack_rows(&[&a, &b, &c], 4, 0);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].iter().map(|p| p.3).collect::<Vec<_>>(),
+            vec![0, 0, 1, 1]
+        );
+        assert_eq!(
+            rows[1].iter().map(|p| p.3).collect::<Vec<_>>(),
+            vec![0, 0, 0, 1]
         );
     }
 

@@ -748,9 +748,61 @@ impl LlamaModel {
         }
     }
 
+    /// Rotary tables and masks for packed rows: positions restart at each segment and attention
+    /// stays inside it. `segments` is row-major `[batch, seq]`.
+    pub fn consts_packed(&self, batch: usize, seq: usize, segments: &[u32]) -> ForwardConsts {
+        let device = self.device().without_autodiff();
+        let hd = self.config.head_dim();
+        let half = hd / 2;
+        let inv_freq = self.config.inv_freq();
+        let mut cos = Vec::with_capacity(batch * seq * hd);
+        let mut sin = Vec::with_capacity(batch * seq * hd);
+        let mut bias = vec![0f32; batch * seq * seq];
+        for b in 0..batch {
+            let seg = &segments[b * seq..(b + 1) * seq];
+            let mut pos = 0usize;
+            for t in 0..seq {
+                if t > 0 && seg[t] != seg[t - 1] {
+                    pos = 0;
+                }
+                for j in 0..hd {
+                    let angle = pos as f64 * inv_freq[j % half];
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+                pos += 1;
+                for k in 0..seq {
+                    if k > t || seg[k] != seg[t] {
+                        bias[(b * seq + t) * seq + k] = -1e9;
+                    }
+                }
+            }
+        }
+        ForwardConsts {
+            cos: Tensor::from_data(TensorData::new(cos, [batch, 1, seq, hd]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [batch, 1, seq, hd]), &device),
+            causal_bias: Tensor::from_data(TensorData::new(bias, [batch, 1, seq, seq]), &device),
+            batch,
+            seq,
+        }
+    }
+
+    /// Logits `[batch × seq, vocab]` of a batch (packed rows included).
+    pub fn forward_batch(&self, batch: &Batch, dropout: &mut Option<Dropout>) -> Tensor<2> {
+        let consts = match &batch.segments {
+            Some(seg) => self.consts_packed(batch.batch_size, batch.seq_len, seg),
+            None => self.consts(batch.batch_size, batch.seq_len),
+        };
+        let mut x = self.embed(&batch.inputs);
+        for i in 0..self.layers.len() {
+            x = self.block(i, x, &consts, dropout, None);
+        }
+        self.head(x)
+    }
+
     /// Mean loss of a batch.
     pub fn loss(&self, batch: &Batch, dropout: &mut Option<Dropout>) -> Tensor<1> {
-        let logits = self.forward(&batch.inputs, batch.batch_size, batch.seq_len, dropout);
+        let logits = self.forward_batch(batch, dropout);
         Self::cross_entropy(logits, &batch.targets, batch.loss_mask.as_deref())
     }
 

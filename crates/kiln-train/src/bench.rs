@@ -14,12 +14,15 @@ pub struct BenchReport {
     pub device: String,
     pub threads: usize,
     pub parameters: usize,
+    /// Mean token positions per step (padding included).
     pub tokens_per_step: usize,
     /// Seconds from the call to the end of the first optimizer step (setup, first kernels).
     pub first_step_secs: f64,
     /// Seconds of each measured step (after warmup), each ended by a host read of the loss.
     pub step_secs: Vec<f64>,
     pub median_tokens_per_s: f64,
+    pub min_tokens_per_s: f64,
+    pub max_tokens_per_s: f64,
     pub peak_rss_bytes: Option<u64>,
     pub peak_device_bytes: Option<u64>,
 }
@@ -40,6 +43,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let accum = config.train.grad_accum as u64;
     let mut first_step_secs = 0.0;
     let mut step_secs = Vec::with_capacity(steps);
+    let mut step_tokens = Vec::with_capacity(steps);
     let mut peak_device = None;
     for step in 0..steps + warmup.max(1) {
         let t = Instant::now();
@@ -53,6 +57,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
             lr,
         );
         model = next;
+        let tokens = out.tokens;
         let loss = out.loss.into_scalar::<f32>();
         if !loss.is_finite() {
             return Err(TrainError::Other(format!(
@@ -67,12 +72,18 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         }
         if step >= warmup.max(1) {
             step_secs.push(t.elapsed().as_secs_f64());
+            step_tokens.push(tokens);
         }
     }
-    let tokens_per_step = config.train.batch_size * config.data.seq_len * config.train.grad_accum;
-    let mut sorted = step_secs.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    // Tokens per step vary with padding on example data: use the mean, and per-step rates.
+    let tokens_per_step = step_tokens.iter().sum::<usize>() / step_tokens.len().max(1);
+    let mut rates: Vec<f64> = step_secs
+        .iter()
+        .zip(&step_tokens)
+        .map(|(s, &t)| t as f64 / s)
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let median_rate = rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(BenchReport {
         device: selected.description,
         threads: std::thread::available_parallelism()
@@ -82,7 +93,9 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         tokens_per_step,
         first_step_secs,
         step_secs,
-        median_tokens_per_s: tokens_per_step as f64 / median,
+        median_tokens_per_s: median_rate,
+        min_tokens_per_s: rates.first().copied().unwrap_or(f64::NAN),
+        max_tokens_per_s: rates.last().copied().unwrap_or(f64::NAN),
         peak_rss_bytes: memory::peak_rss(),
         peak_device_bytes: peak_device,
     })

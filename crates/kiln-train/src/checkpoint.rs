@@ -165,6 +165,69 @@ pub fn write_model_dir(
     Ok(())
 }
 
+/// An mlx-lm adapter directory: `adapters.safetensors` (`...q_proj.lora_a` `[in, r]`,
+/// `lora_b` `[r, out]`) and `adapter_config.json` with an absolute `scale`.
+pub fn write_mlx_adapter(
+    dir: &Path,
+    model: &LlamaModel,
+    spec: &LoraSpec,
+    dropout: f64,
+) -> Result<(), TrainError> {
+    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let n = model.config.num_hidden_layers;
+    let suffix: Vec<usize> = (n - spec.layers.len().min(n)..n).collect();
+    let mut sorted = spec.layers.clone();
+    sorted.sort_unstable();
+    if sorted != suffix {
+        return Err(ckpt_err(
+            dir,
+            "mlx-lm adapts the last N blocks only; finetune.lora.layers is not such a suffix",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    // kiln holds A as [in, r] and B as [r, out]: mlx-lm's own layout, so no transpose.
+    let tensors: BTreeMap<String, HostTensor> = model
+        .hf_tensors_where(|k| matches!(k, ParamKind::LoraA | ParamKind::LoraB))
+        .into_iter()
+        .map(|(name, t)| {
+            let (stem, mlx) = match name.strip_suffix(".lora_A.weight") {
+                Some(stem) => (stem.to_string(), "lora_a"),
+                None => (
+                    name.trim_end_matches(".lora_B.weight").to_string(),
+                    "lora_b",
+                ),
+            };
+            let data = kiln_models::llama::transpose_host(&t.data, t.shape[0], t.shape[1]);
+            (
+                format!("{stem}.{mlx}"),
+                HostTensor {
+                    shape: vec![t.shape[1], t.shape[0]],
+                    data,
+                },
+            )
+        })
+        .collect();
+    safetensors_io::write_f32(&dir.join("adapters.safetensors"), &tensors, &[])?;
+    let keys: Vec<String> = spec
+        .targets
+        .iter()
+        .map(|t| {
+            if t.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str()) {
+                format!("mlp.{t}")
+            } else {
+                format!("self_attn.{t}")
+            }
+        })
+        .collect();
+    let cfg = serde_json::json!({
+        "fine_tune_type": "lora",
+        "num_layers": spec.layers.len(),
+        "lora_parameters": {"rank": spec.rank, "scale": spec.scale(), "dropout": dropout, "keys": keys},
+    });
+    let text = serde_json::to_vec_pretty(&cfg).map_err(|e| ckpt_err(dir, e.to_string()))?;
+    atomic_write(&dir.join("adapter_config.json"), &text).map_err(|e| io(dir, e))
+}
+
 /// A PEFT LoRA adapter directory: `adapter_model.safetensors` + `adapter_config.json`.
 pub fn write_adapter(
     dir: &Path,

@@ -30,16 +30,27 @@ pub enum TrainData {
     /// Random contiguous windows of a token stream.
     Text(Corpus),
     /// Tokenized JSONL examples, padded per batch.
-    Examples { dataset: Dataset, pad_id: u32 },
+    Examples {
+        dataset: Dataset,
+        pad_id: u32,
+        pack: bool,
+    },
 }
 
 impl TrainData {
     pub fn train_batch(&self, seed: u64, index: u64, batch_size: usize, seq_len: usize) -> Batch {
         match self {
             TrainData::Text(c) => c.train_batch(seed, index, batch_size, seq_len),
-            TrainData::Examples { dataset, pad_id } => {
-                jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id)
+            TrainData::Examples {
+                dataset,
+                pad_id,
+                pack: true,
+            } => {
+                jsonl::packed_train_batch(&dataset.train, seed, index, batch_size, seq_len, *pad_id)
             }
+            TrainData::Examples {
+                dataset, pad_id, ..
+            } => jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id),
         }
     }
 
@@ -56,7 +67,9 @@ impl TrainData {
             TrainData::Text(c) => (0..count as u64)
                 .map(|i| c.valid_batch(seed, i, batch_size, seq_len))
                 .collect(),
-            TrainData::Examples { dataset, pad_id } => {
+            TrainData::Examples {
+                dataset, pad_id, ..
+            } => {
                 let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
                 b.truncate(count.max(1));
                 b
@@ -137,7 +150,14 @@ fn load_data(
         };
         let dataset = Dataset::load(&d.train, format_of(d.format), &enc)?;
         let pad_id = eos_id.unwrap_or(0);
-        return Ok((tokenizer, TrainData::Examples { dataset, pad_id }));
+        return Ok((
+            tokenizer,
+            TrainData::Examples {
+                dataset,
+                pad_id,
+                pack: d.pack,
+            },
+        ));
     }
     let (tokenizer, corpus) = Corpus::prepare(d, tokenizer)?;
     Ok((tokenizer, TrainData::Text(corpus)))

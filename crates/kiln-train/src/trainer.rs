@@ -107,6 +107,8 @@ pub struct StepOutput {
     pub loss: Tensor<1>,
     /// Global gradient norm before clipping.
     pub grad_norm: Option<Tensor<1>>,
+    /// Token positions computed (padding included), over all micro-batches.
+    pub tokens: usize,
 }
 
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
@@ -134,8 +136,10 @@ pub fn train_step(
     };
     let mut grads = GradAccumulator::default();
     let mut loss_sum: Option<Tensor<1>> = None;
+    let mut tokens = 0;
     for index in first_micro..first_micro + accum as u64 {
         let batch = data.train_batch(seed, index, bs, seq);
+        tokens += batch.batch_size * batch.seq_len;
         let mut dropout = (dropout_p > 0.0 || lora_p > 0.0).then(|| Dropout {
             p: dropout_p,
             lora_p,
@@ -166,6 +170,7 @@ pub fn train_step(
         StepOutput {
             loss,
             grad_norm: norm,
+            tokens,
         },
     )
 }
@@ -334,9 +339,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         state.step = step;
         state.optimizer_t = optimizer.t;
         state.learning_rate = lr;
-        state.tokens_seen += tokens_per_step;
-        run_tokens += tokens_per_step;
-        interval_tokens += tokens_per_step;
+        state.tokens_seen += out.tokens as u64;
+        run_tokens += out.tokens as u64;
+        interval_tokens += out.tokens as u64;
         progress.step(step);
 
         let at_end = step == last_step;

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""PyTorch + PEFT reference for kiln's LoRA benchmark: the same base model (a Hugging Face directory;
+for SmolLM2 the one `kiln fuse --model <gguf> --out DIR` writes, de-quantized f32), the same LoRA
+(rank, alpha, targets from a kiln YAML config), the same chat data, batch size, padding to the longest
+example and thread count. Prints tokens/s (padded positions, as kiln counts them) and peak RSS.
+
+    python3 bench/torch_peft_lora.py --base DIR --config configs/smollm2-lora.yaml --threads 2 --json
+"""
+import argparse
+import json
+import pathlib
+import random
+import resource
+import statistics
+import time
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--base", required=True)
+    p.add_argument("--config", default=str(ROOT / "configs/smollm2-lora.yaml"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = yaml.safe_load(open(a.config))
+    lora, data, train = cfg["finetune"]["lora"], cfg["data"], cfg["train"]
+    targets = ALL if lora.get("target_modules") == "all-linear" else lora["target_modules"]
+    tok = AutoTokenizer.from_pretrained(a.base)
+    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
+                                             lora_dropout=lora.get("dropout", 0.0), target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    records = [json.loads(l) for l in open(ROOT / data["train"] / "train.jsonl")]
+    examples = []
+    for r in records:
+        full = tok.apply_chat_template(r["messages"], tokenize=False)
+        prompt = tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        ids = tok(full, add_special_tokens=False)["input_ids"][: data["seq_len"] + 1]
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        labels = [-100 if i < n_prompt else t for i, t in enumerate(ids)]
+        examples.append((ids, labels))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["optim"]["lr"],
+                            weight_decay=cfg["optim"].get("weight_decay", 0.0))
+    rng = random.Random(0)
+    bs = train["batch_size"]
+    pad = tok.eos_token_id or 0
+    rates, first = [], None
+    start = time.perf_counter()
+    model.train()
+    for step in range(a.steps + a.warmup):
+        batch = rng.sample(examples, bs)
+        n = max(len(ids) for ids, _ in batch) - 1
+        x = torch.tensor([(ids + [pad] * n)[:n] for ids, _ in batch])
+        y = torch.tensor([(lab[1:] + [-100] * n)[:n] for _, lab in batch])
+        t0 = time.perf_counter()
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss.item()
+        if first is None:
+            first = time.perf_counter() - start
+        if step >= a.warmup:
+            rates.append(bs * n / (time.perf_counter() - t0))
+    report = {
+        "framework": f"pytorch {torch.__version__} + peft",
+        "threads": torch.get_num_threads(),
+        "trainable_parameters": trainable,
+        "parameters": total,
+        "first_step_secs": first,
+        "median_tokens_per_s": statistics.median(rates),
+        "min_tokens_per_s": min(rates),
+        "max_tokens_per_s": max(rates),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    print(json.dumps(report) if a.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+
+
+if __name__ == "__main__":
+    main()
