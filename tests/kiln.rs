@@ -402,10 +402,15 @@ fn wgpu_on_lavapipe_matches_cpu() {
 
 /// Logits of tiny random models that `transformers` built and recorded
 /// (tests/fixtures/make_parity.py): Llama with GQA and tied embeddings; Llama 3 RoPE scaling,
-/// untied, bf16 in shards; Qwen2 with q/k/v biases in f16.
+/// untied, bf16 in shards; Mistral without sliding window; Qwen2 with q/k/v biases in f16.
 #[test]
 fn hf_models_match_transformers_logits() {
-    for name in ["llama-gqa-tied", "llama3-untied-bf16-sharded", "qwen2-f16"] {
+    for name in [
+        "llama-gqa-tied",
+        "llama3-untied-bf16-sharded",
+        "mistral-untied",
+        "qwen2-f16",
+    ] {
         let dir = repo().join("tests/fixtures/parity").join(name);
         let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -883,4 +888,70 @@ fn packed_rows_compute_each_example_as_if_alone() {
         diff < 1e-5,
         "packed logits differ from separate ones by {diff}"
     );
+}
+
+#[test]
+fn full_finetune_continues_from_a_pretrained_directory() {
+    let (dir, corpus) = scratch("full");
+    let out = dir.path().join("runs");
+    let base = train(
+        &tiny_config(&out, &corpus, "base", &["train.max_steps=30"]),
+        &quiet(),
+    )
+    .unwrap();
+    let base_dir = base.last_checkpoint.unwrap();
+    // A kiln checkpoint is a Hugging Face directory: fine-tune all of its weights further.
+    let pretrained = format!("model.pretrained={}", base_dir.display());
+    let tuned = train(
+        &tiny_config(
+            &out,
+            &corpus,
+            "tuned",
+            &[&pretrained, "finetune.method=full", "train.max_steps=30"],
+        ),
+        &quiet(),
+    )
+    .unwrap();
+    assert_eq!(tuned.trainable_params, base.trainable_params);
+    let (b, t) = (base.final_val_loss.unwrap(), tuned.final_val_loss.unwrap());
+    assert!(t < b, "validation loss {b} -> {t} after 30 more steps");
+    let ckpt = tuned.last_checkpoint.unwrap();
+    assert!(ckpt.join("model.safetensors").is_file() && ckpt.join("char_tokenizer.json").is_file());
+    // LoRA on the same base trains only the adapters.
+    let lora = train(
+        &tiny_config(
+            &out,
+            &corpus,
+            "lora",
+            &[&pretrained, "finetune.lora.rank=4", "train.max_steps=5"],
+        ),
+        &quiet(),
+    )
+    .unwrap();
+    // q_proj 32→32 and v_proj 32→16 (2 KV heads × 8) in 2 blocks, rank 4: A [in, 4] + B [4, out].
+    assert_eq!(
+        lora.trainable_params,
+        2 * ((32 * 4 + 4 * 32) + (32 * 4 + 4 * 16))
+    );
+}
+
+/// Chat templates render exactly as transformers renders them (tests/fixtures/make_chat.py).
+#[test]
+fn chat_templates_render_like_transformers() {
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/chat_templates.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert!(cases.len() >= 12);
+    for c in cases {
+        let t = kiln::data::ChatTemplate {
+            source: c["template"].as_str().unwrap().into(),
+            bos_token: c["bos_token"].as_str().unwrap().into(),
+            eos_token: c["eos_token"].as_str().unwrap().into(),
+        };
+        let messages: Vec<kiln::data::Message> =
+            serde_json::from_value(c["messages"].clone()).unwrap();
+        let got = t
+            .render(&messages, c["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
+        assert_eq!(got, c["expected"].as_str().unwrap(), "{}", c["name"]);
+    }
 }
