@@ -76,6 +76,12 @@ def main():
     with torch.no_grad():
         fused_logits = fused_model(ids).logits[0]
     d_fused = (fused_logits - k["logits"]).abs().max().item()
+    # Both sides compute in f32; an f64 run of the fused model shows how far each is from exact.
+    exact_model = AutoModelForCausalLM.from_pretrained(fused, dtype=torch.float64).eval()
+    with torch.no_grad():
+        exact = exact_model(ids).logits[0]
+    err_kiln = (k["logits"].double() - exact).abs().max().item()
+    err_torch = (fused_logits.double() - exact).abs().max().item()
 
     report = {
         "adapter_tensors": len(adapter),
@@ -85,6 +91,8 @@ def main():
         "max_abs_diff_peft_vs_kiln": d_peft,
         "max_abs_diff_fused_transformers_vs_kiln": d_fused,
         "logit_scale": k["logits"].abs().max().item(),
+        "max_abs_err_kiln_f32_vs_f64": err_kiln,
+        "max_abs_err_transformers_f32_vs_f64": err_torch,
     }
     print(json.dumps(report, indent=2))
     ok = not missing and not unexpected and d_peft <= 1e-4 and d_fused <= 1e-4
