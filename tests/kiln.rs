@@ -955,3 +955,51 @@ fn chat_templates_render_like_transformers() {
         assert_eq!(got, c["expected"].as_str().unwrap(), "{}", c["name"]);
     }
 }
+
+/// A GGUF with every supported tensor type (F32, F16, BF16, Q8_0, Q4_0, Q4_1) and llama.cpp's Q/K
+/// row permutation, written by llama.cpp's `gguf` package (tests/fixtures/make_gguf.py): kiln's
+/// logits equal those transformers computes from the de-quantized weights.
+#[test]
+fn gguf_quant_types_dequantize_like_llama_cpp() {
+    let gguf =
+        kiln::models::gguf::GgufFile::read(&repo().join("tests/fixtures/gguf/tiny-llama.gguf"))
+            .unwrap();
+    let types: std::collections::BTreeSet<u32> = gguf.tensors.iter().map(|t| t.ggml_type).collect();
+    assert_eq!(types, [0, 1, 2, 3, 8, 30].into_iter().collect());
+    let model = gguf.load_model(&burn::tensor::Device::flex()).unwrap();
+    let inputs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/parity/llama-gqa-tied/inputs.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let rows = inputs["input_ids"].as_array().unwrap();
+    let (batch, seq) = (rows.len(), rows[0].as_array().unwrap().len());
+    let ids: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+        })
+        .collect();
+    let logits = model
+        .forward(&ids, batch, seq, &mut None)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let expected = kiln::models::safetensors_io::read_all(
+        &repo().join("tests/fixtures/gguf/expected.safetensors"),
+    )
+    .unwrap();
+    let diff = logits
+        .iter()
+        .zip(&expected["logits"].data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-4,
+        "GGUF logits differ from transformers on the de-quantized weights by {diff}"
+    );
+}
