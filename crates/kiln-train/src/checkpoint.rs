@@ -84,7 +84,10 @@ pub fn save(
 
     match &setup.method {
         Method::Lora { base, spec } => {
-            write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?
+            write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?;
+            if config.finetune.lora.mlx_export {
+                write_mlx_adapter(&tmp.join("mlx"), model, spec, config.finetune.lora.dropout)?;
+            }
         }
         Method::Scratch | Method::Full { .. } => {
             let base = match &setup.method {
