@@ -312,7 +312,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         config.data.seq_len,
         config.train.grad_accum,
     );
-    let tokens_per_step = (bs * seq * accum) as u64;
     let last_step = options.stop_after.unwrap_or(total).min(total);
     let progress = Progress::new(state.step, total, options.quiet);
     let started = Instant::now();
@@ -323,6 +322,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut peak_device: Option<u64> = None;
     let mut run_tokens = 0u64;
 
+    let first_step = state.step;
     while state.step < last_step {
         let step = state.step + 1;
         let lr = learning_rate(&config.optim, step, total);
@@ -362,7 +362,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             }
             state.last_train_loss = Some(loss);
             let steps_left = (last_step - step) as f64;
-            let rate = run_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
             progress.report(&StepReport {
                 step,
                 total,
@@ -370,7 +369,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 lr,
                 tokens_per_s: tps,
                 memory: mem.map(memory::human_bytes).unwrap_or_else(|| "?".into()),
-                eta_secs: steps_left * tokens_per_step as f64 / rate.max(1e-9),
+                eta_secs: steps_left * started.elapsed().as_secs_f64()
+                    / (step - first_step).max(1) as f64,
             });
             if let Some(w) = events.as_mut() {
                 let s = step as i64;
