@@ -33,7 +33,7 @@ enum Command {
     Finetune(FinetuneArgs),
     /// Continue a prompt with a trained model.
     Generate(GenerateArgs),
-    /// Loss, perplexity and token count of a model on a text file.
+    /// Loss, perplexity and token count of a model on a text or JSONL file.
     Eval(EvalArgs),
     /// List the compute devices kiln can use.
     Devices,
@@ -258,7 +258,30 @@ fn usage(error: impl Into<anyhow::Error>) -> Failure {
     }
 }
 
+/// Mesa's Vulkan drivers complain on every adapter query when XDG_RUNTIME_DIR is unset (common in
+/// containers and CI); give them a private one.
+fn ensure_runtime_dir() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        use std::os::unix::fs::DirBuilderExt;
+        // SAFETY: getuid has no side effects.
+        let uid = unsafe { libc_getuid() };
+        let dir = std::env::temp_dir().join(format!("kiln-xdg-{uid}"));
+        if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_ok() || dir.is_dir() {
+            // SAFETY: called first thing in main, before any other thread exists.
+            unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+unsafe extern "C" {
+    #[link_name = "getuid"]
+    fn libc_getuid() -> u32;
+}
+
 pub fn main() -> ExitCode {
+    ensure_runtime_dir();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
