@@ -1003,3 +1003,82 @@ fn gguf_quant_types_dequantize_like_llama_cpp() {
         "GGUF logits differ from transformers on the de-quantized weights by {diff}"
     );
 }
+
+/// Starts `kiln train` and returns it once it has printed a log line for step `after` or later.
+fn spawn_until_step(config: &Path, extra: &[&str], after: usize) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("train")
+        .arg(config)
+        .args(extra)
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("step")
+            && let Some(n) = rest
+                .trim_start()
+                .split('/')
+                .next()
+                .and_then(|n| n.trim().parse::<usize>().ok())
+            && n >= after
+        {
+            break;
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    child
+}
+
+#[test]
+fn sigint_checkpoints_exits_130_and_resume_is_exact_and_runs_are_locked() {
+    let (dir, corpus) = scratch("signal");
+    let out = dir.path().join("runs");
+    let yaml = |name: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let text = tiny_yaml(&out, &corpus, name, "")
+            .replace("  hidden_size: 32", "  hidden_size: 64")
+            .replace("  max_steps: 40", "  max_steps: 300")
+            .replace("  save_every: 20", "  save_every: 0")
+            .replace("  eval_every: 20", "  eval_every: 0")
+            .replace("  log_every: 5", "  log_every: 1");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (full, split) = (yaml("full"), yaml("split"));
+    let r = kiln(&["train", full.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let child = spawn_until_step(&split, &[], 10);
+    // A second run on the same run directory is refused while the first holds it.
+    let second = kiln(&["train", split.to_str().unwrap(), "--resume"]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("in use"), "{err}");
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted by SIGINT") && err.contains("step-"),
+        "{err}"
+    );
+    let saved = kiln::train::checkpoint::latest(&out.join("split")).unwrap();
+    let stopped_at: usize = kiln::train::checkpoint::read_state(&saved).unwrap().step;
+    assert!((10..300).contains(&stopped_at), "stopped at {stopped_at}");
+
+    let r = kiln(&["train", split.to_str().unwrap(), "--resume"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let weights =
+        |run: &str| std::fs::read(out.join(run).join("step-0000300/model.safetensors")).unwrap();
+    assert!(
+        weights("full") == weights("split"),
+        "interrupted at {stopped_at} and resumed: weights differ"
+    );
+}

@@ -414,7 +414,23 @@ fn run_training(
         quiet: false,
         stop_after,
     };
+    kiln_train::signals::install();
     let summary = kiln_train::train(&config, &options).context("training failed")?;
+    if let Some(sig) = summary.interrupted_by {
+        return Err(Failure {
+            code: (128 + sig).clamp(1, 255) as u8,
+            error: anyhow::anyhow!(
+                "interrupted by {} after step {}; checkpoint {} (continue with --resume)",
+                kiln_train::signals::name(sig),
+                summary.steps,
+                summary
+                    .last_checkpoint
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            ),
+        });
+    }
     println!(
         "done: {} of {} steps on {}",
         summary.steps, summary.total_steps, summary.device

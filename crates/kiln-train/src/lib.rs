@@ -6,10 +6,12 @@ pub mod checkpoint;
 pub mod device;
 mod error;
 pub mod inference;
+mod lock;
 pub mod memory;
 pub mod optim;
 mod progress;
 pub mod setup;
+pub mod signals;
 pub mod trainer;
 
 pub use error::TrainError;

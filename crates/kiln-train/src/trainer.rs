@@ -48,6 +48,8 @@ pub struct RunSummary {
     pub tokens_per_s: f64,
     pub peak_memory_bytes: Option<u64>,
     pub event_file: Option<PathBuf>,
+    /// The signal that stopped the run early (after a checkpoint), if one did.
+    pub interrupted_by: Option<i32>,
 }
 
 fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -179,6 +181,7 @@ pub fn train_step(
 pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
     let run_dir = config.run.output_dir.join(&config.run.name);
     ensure_writable(&run_dir)?;
+    let _lock = crate::lock::RunLock::acquire(&run_dir)?;
     let resume_from = if options.resume {
         Some(checkpoint::latest(&run_dir).ok_or_else(|| {
             TrainError::Other(format!(
@@ -344,7 +347,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         interval_tokens += out.tokens as u64;
         progress.step(step);
 
-        let at_end = step == last_step;
+        let interrupted = crate::signals::requested();
+        let at_end = step == last_step || interrupted.is_some();
         if step % config.logging.log_every == 0 || at_end {
             // The only host read of the step: loss and gradient norm, once per log interval.
             let loss = out.loss.into_scalar::<f32>() as f64;
@@ -399,8 +403,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             w.flush()?;
         }
 
-        let eval_due =
-            (config.train.eval_every > 0 && step % config.train.eval_every == 0) || at_end;
+        let eval_due = ((config.train.eval_every > 0 && step % config.train.eval_every == 0)
+            || at_end)
+            && interrupted.is_none();
         let mut new_best = false;
         if eval_due {
             let view = inference::inference_view(&model);
@@ -453,6 +458,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             progress.println(&format!("step {step}: saved {}", dir.display()));
             last_checkpoint = Some(dir);
         }
+        if interrupted.is_some() {
+            break;
+        }
     }
     progress.finish();
 
@@ -471,6 +479,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         tokens_per_s: run_tokens as f64 / secs,
         peak_memory_bytes: peak,
         event_file: events.as_ref().map(|w| w.path().to_path_buf()),
+        interrupted_by: crate::signals::requested(),
     };
     Ok(summary)
 }

@@ -1,0 +1,52 @@
+//! SIGINT / SIGTERM: the first one asks the run to stop after the current step and write a
+//! checkpoint; a second SIGINT exits at once (the last complete checkpoint stays intact, since
+//! checkpoints are renamed into place only when whole).
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static REQUESTED: AtomicI32 = AtomicI32::new(0);
+
+#[cfg(unix)]
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGINT && REQUESTED.load(Ordering::SeqCst) != 0 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
+    }
+    REQUESTED.store(sig, Ordering::SeqCst);
+}
+
+/// Installs the handlers (the CLI does; library users keep their own).
+pub fn install() {
+    #[cfg(unix)]
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a plain handler that only touches an atomic or calls _exit.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The signal that asked the run to stop, if any.
+pub fn requested() -> Option<i32> {
+    match REQUESTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// A signal's conventional name.
+pub fn name(sig: i32) -> &'static str {
+    #[cfg(unix)]
+    {
+        if sig == libc::SIGINT {
+            return "SIGINT";
+        }
+        if sig == libc::SIGTERM {
+            return "SIGTERM";
+        }
+    }
+    "signal"
+}
