@@ -1082,3 +1082,50 @@ fn sigint_checkpoints_exits_130_and_resume_is_exact_and_runs_are_locked() {
         "interrupted at {stopped_at} and resumed: weights differ"
     );
 }
+
+#[test]
+fn non_finite_steps_are_skipped_and_stop_the_run_keeping_the_last_checkpoint() {
+    let (dir, corpus) = scratch("nan");
+    let out = dir.path().join("runs");
+    let path = dir.path().join("nan.yaml");
+    std::fs::write(&path, tiny_yaml(&out, &corpus, "nan", "")).unwrap();
+    // An absurd learning rate without clipping blows the weights up after the first update.
+    let r = kiln(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "optim.lr=1e30",
+        "--set",
+        "optim.grad_clip=null",
+        "--set",
+        "optim.schedule.kind=constant",
+        "--set",
+        "optim.schedule.warmup_steps=0",
+        "--set",
+        "optim.schedule.min_lr=0",
+        "--set",
+        "train.save_every=1",
+        "--set",
+        "train.max_nonfinite_steps=3",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.status.code(), Some(1), "{stdout}\n{err}");
+    assert!(
+        err.contains("stopping at step") && err.contains("non-finite"),
+        "{err}"
+    );
+    assert!(stdout.contains("update skipped (3 in a row)"), "{stdout}");
+    let latest = kiln::train::checkpoint::latest(&out.join("nan")).unwrap();
+    assert!(
+        err.contains(latest.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    let weights =
+        kiln::models::safetensors_io::read_all(&latest.join("model.safetensors")).unwrap();
+    assert!(
+        weights
+            .values()
+            .all(|t| t.data.iter().all(|v| v.is_finite()))
+    );
+}

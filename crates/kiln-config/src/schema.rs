@@ -430,6 +430,9 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Also keep the checkpoint with the lowest validation loss as `best/`. Default true.
     pub keep_best: bool,
+    /// A step whose loss or gradient norm is NaN/inf is skipped; this many in a row stop the run
+    /// (the last good checkpoint stays). Default 5.
+    pub max_nonfinite_steps: usize,
 }
 
 impl Default for TrainConfig {
@@ -444,6 +447,7 @@ impl Default for TrainConfig {
             save_every: 500,
             keep_last: 2,
             keep_best: true,
+            max_nonfinite_steps: 5,
         }
     }
 }
@@ -587,6 +591,7 @@ impl Config {
         positive("train.batch_size", t.batch_size)?;
         positive("train.grad_accum", t.grad_accum)?;
         positive("train.eval_batches", t.eval_batches)?;
+        positive("train.max_nonfinite_steps", t.max_nonfinite_steps)?;
         match t.epochs {
             Some(e) if !is_positive(e) => {
                 return Err(("train.epochs".into(), "must be positive".into()));

@@ -111,6 +111,8 @@ pub struct StepOutput {
     pub grad_norm: Option<Tensor<1>>,
     /// Token positions computed (padding included), over all micro-batches.
     pub tokens: usize,
+    /// The loss or gradient norm was NaN or infinite: no update was applied.
+    pub skipped: bool,
 }
 
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
@@ -163,16 +165,27 @@ pub fn train_step(
         }
         _ => None,
     };
-    let model = optimizer.step(model, grads, lr, clip);
     let loss = loss_sum
         .map(|l| l / accum as f64)
         .unwrap_or_else(|| Tensor::<1>::zeros([1], &model.device().without_autodiff()));
+    // One scalar read per step: a non-finite loss or gradient norm must not reach the weights.
+    let probe = match &norm {
+        Some(n) => loss.clone() + n.clone(),
+        None => loss.clone(),
+    };
+    let finite = probe.into_scalar::<f32>().is_finite();
+    let model = if finite {
+        optimizer.step(model, grads, lr, clip)
+    } else {
+        model
+    };
     (
         model,
         StepOutput {
             loss,
             grad_norm: norm,
             tokens,
+            skipped: !finite,
         },
     )
 }
@@ -326,6 +339,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut run_tokens = 0u64;
 
     let first_step = state.step;
+    let (mut nonfinite_total, mut nonfinite_run) = (0usize, 0usize);
     while state.step < last_step {
         let step = state.step + 1;
         let lr = learning_rate(&config.optim, step, total);
@@ -339,6 +353,31 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         );
         model = next;
         state.micro_batches += accum as u64;
+        if out.skipped {
+            nonfinite_total += 1;
+            nonfinite_run += 1;
+            progress.println(&format!(
+                "step {step}: loss or gradient norm is not finite; update skipped ({nonfinite_run} in a row)"
+            ));
+            if let Some(w) = events.as_mut() {
+                w.add_scalar("train/skipped_steps", nonfinite_total as f32, step as i64)?;
+            }
+            if nonfinite_run >= config.train.max_nonfinite_steps {
+                progress.finish();
+                return Err(TrainError::Other(format!(
+                    "stopping at step {step}: {nonfinite_run} steps in a row had a non-finite loss or \
+                     gradient norm (train.max_nonfinite_steps = {}); the last good checkpoint is {}",
+                    config.train.max_nonfinite_steps,
+                    last_checkpoint
+                        .as_ref()
+                        .or(resume_from.as_ref())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+                )));
+            }
+        } else {
+            nonfinite_run = 0;
+        }
         state.step = step;
         state.optimizer_t = optimizer.t;
         state.learning_rate = lr;
