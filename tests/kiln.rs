@@ -1129,3 +1129,83 @@ fn non_finite_steps_are_skipped_and_stop_the_run_keeping_the_last_checkpoint() {
             .all(|t| t.data.iter().all(|v| v.is_finite()))
     );
 }
+
+/// SIGKILL at a dozen moments (some during checkpoint writes), resuming after each; then a
+/// damaged newest checkpoint. The run must end bit-identical to an uninterrupted one.
+#[test]
+fn killed_runs_and_damaged_checkpoints_resume_to_identical_weights() {
+    let (dir, corpus) = scratch("kill");
+    let out = dir.path().join("runs");
+    let yaml = |name: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let text = tiny_yaml(&out, &corpus, name, "")
+            .replace("  hidden_size: 32", "  hidden_size: 64")
+            .replace("  max_steps: 40", "  max_steps: 1500")
+            .replace("  save_every: 20", "  save_every: 25")
+            .replace("  eval_every: 20", "  eval_every: 250")
+            .replace("  histograms_every: 20", "  histograms_every: 0");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (full, killed) = (yaml("full"), yaml("killed"));
+    let r = kiln(&["train", full.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    let run_dir = out.join("killed");
+    let mut kills = 0;
+    for i in 0..12u64 {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg("train").arg(&killed).current_dir(repo());
+        if kiln::train::checkpoint::latest(&run_dir).is_some() {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(120 + (i * 37) % 150));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    assert!(
+        kills >= 10,
+        "only {kills} runs were still going when killed"
+    );
+    let finish = |resume: bool| {
+        let mut args = vec!["train", killed.to_str().unwrap()];
+        if resume {
+            args.push("--resume");
+        }
+        kiln(&args)
+    };
+    let r = finish(kiln::train::checkpoint::latest(&run_dir).is_some());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let weights =
+        |run: &str| std::fs::read(out.join(run).join("step-0001500/model.safetensors")).unwrap();
+    assert!(
+        weights("full") == weights("killed"),
+        "weights after {kills} kills differ"
+    );
+
+    // Damage the newest checkpoint: resume says why, falls back to the previous one, and ends the same.
+    let newest = run_dir.join("step-0001500/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&newest, &bytes).unwrap();
+    let r = finish(true);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("step-0001500") && err.contains("checksum"),
+        "{err}"
+    );
+    assert!(
+        weights("full") == weights("killed"),
+        "weights after falling back differ"
+    );
+}

@@ -26,6 +26,9 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const CONFIG_FILE: &str = "config.json";
 pub const KILN_CONFIG_FILE: &str = "kiln.yaml";
+/// Written last: every other file's size and CRC-32C. A checkpoint without a valid manifest is
+/// not used.
+pub const MANIFEST_FILE: &str = "manifest.json";
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// PEFT's key prefix for a causal LM's adapter tensors.
@@ -109,6 +112,7 @@ pub fn save(
     atomic_write(&tmp.join(STATE_FILE), &st).map_err(|e| io(&tmp, e))?;
     atomic_write(&tmp.join(KILN_CONFIG_FILE), config.to_yaml().as_bytes())
         .map_err(|e| io(&tmp, e))?;
+    write_manifest(&tmp)?;
     sync_dir(&tmp);
 
     if final_dir.exists() {
@@ -305,9 +309,85 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
     out
 }
 
-/// The newest complete checkpoint of a run.
+fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+        if e.path().is_dir() {
+            files_under(&e.path(), &format!("{name}/"), out);
+        } else if name != MANIFEST_FILE && !name.starts_with('.') {
+            out.push((name, e.path()));
+        }
+    }
+}
+
+/// Records every file's size and CRC-32C in `manifest.json`, written last.
+fn write_manifest(dir: &Path) -> Result<(), TrainError> {
+    let mut files = Vec::new();
+    files_under(dir, "", &mut files);
+    let mut entries = Vec::new();
+    for (name, path) in files {
+        let bytes = std::fs::read(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
+        entries.push(serde_json::json!({"file": name, "bytes": bytes.len(), "crc32c": crc32c::crc32c(&bytes)}));
+    }
+    let manifest = serde_json::json!({"kiln_version": env!("CARGO_PKG_VERSION"), "files": entries});
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ckpt_err(dir, e.to_string()))?;
+    atomic_write(&dir.join(MANIFEST_FILE), &text).map_err(|e| ckpt_err(dir, e.to_string()))
+}
+
+/// Checks a checkpoint against its manifest: every file present, with its size and checksum.
+pub fn verify(dir: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
+        .map_err(|_| "no manifest (incomplete write)".to_string())?;
+    let m: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("manifest unreadable: {e}"))?;
+    let files = m
+        .get("files")
+        .and_then(|f| f.as_array())
+        .ok_or("manifest has no file list")?;
+    for f in files {
+        let name = f
+            .get("file")
+            .and_then(|v| v.as_str())
+            .ok_or("manifest entry without a name")?;
+        if name.contains("..") || name.starts_with('/') {
+            return Err(format!("manifest names `{name}` outside the checkpoint"));
+        }
+        let bytes = std::fs::read(dir.join(name)).map_err(|_| format!("{name} is missing"))?;
+        if Some(bytes.len() as u64) != f.get("bytes").and_then(|v| v.as_u64()) {
+            return Err(format!(
+                "{name} has {} bytes, the manifest says {}",
+                bytes.len(),
+                f["bytes"]
+            ));
+        }
+        if Some(crc32c::crc32c(&bytes) as u64) != f.get("crc32c").and_then(|v| v.as_u64()) {
+            return Err(format!("{name} fails its checksum"));
+        }
+    }
+    Ok(())
+}
+
+/// The newest checkpoint that passes [`verify`], and why each newer one was passed over.
+pub fn latest_verified(run_dir: &Path) -> (Option<PathBuf>, Vec<String>) {
+    let mut skipped = Vec::new();
+    for (_, path) in list(run_dir).into_iter().rev() {
+        match verify(&path) {
+            Ok(()) => return (Some(path), skipped),
+            Err(why) => skipped.push(format!("{}: {why}", path.display())),
+        }
+    }
+    (None, skipped)
+}
+
+/// The newest complete, verified checkpoint of a run.
 pub fn latest(run_dir: &Path) -> Option<PathBuf> {
-    list(run_dir).pop().map(|(_, p)| p)
+    latest_verified(run_dir).0
 }
 
 /// Removes step checkpoints beyond the newest `keep_last`, sparing `best`.

@@ -196,10 +196,19 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     ensure_writable(&run_dir)?;
     let _lock = crate::lock::RunLock::acquire(&run_dir)?;
     let resume_from = if options.resume {
-        Some(checkpoint::latest(&run_dir).ok_or_else(|| {
+        let (found, skipped) = checkpoint::latest_verified(&run_dir);
+        for why in &skipped {
+            eprintln!("warning: not resuming from {why}; trying the previous checkpoint");
+        }
+        Some(found.ok_or_else(|| {
             TrainError::Other(format!(
-                "--resume: no checkpoint in {} to resume from",
-                run_dir.display()
+                "--resume: no complete checkpoint in {} to resume from{}",
+                run_dir.display(),
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} damaged)", skipped.len())
+                }
             ))
         })?)
     } else {
