@@ -1209,3 +1209,64 @@ fn killed_runs_and_damaged_checkpoints_resume_to_identical_weights() {
         "weights after falling back differ"
     );
 }
+
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_one_and_stops_or_continues_as_configured() {
+    let (dir, corpus) = scratch("savefail");
+    let out = dir.path().join("runs");
+    let path = dir.path().join("s.yaml");
+    std::fs::write(&path, tiny_yaml(&out, &corpus, "stop", "")).unwrap();
+    for (name, mode) in [("stop", "stop"), ("cont", "continue")] {
+        // Something that is not a checkpoint directory sits where step 20 must go: the write fails.
+        std::fs::create_dir_all(out.join(name)).unwrap();
+        std::fs::write(out.join(name).join("step-0000020"), b"in the way").unwrap();
+        let r = kiln(&[
+            "train",
+            path.to_str().unwrap(),
+            "--set",
+            &format!("run.name={name}"),
+            "--set",
+            "train.max_steps=30",
+            "--set",
+            "train.save_every=10",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            "train.keep_last=5",
+            "--set",
+            &format!("train.on_save_error={mode}"),
+        ]);
+        let (stdout, err) = (
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr),
+        );
+        let run = out.join(name);
+        assert!(kiln::train::checkpoint::verify(&run.join("step-0000010")).is_ok());
+        if mode == "stop" {
+            assert_eq!(r.status.code(), Some(1), "{stdout}\n{err}");
+            assert!(
+                err.contains("step 20: checkpoint failed") && err.contains("step-0000010"),
+                "{err}"
+            );
+            assert_eq!(
+                kiln::train::checkpoint::latest(&run).unwrap(),
+                run.join("step-0000010")
+            );
+        } else {
+            assert!(r.status.success(), "{stdout}\n{err}");
+            assert!(
+                stdout.contains("step 20: checkpoint failed")
+                    && stdout.contains("training goes on"),
+                "{stdout}"
+            );
+            assert_eq!(
+                kiln::train::checkpoint::latest(&run).unwrap(),
+                run.join("step-0000030")
+            );
+        }
+        assert!(
+            !run.join(".step-0000020.tmp").exists(),
+            "the half-written checkpoint is left behind"
+        );
+    }
+}

@@ -433,6 +433,19 @@ pub struct TrainConfig {
     /// A step whose loss or gradient norm is NaN/inf is skipped; this many in a row stop the run
     /// (the last good checkpoint stays). Default 5.
     pub max_nonfinite_steps: usize,
+    /// When a checkpoint cannot be written (disk full, permissions): `stop` the run, or `continue`
+    /// training and try again at the next save. The previous checkpoint stays whole either way.
+    /// Default `stop`.
+    pub on_save_error: OnSaveError,
+}
+
+/// What a failed checkpoint write does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSaveError {
+    #[default]
+    Stop,
+    Continue,
 }
 
 impl Default for TrainConfig {
@@ -448,6 +461,7 @@ impl Default for TrainConfig {
             keep_last: 2,
             keep_best: true,
             max_nonfinite_steps: 5,
+            on_save_error: OnSaveError::Stop,
         }
     }
 }

@@ -487,14 +487,38 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             || (new_best && config.train.keep_best);
         if save_due {
             state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-            let dir = checkpoint::save(
+            let saved = checkpoint::save(
                 &run_dir,
                 config,
                 &model,
                 &optimizer.state_to_host(),
                 &state,
                 &setup,
-            )?;
+            );
+            let dir = match saved {
+                Ok(dir) => dir,
+                Err(e) => {
+                    // The half-written temp directory goes; complete checkpoints were never touched.
+                    let _ = std::fs::remove_dir_all(
+                        run_dir.join(format!(".{}.tmp", checkpoint::step_dir_name(step))),
+                    );
+                    let kept = last_checkpoint
+                        .as_ref()
+                        .or(resume_from.as_ref())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "none yet".into());
+                    if config.train.on_save_error == kiln_config::OnSaveError::Continue && !at_end {
+                        progress.println(&format!(
+                            "step {step}: checkpoint failed ({e}); training goes on, last checkpoint {kept}"
+                        ));
+                        continue;
+                    }
+                    progress.finish();
+                    return Err(TrainError::Other(format!(
+                        "step {step}: checkpoint failed: {e}; the last complete checkpoint is {kept}"
+                    )));
+                }
+            };
             if new_best && config.train.keep_best {
                 checkpoint::point(&run_dir, "best", &dir)?;
             }
