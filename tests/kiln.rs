@@ -564,20 +564,23 @@ fn bad_models_and_data_fail_with_located_errors() {
     let text = d.join("t.txt");
     std::fs::write(&text, "hello world").unwrap();
     let t = text.to_str().unwrap();
+    let eval_fails = |model: &Path, needles: &[&str]| {
+        fails_naming(
+            &[
+                "eval",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                t,
+                "--backend",
+                "cpu",
+            ],
+            needles,
+        )
+    };
 
     // No tokenizer in the model directory.
-    fails_naming(
-        &[
-            "eval",
-            "--model",
-            fixture.to_str().unwrap(),
-            "--data",
-            t,
-            "--backend",
-            "cpu",
-        ],
-        &["tokenizer.json", "llama-gqa-tied"],
-    );
+    eval_fails(&fixture, &["tokenizer.json", "llama-gqa-tied"]);
 
     // An architecture kiln does not implement.
     let gpt2 = d.join("gpt2");
@@ -588,18 +591,7 @@ fn bad_models_and_data_fail_with_located_errors() {
         cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
     )
     .unwrap();
-    fails_naming(
-        &[
-            "eval",
-            "--model",
-            gpt2.to_str().unwrap(),
-            "--data",
-            t,
-            "--backend",
-            "cpu",
-        ],
-        &["config.json", "GPT2LMHeadModel"],
-    );
+    eval_fails(&gpt2, &["config.json", "GPT2LMHeadModel"]);
 
     // A config that disagrees with the weights' shapes.
     let wide = d.join("wide");
@@ -609,36 +601,14 @@ fn bad_models_and_data_fail_with_located_errors() {
         cfg.replace("\"intermediate_size\": 96", "\"intermediate_size\": 100"),
     )
     .unwrap();
-    fails_naming(
-        &[
-            "eval",
-            "--model",
-            wide.to_str().unwrap(),
-            "--data",
-            t,
-            "--backend",
-            "cpu",
-        ],
-        &["mlp.gate_proj.weight", "shape"],
-    );
+    eval_fails(&wide, &["mlp.gate_proj.weight", "shape"]);
 
     // A truncated safetensors file.
     let cut = d.join("cut");
     copy_dir(&fixture, &cut);
     let bytes = std::fs::read(cut.join("model.safetensors")).unwrap();
     std::fs::write(cut.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    fails_naming(
-        &[
-            "eval",
-            "--model",
-            cut.to_str().unwrap(),
-            "--data",
-            t,
-            "--backend",
-            "cpu",
-        ],
-        &["model.safetensors"],
-    );
+    eval_fails(&cut, &["model.safetensors"]);
 
     // A truncated GGUF file.
     if let Some(gguf) = smollm2() {

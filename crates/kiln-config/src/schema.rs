@@ -259,6 +259,17 @@ pub enum FinetuneMethod {
     Full,
 }
 
+/// The seven linear projections of a Llama-family block, by their Hugging Face names.
+pub const ALL_LINEAR_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// Which projections get adapters: a list of HF module names, or `all-linear`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -308,18 +319,9 @@ impl Default for LoraConfig {
 impl LoraConfig {
     /// Target module names, with `all-linear` expanded.
     pub fn targets(&self) -> Vec<String> {
-        const ALL: [&str; 7] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
         match &self.target_modules {
             TargetModules::Named(n) if n == "all-linear" => {
-                ALL.iter().map(|s| s.to_string()).collect()
+                ALL_LINEAR_MODULES.iter().map(|s| s.to_string()).collect()
             }
             TargetModules::Named(n) => vec![n.clone()],
             TargetModules::List(l) => l.clone(),
@@ -619,21 +621,16 @@ impl Config {
         if !(0.0..1.0).contains(&l.dropout) {
             return Err(("finetune.lora.dropout".into(), "must be in [0, 1)".into()));
         }
-        const ALL: [&str; 7] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
-        if let Some(bad) = l.targets().iter().find(|t| !ALL.contains(&t.as_str())) {
+        if let Some(bad) = l
+            .targets()
+            .iter()
+            .find(|t| !ALL_LINEAR_MODULES.contains(&t.as_str()))
+        {
             return Err((
                 "finetune.lora.target_modules".into(),
                 format!(
                     "unknown module `{bad}` (expected all-linear or some of {})",
-                    ALL.join(", ")
+                    ALL_LINEAR_MODULES.join(", ")
                 ),
             ));
         }

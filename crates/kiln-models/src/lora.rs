@@ -40,15 +40,7 @@ impl LoraSpec {
     }
 
     /// All seven projections of a Llama block.
-    pub const ALL_LINEAR: [&'static str; 7] = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    pub const ALL_LINEAR: [&'static str; 7] = kiln_config::ALL_LINEAR_MODULES;
 }
 
 /// The module name (`q_proj`) and layer of a parameter path like
