@@ -71,6 +71,19 @@ fn tiny_config(out: &Path, corpus: &Path, name: &str, overrides: &[&str]) -> Con
         .unwrap()
 }
 
+/// Writes the tiny config with `overrides` applied to `<dir>/<name>.yaml` (for CLI runs).
+fn write_tiny_config(
+    dir: &Path,
+    out: &Path,
+    corpus: &Path,
+    name: &str,
+    overrides: &[&str],
+) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, tiny_config(out, corpus, name, overrides).to_yaml()).unwrap();
+    path
+}
+
 fn quiet() -> TrainOptions {
     TrainOptions {
         quiet: true,
@@ -1011,15 +1024,14 @@ fn sigint_checkpoints_exits_130_and_resume_is_exact_and_runs_are_locked() {
     let (dir, corpus) = scratch("signal");
     let out = dir.path().join("runs");
     let yaml = |name: &str| {
-        let path = dir.path().join(format!("{name}.yaml"));
-        let text = tiny_yaml(&out, &corpus, name, "")
-            .replace("  hidden_size: 32", "  hidden_size: 64")
-            .replace("  max_steps: 40", "  max_steps: 300")
-            .replace("  save_every: 20", "  save_every: 0")
-            .replace("  eval_every: 20", "  eval_every: 0")
-            .replace("  log_every: 5", "  log_every: 1");
-        std::fs::write(&path, text).unwrap();
-        path
+        let overrides = [
+            "model.hidden_size=64",
+            "train.max_steps=300",
+            "train.save_every=0",
+            "train.eval_every=0",
+            "logging.log_every=1",
+        ];
+        write_tiny_config(dir.path(), &out, &corpus, name, &overrides)
     };
     let (full, split) = (yaml("full"), yaml("split"));
     let r = kiln(&["train", full.to_str().unwrap()]);
@@ -1107,15 +1119,14 @@ fn killed_runs_and_damaged_checkpoints_resume_to_identical_weights() {
     let (dir, corpus) = scratch("kill");
     let out = dir.path().join("runs");
     let yaml = |name: &str| {
-        let path = dir.path().join(format!("{name}.yaml"));
-        let text = tiny_yaml(&out, &corpus, name, "")
-            .replace("  hidden_size: 32", "  hidden_size: 64")
-            .replace("  max_steps: 40", "  max_steps: 1500")
-            .replace("  save_every: 20", "  save_every: 25")
-            .replace("  eval_every: 20", "  eval_every: 250")
-            .replace("  histograms_every: 20", "  histograms_every: 0");
-        std::fs::write(&path, text).unwrap();
-        path
+        let overrides = [
+            "model.hidden_size=64",
+            "train.max_steps=1500",
+            "train.save_every=25",
+            "train.eval_every=250",
+            "logging.histograms_every=0",
+        ];
+        write_tiny_config(dir.path(), &out, &corpus, name, &overrides)
     };
     let (full, killed) = (yaml("full"), yaml("killed"));
     let r = kiln(&["train", full.to_str().unwrap()]);

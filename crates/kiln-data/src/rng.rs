@@ -1,4 +1,4 @@
-/// A small, portable PRNG (xoshiro256**) whose whole state fits a checkpoint.
+/// A small, portable PRNG (xoshiro256**).
 ///
 /// Everything random in kiln (weight init, window positions, dropout seeds) draws from streams
 /// derived from the run seed, so a run is a function of its config and resume is exact.
@@ -64,14 +64,6 @@ impl Rng {
         let u1 = 1.0 - self.next_f64();
         let u2 = self.next_f64();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-
-    pub fn state(&self) -> [u64; 4] {
-        self.s
-    }
-
-    pub fn from_state(s: [u64; 4]) -> Self {
-        Self { s }
     }
 }
 

@@ -903,24 +903,6 @@ impl LlamaModel {
         }
     }
 
-    /// Moves every parameter to `device` (e.g. the autodiff view of the same backend), marking
-    /// them as requiring gradients when `trainable`.
-    pub fn to_device(self, device: &Device, trainable: bool) -> Self {
-        struct Move<'a>(&'a Device, bool);
-        impl ParamMapper for Move<'_> {
-            fn map<const D: usize>(&mut self, _: &str, _: ParamKind, p: Tensor<D>) -> Tensor<D> {
-                let p = p.detach().to_device(self.0);
-                let p = if self.0.is_autodiff() {
-                    p.autodiff()
-                } else {
-                    p.without_autodiff()
-                };
-                if self.1 { p.require_grad() } else { p }
-            }
-        }
-        self.map_params(&mut Move(device, trainable))
-    }
-
     /// All parameters in Hugging Face layout (linear weights as `[out, in]`), read to the host.
     pub fn to_hf_tensors(&self) -> BTreeMap<String, HostTensor> {
         self.hf_tensors_where(|_| true)

@@ -30,14 +30,11 @@ pub struct BenchReport {
 pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
     let start = Instant::now();
     let selected = device::select(&config.backend)?;
-    let setup = crate::setup::setup(config, &selected.device, None)?;
-    let parameters = setup.model.config.num_params();
+    let (base, setup) = crate::setup::setup(config, &selected.device, None)?;
+    let parameters = base.config.num_params();
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
-    let mut model = kiln_models::lora::set_trainable(
-        setup.model.clone(),
-        &selected.device.clone().autodiff(),
-        lora_only,
-    );
+    let mut model =
+        kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
     let mut optimizer = AdamW::new(&config.optim);
     let total = total_steps(config, setup.data.train_tokens()).max(steps + warmup);
     let accum = config.train.grad_accum as u64;

@@ -106,9 +106,8 @@ impl TrainData {
     }
 }
 
-/// Everything a run needs before its first step. The model is on the plain (non-autodiff) device.
+/// Everything besides the model that a run needs before its first step.
 pub struct Setup {
-    pub model: LlamaModel,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub tokenizer_json: Option<serde_json::Value>,
@@ -175,7 +174,12 @@ pub fn lora_spec(config: &Config, n_layers: usize) -> LoraSpec {
     }
 }
 
-pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<Setup, TrainError> {
+/// The model (on the plain, non-autodiff device) and the rest of the run's setup.
+pub fn setup(
+    config: &Config,
+    device: &Device,
+    resume: Option<&Path>,
+) -> Result<(LlamaModel, Setup), TrainError> {
     let Some(base) = &config.model.pretrained else {
         return setup_scratch(config, device, resume);
     };
@@ -216,21 +220,23 @@ pub fn setup(config: &Config, device: &Device, resume: Option<&Path>) -> Result<
             )
         }
     };
-    Ok(Setup {
+    Ok((
         model,
-        tokenizer,
-        chat_template: p.chat_template,
-        tokenizer_json: p.tokenizer_json,
-        data,
-        method,
-    })
+        Setup {
+            tokenizer,
+            chat_template: p.chat_template,
+            tokenizer_json: p.tokenizer_json,
+            data,
+            method,
+        },
+    ))
 }
 
 fn setup_scratch(
     config: &Config,
     device: &Device,
     resume: Option<&Path>,
-) -> Result<Setup, TrainError> {
+) -> Result<(LlamaModel, Setup), TrainError> {
     let saved_tokenizer = match resume {
         Some(dir) => Some(Tokenizer::load_dir(dir)?),
         None => None,
@@ -263,14 +269,16 @@ fn setup_scratch(
             device,
         ),
     };
-    Ok(Setup {
+    Ok((
         model,
-        tokenizer,
-        chat_template: None,
-        tokenizer_json: None,
-        data,
-        method: Method::Scratch,
-    })
+        Setup {
+            tokenizer,
+            chat_template: None,
+            tokenizer_json: None,
+            data,
+            method: Method::Scratch,
+        },
+    ))
 }
 
 /// Replaces the adapter matrices of `model` with those of a PEFT `adapter_model.safetensors`.

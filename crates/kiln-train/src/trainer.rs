@@ -212,7 +212,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             ))
         })?)
     } else {
-        if let Some(existing) = checkpoint::latest(&run_dir) {
+        // Any step directory counts here (no need to checksum it): never write over a run.
+        if let Some((_, existing)) = checkpoint::list(&run_dir).pop() {
             return Err(TrainError::Other(format!(
                 "{} already holds checkpoints (newest: {}); pass --resume to continue it, or choose \
                  another run.name",
@@ -234,7 +235,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
 
-    let setup = setup::setup(config, &device, resume_from.as_deref())?;
+    let (base, setup) = setup::setup(config, &device, resume_from.as_deref())?;
     let total = total_steps(config, setup.data.train_tokens());
     let seed = config.run.seed;
     let mut optimizer = AdamW::new(&config.optim);
@@ -272,7 +273,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         },
     };
     let lora_only = matches!(setup.method, Method::Lora { .. });
-    let mut model = lora::set_trainable(setup.model.clone(), &train_device, lora_only);
+    let mut model = lora::set_trainable(base, &train_device, lora_only);
     let (n_trainable, n_total) = count_params(&model);
     let mc = &model.config;
     let what = match &setup.method {
