@@ -82,6 +82,14 @@ def main():
         exact = exact_model(ids).logits[0]
     err_kiln = (k["logits"].double() - exact).abs().max().item()
     err_torch = (fused_logits.double() - exact).abs().max().item()
+    # PEFT itself in f64: the adapter applied as PEFT applies it, without f32 rounding on the reference side.
+    model64 = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval()
+    peft64 = PeftModel.from_pretrained(model64, a.adapter).eval()
+    peft64.double()
+    with torch.no_grad():
+        peft_exact = peft64(ids).logits[0]
+    err_kiln_peft64 = (k["logits"].double() - peft_exact).abs().max().item()
+    err_peft32_peft64 = (peft_logits.double() - peft_exact).abs().max().item()
 
     report = {
         "adapter_tensors": len(adapter),
@@ -93,13 +101,19 @@ def main():
         "logit_scale": k["logits"].abs().max().item(),
         "max_abs_err_kiln_f32_vs_f64": err_kiln,
         "max_abs_err_transformers_f32_vs_f64": err_torch,
+        "max_abs_diff_peft_f64_vs_kiln": err_kiln_peft64,
+        "max_abs_err_peft_f32_vs_f64": err_peft32_peft64,
     }
-    # "Within 1e-4" as torch.allclose reads it (atol = rtol = 1e-4): both sides compute in f32, and at
-    # logit magnitudes near 30 their rounding alone differs by about 1e-4 (see the f64 errors above).
-    close_peft = torch.allclose(peft_logits, k["logits"], rtol=1e-4, atol=1e-4)
-    close_fused = torch.allclose(fused_logits, k["logits"], rtol=1e-4, atol=1e-4)
-    report["allclose_1e-4_peft"] = close_peft
-    report["allclose_1e-4_fused"] = close_fused
+    # The gate: kiln's f32 logits within 1e-4 (absolute, every logit) of PEFT's and of the fused model's
+    # logits computed in f64 by PyTorch, i.e. of the exact values. f32 against f32 is reported too, but
+    # there both sides round (each by ~5e-5 to 9e-5 at logit magnitudes near 30 over 30 layers), so their
+    # difference measures the two roundings added, not kiln's error.
+    report["allclose_1e-4_peft_f32"] = torch.allclose(peft_logits, k["logits"], rtol=1e-4, atol=1e-4)
+    report["allclose_1e-4_fused_f32"] = torch.allclose(fused_logits, k["logits"], rtol=1e-4, atol=1e-4)
+    close_peft = err_kiln_peft64 <= 1e-4
+    close_fused = err_kiln <= 1e-4
+    report["within_1e-4_of_peft_f64"] = close_peft
+    report["within_1e-4_of_fused_f64"] = close_fused
     print(json.dumps(report, indent=2))
     ok = not missing and not unexpected and close_peft and close_fused
     print("OK" if ok else "MISMATCH")
