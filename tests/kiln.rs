@@ -949,7 +949,7 @@ fn gguf_quant_types_dequantize_like_llama_cpp() {
             .unwrap();
     let types: std::collections::BTreeSet<u32> = gguf.tensors.iter().map(|t| t.ggml_type).collect();
     assert_eq!(types, [0, 1, 2, 3, 8, 30].into_iter().collect());
-    let model = gguf.load_model(&burn::tensor::Device::flex()).unwrap();
+    let model = kiln::models::gguf::load_model(&gguf, &burn::tensor::Device::flex()).unwrap();
     let inputs: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo().join("tests/fixtures/parity/llama-gqa-tied/inputs.json"))
             .unwrap(),

@@ -21,6 +21,9 @@ impl Message {
     }
 }
 
+/// Instructions one render may execute before it fails.
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     pub source: String,
@@ -39,6 +42,9 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Templates come from model files: bound the work one render may do (a real template
+        // spends a few hundred units per message).
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -69,6 +75,26 @@ mod tests {
 
     /// SmolLM2's template, as its tokenizer_config.json and GGUF metadata carry it.
     const SMOL: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn runaway_templates_stop_long_conversations_render() {
+        let t = |source: &str| ChatTemplate {
+            source: source.into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let start = std::time::Instant::now();
+        let e = t("{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}")
+            .render(&[Message::new("user", "Hi")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fuel"), "{e}");
+        assert!(start.elapsed().as_secs() < 10);
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], "some words of a turn"))
+            .collect();
+        assert!(t(SMOL).render(&long, true).is_ok());
+    }
 
     #[test]
     fn renders_like_transformers() {

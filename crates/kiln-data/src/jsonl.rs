@@ -196,6 +196,16 @@ pub fn read_split(
     enc: &Encoding<'_>,
 ) -> Result<(Format, Split), DataError> {
     let text = crate::corpus::read_text(path)?;
+    parse_split(&text, path, format, enc)
+}
+
+/// Parses JSONL `text` into examples; `path` names it in errors (with the line number).
+pub fn parse_split(
+    text: &str,
+    path: &Path,
+    format: Option<Format>,
+    enc: &Encoding<'_>,
+) -> Result<(Format, Split), DataError> {
     let mut split = Split::default();
     let mut format = format;
     for (i, raw) in text.lines().enumerate() {

@@ -110,19 +110,26 @@ impl Tokenizer {
                 message: "file not found".into(),
             });
         }
-        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
+        let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
-        Ok(Tokenizer::Hf(Box::new(t)))
+        Self::from_hf_json(&text, path)
     }
 
     /// Parses a Hugging Face `tokenizer.json` document; `origin` names it in errors.
     pub fn from_hf_json(text: &str, origin: &Path) -> Result<Self, DataError> {
-        let t: tokenizers::Tokenizer = text.parse().map_err(|e| DataError::Tokenizer {
+        let err = |message: String| DataError::Tokenizer {
             path: origin.to_path_buf(),
-            message: format!("{e}"),
-        })?;
+            message,
+        };
+        // JSON syntax is checked first, into a tree: tokenizers 0.23 parsing straight from text
+        // panics (`expect("Helper")`) on a syntax error inside the `decoder` object (found by
+        // fuzzing; fuzz/regressions/tokenizer_json).
+        let tree: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not JSON: {e}")))?;
+        let t: tokenizers::Tokenizer =
+            serde_json::from_value(tree).map_err(|e| err(e.to_string()))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
 

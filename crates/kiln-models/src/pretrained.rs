@@ -137,7 +137,7 @@ impl Pretrained {
             bos_token: bos,
             eos_token: eos,
         });
-        let model = file.load_model(device)?;
+        let model = crate::gguf::load_model(&file, device)?;
         Ok(Self {
             path: path.to_path_buf(),
             model,

@@ -115,7 +115,12 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError>
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::File {
+    parse(&bytes, path)
+}
+
+/// Decodes the bytes of a safetensors file; `path` names it in errors.
+pub fn parse(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::File {
         path: path.to_path_buf(),
         message: format!("not a valid safetensors file: {e}"),
     })?;

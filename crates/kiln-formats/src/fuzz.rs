@@ -1,0 +1,254 @@
+//! The bodies of the fuzz targets in `fuzz/` (cargo-fuzz), here so that `cargo test` replays the
+//! kept inputs (`fuzz/regressions/<target>/`, `fuzz/seeds/<target>/`) through the same code on
+//! stable Rust. Each takes the bytes of one hostile file, runs it through the reader kiln uses for
+//! that file and on through what kiln does next with the result, and checks what must hold of
+//! anything a reader accepts. Errors are fine; a panic, an abort or an allocation the input's
+//! size does not justify is a finding.
+
+use crate::{gguf::GgufFile, hf, safetensors_io};
+use kiln_data::jsonl::{self, Encoding};
+use kiln_data::{ChatTemplate, Message, Tokenizer};
+use std::path::Path;
+
+/// A target's body: the bytes of one file.
+pub type Target = fn(&[u8]);
+
+/// The targets, by the names of their directories under `fuzz/`.
+pub const TARGETS: [(&str, Target); 6] = [
+    ("config_yaml", config_yaml),
+    ("safetensors", safetensors),
+    ("hf_json", hf_json),
+    ("gguf", gguf),
+    ("jsonl", jsonl),
+    ("tokenizer_json", tokenizer_json),
+];
+
+/// A run's YAML config. Whatever parses and validates must write back to YAML that parses to the
+/// same config (kiln writes the resolved config into every run directory and resumes from it).
+pub fn config_yaml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = kiln_config::Config::from_yaml_str(text, "fuzz.yaml") else {
+        return;
+    };
+    let yaml = config.to_yaml();
+    let again = kiln_config::Config::from_yaml_str(&yaml, "written.yaml")
+        .unwrap_or_else(|e| panic!("kiln's own YAML does not read back: {e}\n{yaml}"));
+    assert_eq!(
+        again.to_yaml(),
+        yaml,
+        "the config changed on a write/read round trip"
+    );
+}
+
+/// A safetensors file (weights, checkpoints, PEFT adapters).
+pub fn safetensors(data: &[u8]) {
+    let Ok(tensors) = safetensors_io::parse(data, Path::new("fuzz.safetensors")) else {
+        return;
+    };
+    for (name, t) in &tensors {
+        let n: usize = t.shape.iter().product();
+        assert_eq!(n, t.data.len(), "tensor {name}: shape and data disagree");
+    }
+}
+
+/// `config.json` and `model.safetensors.index.json` of a Hugging Face model directory.
+pub fn hf_json(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(config) = hf::parse_config(text, Path::new("config.json")) {
+        // What kiln writes back (fused models, checkpoints) must read back the same.
+        let written = config.to_hf_json().to_string();
+        let again = hf::parse_config(&written, Path::new("written.json"))
+            .unwrap_or_else(|e| panic!("kiln's own config.json does not read back: {e}"));
+        assert_eq!(again, config, "config changed on a write/read round trip");
+        let _ = config.num_params();
+        let _ = config.inv_freq();
+    }
+    if let Ok(files) = hf::parse_index(text, Path::new("model.safetensors.index.json")) {
+        for f in files {
+            assert!(
+                !f.is_empty() && !f.contains('/') && !f.contains('\\') && !f.starts_with('.'),
+                "index names a file outside the directory: {f}"
+            );
+        }
+    }
+}
+
+/// A GGUF file: header, metadata, tensor infos, then what loading does with them: the config, every
+/// tensor de-quantised and renamed, the tokenizer rebuilt and used, the chat template rendered.
+pub fn gguf(data: &[u8]) {
+    let Ok(file) = GgufFile::parse(data.to_vec(), Path::new("fuzz.gguf")) else {
+        return;
+    };
+    for t in &file.tensors {
+        assert!(
+            t.offset + t.n_bytes <= data.len(),
+            "tensor {} lies past the end",
+            t.name
+        );
+    }
+    if let Ok(config) = file.config()
+        && let Ok(tensors) = file.hf_tensors(&config)
+    {
+        for (name, t) in &tensors {
+            let n: usize = t.shape.iter().product();
+            assert_eq!(n, t.data.len(), "tensor {name}: shape and data disagree");
+        }
+    }
+    if let Ok(json) = file.tokenizer_json()
+        && let Ok(tok) = Tokenizer::from_hf_json(&json.to_string(), Path::new("fuzz.gguf"))
+    {
+        use_tokenizer(&tok);
+    }
+    if let Some(source) = file.chat_template() {
+        let template = ChatTemplate {
+            source,
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let _ = template.render(&[Message::new("user", "Hi")], true);
+    }
+}
+
+const SMOL_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A JSONL data file (text, prompt/completion or chat records), tokenized with a chat template,
+/// truncated, masked, then batched both padded and packed.
+pub fn jsonl(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // Every character of the input is in the vocabulary, so records fail only on their structure.
+    let mut alphabet: String = text.chars().collect();
+    alphabet.push_str(SMOL_TEMPLATE);
+    alphabet.push_str("0123456789");
+    let tokenizer = Tokenizer::Char(kiln_data::CharTokenizer::from_text(&alphabet));
+    let template = ChatTemplate {
+        source: SMOL_TEMPLATE.into(),
+        bos_token: "<|im_start|>".into(),
+        eos_token: "<|im_end|>".into(),
+    };
+    for (mask_prompt, chat_template) in [(true, Some(&template)), (false, None)] {
+        let enc = Encoding {
+            tokenizer: &tokenizer,
+            chat_template,
+            eos_id: Some(0),
+            mask_prompt,
+            max_seq_len: 64,
+        };
+        let Ok((_, split)) = jsonl::parse_split(text, Path::new("fuzz.jsonl"), None, &enc) else {
+            continue;
+        };
+        for e in &split.examples {
+            assert_eq!(e.ids.len(), e.trained.len());
+            assert!(e.ids.len() >= 2 && e.ids.len() <= enc.max_seq_len + 1);
+        }
+        if split.examples.is_empty() {
+            continue;
+        }
+        for b in jsonl::sequential_batches(&split, 3, 0) {
+            assert_eq!(b.inputs.len(), b.batch_size * b.seq_len);
+        }
+        let b = jsonl::train_batch(&split, 7, 2, 3, 0);
+        assert_eq!(b.inputs.len(), 3 * b.seq_len);
+        let b = jsonl::packed_train_batch(&split, 7, 2, 2, 16, 0);
+        assert_eq!(b.inputs.len(), 2 * 16);
+    }
+}
+
+/// A Hugging Face `tokenizer.json`, then used to encode and decode.
+pub fn tokenizer_json(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(tok) = Tokenizer::from_hf_json(text, Path::new("tokenizer.json")) {
+        use_tokenizer(&tok);
+    }
+}
+
+fn use_tokenizer(tok: &Tokenizer) {
+    for sample in [
+        "Hello, world! 1987",
+        "<|im_start|>user\nHi<|im_end|>",
+        "",
+        " \u{e9}\u{1F600}",
+    ] {
+        if let Ok(ids) = tok.encode(sample) {
+            let _ = tok.decode(&ids);
+        }
+    }
+    let n = tok.vocab_size() as u32;
+    let _ = tok.decode(&[0, n.saturating_sub(1), n, n.saturating_add(7), u32::MAX]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn seed(target: &str, name: &str) -> Vec<u8> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/seeds")
+            .join(target)
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The seeds are valid files, so the fuzzer starts past the readers' first checks.
+    #[test]
+    fn seeds_are_accepted_by_the_readers() {
+        let g = GgufFile::parse(seed("gguf", "tokenizer.gguf"), Path::new("t.gguf")).unwrap();
+        let config = g.config().unwrap();
+        assert_eq!(g.hf_tensors(&config).unwrap().len(), 11);
+        let json = g.tokenizer_json().unwrap().to_string();
+        let tok = Tokenizer::from_hf_json(&json, Path::new("t.gguf")).unwrap();
+        assert_eq!(tok.encode("Hi").unwrap(), vec![5]);
+        assert!(g.chat_template().is_some());
+        let st = safetensors_io::parse(&seed("safetensors", "f32.safetensors"), Path::new("s"));
+        assert_eq!(st.unwrap()["a"].shape, vec![2, 3]);
+        let text = String::from_utf8(seed("hf_json", "qwen2-f16-config.json")).unwrap();
+        assert!(hf::parse_config(&text, Path::new("c")).unwrap().qkv_bias);
+        let text = String::from_utf8(seed("hf_json", "index.json")).unwrap();
+        assert_eq!(hf::parse_index(&text, Path::new("i")).unwrap().len(), 3);
+        let text = String::from_utf8(seed("tokenizer_json", "bpe.json")).unwrap();
+        assert!(Tokenizer::from_hf_json(&text, Path::new("t")).is_ok());
+        for name in ["shakespeare-char.yaml", "smollm2-lora.yaml", "minimal.yaml"] {
+            let text = String::from_utf8(seed("config_yaml", name)).unwrap();
+            kiln_config::Config::from_yaml_str(&text, name).unwrap();
+        }
+    }
+
+    /// Replays every kept input (crashes found and fixed, and the seed corpora) through its target.
+    #[test]
+    fn fuzz_inputs_replay_without_panics() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        let mut replayed = 0;
+        for (name, target) in TARGETS {
+            for kind in ["regressions", "seeds"] {
+                let dir = root.join(kind).join(name);
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let bytes = std::fs::read(entry.path()).unwrap();
+                    let path = entry.path();
+                    let outcome = std::panic::catch_unwind(|| target(&bytes));
+                    assert!(
+                        outcome.is_ok(),
+                        "{} panics in target {name}",
+                        path.display()
+                    );
+                    replayed += 1;
+                }
+            }
+        }
+        assert!(
+            replayed > 0,
+            "no fuzz inputs found under {}",
+            root.display()
+        );
+    }
+}

@@ -1,0 +1,658 @@
+//! GGUF files (llama.cpp's format) of the `llama` architecture: metadata, tensor infos, and
+//! de-quantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32 in Hugging Face's layout and
+//! names (the Q/K row permutation llama.cpp applies is undone). The tokenizer is rebuilt from the
+//! `tokenizer.ggml.*` metadata as a Hugging Face `tokenizer.json`.
+//!
+//! Every count and size read from the file is checked against the bytes that remain before
+//! anything is allocated, so a truncated or hostile file gives an error, not a panic or an OOM.
+
+use crate::ModelError;
+use crate::config::LlamaConfig;
+use crate::safetensors_io::HostTensor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U64(v) => Some(v),
+            Value::I64(v) if v >= 0 => Some(v as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F64(v) => Some(v),
+            Value::U64(v) => Some(v as f64),
+            Value::I64(v) => Some(v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Where a tensor's data lies and how it is encoded.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    /// GGUF order: `dims[0]` is the innermost (fastest-varying) dimension.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// Absolute offset in the file.
+    pub offset: usize,
+    pub n_bytes: usize,
+}
+
+/// A parsed GGUF file, its bytes held in memory.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    bytes: Vec<u8>,
+}
+
+const GGML_F32: u32 = 0;
+const GGML_F16: u32 = 1;
+const GGML_Q4_0: u32 = 2;
+const GGML_Q4_1: u32 = 3;
+const GGML_Q8_0: u32 = 8;
+const GGML_BF16: u32 = 30;
+
+/// (block size in elements, bytes per block) of the supported types.
+fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
+    match ggml_type {
+        GGML_F32 => Some((1, 4)),
+        GGML_F16 | GGML_BF16 => Some((1, 2)),
+        GGML_Q4_0 => Some((32, 18)),
+        GGML_Q4_1 => Some((32, 20)),
+        GGML_Q8_0 => Some((32, 34)),
+        _ => None,
+    }
+}
+
+fn type_name(t: u32) -> String {
+    match t {
+        GGML_F32 => "F32".into(),
+        GGML_F16 => "F16".into(),
+        GGML_BF16 => "BF16".into(),
+        GGML_Q4_0 => "Q4_0".into(),
+        GGML_Q4_1 => "Q4_1".into(),
+        GGML_Q8_0 => "Q8_0".into(),
+        6 => "Q5_0".into(),
+        7 => "Q5_1".into(),
+        10..=15 => format!("Q{}_K", t - 8),
+        other => format!("type {other}"),
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, message: impl Into<String>) -> ModelError {
+        ModelError::File {
+            path: self.path.to_path_buf(),
+            message: format!("{} (at byte {})", message.into(), self.at),
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ModelError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| self.err(format!("truncated: needs {n} more bytes")))?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, ModelError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| self.err("u32"))?,
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, ModelError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| self.err("u64"))?,
+        ))
+    }
+    /// A count of items each at least `min_item_bytes` long: refuses counts the file cannot hold.
+    fn count(&mut self, min_item_bytes: usize, what: &str) -> Result<usize, ModelError> {
+        let n = self.u64()?;
+        let remaining = (self.bytes.len() - self.at) as u64;
+        if n.saturating_mul(min_item_bytes.max(1) as u64) > remaining {
+            return Err(self.err(format!("{what} count {n} exceeds what the file can hold")));
+        }
+        Ok(n as usize)
+    }
+    fn string(&mut self) -> Result<String, ModelError> {
+        let n = self.count(1, "string length")?;
+        let raw = self.take(n)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| self.err("string is not UTF-8"))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, ModelError> {
+        Ok(match ty {
+            0 => Value::U64(self.take(1)?[0] as u64),
+            1 => Value::I64(self.take(1)?[0] as i8 as i64),
+            2 => Value::U64(u16::from_le_bytes(
+                self.take(2)?.try_into().map_err(|_| self.err("u16"))?,
+            ) as u64),
+            3 => Value::I64(i16::from_le_bytes(
+                self.take(2)?.try_into().map_err(|_| self.err("i16"))?,
+            ) as i64),
+            4 => Value::U64(self.u32()? as u64),
+            5 => Value::I64(self.u32()? as i32 as i64),
+            6 => Value::F64(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.take(1)?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err(self.err("arrays nested too deeply"));
+                }
+                let item = self.u32()?;
+                let min = match item {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8..=12 => 8,
+                    other => return Err(self.err(format!("unknown array item type {other}"))),
+                };
+                let n = self.count(min, "array")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(item, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            other => return Err(self.err(format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn read(path: &Path) -> Result<Self, ModelError> {
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(bytes, path)
+    }
+
+    pub fn parse(bytes: Vec<u8>, path: &Path) -> Result<Self, ModelError> {
+        let mut c = Cursor {
+            bytes: &bytes,
+            at: 0,
+            path,
+        };
+        if c.take(4)? != b"GGUF" {
+            return Err(c.err("not a GGUF file (bad magic)"));
+        }
+        let version = c.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(c.err(format!(
+                "GGUF version {version} is not supported (2 and 3 are)"
+            )));
+        }
+        // A tensor info takes at least 8 (name length) + 4 + 8 + 4 + 8 bytes; a KV pair 8 + 4 + 1.
+        let n_tensors = c.count(32, "tensor")?;
+        let n_kv = c.count(13, "metadata")?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string()?;
+            let ty = c.u32()?;
+            let v = c.value(ty, 0)?;
+            metadata.insert(key, v);
+        }
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string()?;
+            let n_dims = c.u32()? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(c.err(format!("tensor `{name}` has {n_dims} dimensions")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64()?);
+            }
+            let ggml_type = c.u32()?;
+            let offset = c.u64()?;
+            infos.push((name, dims, ggml_type, offset));
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .unwrap_or(32)
+            .max(1) as usize;
+        let data_start = c.at.div_ceil(alignment) * alignment;
+        let mut tensors = Vec::with_capacity(infos.len());
+        for (name, dims, ggml_type, offset) in infos {
+            let elements = dims
+                .iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| c.err(format!("tensor `{name}`: element count overflows")))?;
+            let (block, block_bytes) = block_layout(ggml_type).ok_or_else(|| {
+                c.err(format!(
+                    "tensor `{name}` is {}: kiln reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1",
+                    type_name(ggml_type)
+                ))
+            })?;
+            if elements % block as u64 != 0 {
+                return Err(c.err(format!(
+                    "tensor `{name}`: {elements} elements are not whole blocks"
+                )));
+            }
+            let n_bytes = (elements / block as u64).saturating_mul(block_bytes as u64);
+            let start = (data_start as u64).saturating_add(offset);
+            if start.saturating_add(n_bytes) > bytes.len() as u64 {
+                return Err(ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name,
+                    message: format!(
+                        "data at {start}..{} lies beyond the end of the file ({} bytes): truncated?",
+                        start.saturating_add(n_bytes),
+                        bytes.len()
+                    ),
+                });
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset: start as usize,
+                n_bytes: n_bytes as usize,
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            bytes,
+        })
+    }
+
+    fn meta(&self, key: &str) -> Result<&Value, ModelError> {
+        self.metadata.get(key).ok_or_else(|| ModelError::File {
+            path: self.path.clone(),
+            message: format!("metadata `{key}` is missing"),
+        })
+    }
+
+    fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
+        self.meta(key)?.as_u64().ok_or_else(|| ModelError::File {
+            path: self.path.clone(),
+            message: format!("metadata `{key}` is not an integer"),
+        })
+    }
+
+    /// The model's shape from `llama.*` metadata.
+    pub fn config(&self) -> Result<LlamaConfig, ModelError> {
+        let arch = self.meta("general.architecture")?.as_str().unwrap_or("");
+        if arch != "llama" {
+            return Err(ModelError::File {
+                path: self.path.clone(),
+                message: format!("unsupported GGUF architecture `{arch}` (kiln reads `llama`)"),
+            });
+        }
+        let heads = self.meta_u64("llama.attention.head_count")? as usize;
+        let hidden = self.meta_u64("llama.embedding_length")? as usize;
+        let vocab = match self
+            .metadata
+            .get("llama.vocab_size")
+            .and_then(Value::as_u64)
+        {
+            Some(v) => v as usize,
+            None => self
+                .meta("tokenizer.ggml.tokens")?
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0),
+        };
+        if heads == 0 || !hidden.is_multiple_of(heads) {
+            return Err(ModelError::File {
+                path: self.path.clone(),
+                message: format!(
+                    "embedding_length {hidden} is not divisible by head_count {heads}"
+                ),
+            });
+        }
+        let kv = self
+            .metadata
+            .get("llama.attention.head_count_kv")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(heads);
+        let head_dim = self
+            .metadata
+            .get("llama.rope.dimension_count")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads);
+        Ok(LlamaConfig {
+            model_type: "llama".into(),
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: self.meta_u64("llama.feed_forward_length")? as usize,
+            num_hidden_layers: self.meta_u64("llama.block_count")? as usize,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            max_position_embeddings: self
+                .metadata
+                .get("llama.context_length")
+                .and_then(Value::as_u64)
+                .unwrap_or(2048) as usize,
+            rms_norm_eps: self
+                .metadata
+                .get("llama.attention.layer_norm_rms_epsilon")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
+            rope_theta: self
+                .metadata
+                .get("llama.rope.freq_base")
+                .and_then(Value::as_f64)
+                .unwrap_or(10000.0),
+            rope_scaling: None,
+            tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
+            qkv_bias: self.tensors.iter().any(|t| t.name.ends_with("attn_q.bias")),
+            o_bias: self
+                .tensors
+                .iter()
+                .any(|t| t.name.ends_with("attn_output.bias")),
+            mlp_bias: false,
+        })
+    }
+
+    /// De-quantises one tensor to f32 in GGUF element order.
+    pub fn dequantize(&self, info: &TensorInfo) -> Vec<f32> {
+        let raw = &self.bytes[info.offset..info.offset + info.n_bytes];
+        let f16 = |b: &[u8]| crate::safetensors_io::f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+        match info.ggml_type {
+            GGML_F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            GGML_F16 => raw.chunks_exact(2).map(f16).collect(),
+            GGML_BF16 => raw
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect(),
+            GGML_Q8_0 => raw
+                .chunks_exact(34)
+                .flat_map(|b| {
+                    let d = f16(&b[0..2]);
+                    b[2..34].iter().map(move |&q| d * (q as i8) as f32)
+                })
+                .collect(),
+            GGML_Q4_0 => raw
+                .chunks_exact(18)
+                .flat_map(|b| {
+                    let d = f16(&b[0..2]);
+                    let q = &b[2..18];
+                    let lo = q.iter().map(move |&x| d * ((x & 0x0f) as f32 - 8.0));
+                    let hi = q.iter().map(move |&x| d * ((x >> 4) as f32 - 8.0));
+                    lo.chain(hi).collect::<Vec<_>>()
+                })
+                .collect(),
+            GGML_Q4_1 => raw
+                .chunks_exact(20)
+                .flat_map(|b| {
+                    let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
+                    let q = &b[4..20];
+                    let lo = q.iter().map(move |&x| d * (x & 0x0f) as f32 + m);
+                    let hi = q.iter().map(move |&x| d * (x >> 4) as f32 + m);
+                    lo.chain(hi).collect::<Vec<_>>()
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every tensor de-quantised, renamed to Hugging Face's names, in HF layout (`[out, in]`),
+    /// with llama.cpp's Q/K row permutation undone.
+    pub fn hf_tensors(
+        &self,
+        config: &LlamaConfig,
+    ) -> Result<BTreeMap<String, HostTensor>, ModelError> {
+        let mut out = BTreeMap::new();
+        for info in &self.tensors {
+            let name = hf_name(&info.name).ok_or_else(|| ModelError::Tensor {
+                path: self.path.clone(),
+                name: info.name.clone(),
+                message: "not a tensor of the llama architecture".into(),
+            })?;
+            let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+            let mut data = self.dequantize(info);
+            if name.ends_with("self_attn.q_proj.weight") {
+                data = unpermute(&data, &shape, config.num_attention_heads);
+            } else if name.ends_with("self_attn.k_proj.weight") {
+                data = unpermute(&data, &shape, config.num_key_value_heads);
+            }
+            out.insert(name, HostTensor { shape, data });
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn tokenizer_json(&self) -> Result<serde_json::Value, ModelError> {
+        let model = self.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
+        if model != "gpt2" {
+            return Err(ModelError::File {
+                path: self.path.clone(),
+                message: format!(
+                    "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is)"
+                ),
+            });
+        }
+        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
+            Ok(self
+                .meta(key)?
+                .as_array()
+                .unwrap_or(&[])
+                .iter()
+                .map(|v| v.as_str().unwrap_or("").to_string())
+                .collect())
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = self
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
+            .collect();
+        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
+        let added: Vec<serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+            .map(|(i, t)| {
+                serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": types.get(i) == Some(&3)})
+            })
+            .collect();
+        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
+            "trim_offsets": true, "use_regex": true});
+        let pre = self
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let pre_tokenizer = match pre {
+            "smollm" | "starcoder" | "refact" => {
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level]})
+            }
+            "gpt2" | "default" | "gpt-2" => byte_level.clone(),
+            other => {
+                return Err(ModelError::File {
+                    path: self.path.clone(),
+                    message: format!("tokenizer pre-tokenizer `{other}` is not supported yet"),
+                });
+            }
+        };
+        Ok(serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": false, "vocab": vocab, "merges": merges},
+        }))
+    }
+
+    pub fn chat_template(&self) -> Option<String> {
+        self.metadata
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    }
+
+    pub fn token_id(&self, key: &str) -> Option<u32> {
+        self.metadata
+            .get(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as u32)
+    }
+}
+
+/// GGUF tensor name to Hugging Face's.
+pub fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's Q/K permutation: `w.reshape(h, rows/h/2, 2, cols).swapaxes(1, 2)`.
+fn unpermute(data: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+    let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+    if heads == 0 || rows % (heads * 2) != 0 {
+        return data.to_vec();
+    }
+    let half = rows / heads / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                // source row (h, i, j) in the permuted layout goes to (h, j, i)
+                let src = (h * half * 2 + i * 2 + j) * cols;
+                let dst = (h * half * 2 + j * half + i) * cols;
+                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.3.attn_output.weight").unwrap(),
+            "model.layers.3.self_attn.o_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert!(hf_name("blk.x.attn_q.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(h, 2, rows/h/2, cols).swapaxes(1, 2); rows = 8, h = 2, cols = 1.
+        let hf: Vec<f32> = (0..8).map(|x| x as f32).collect();
+        let (h, half) = (2, 2);
+        let mut permuted = vec![0f32; 8];
+        for a in 0..h {
+            for j in 0..2 {
+                for i in 0..half {
+                    permuted[a * 4 + i * 2 + j] = hf[a * 4 + j * half + i];
+                }
+            }
+        }
+        assert_eq!(unpermute(&permuted, &[8, 1], 2), hf);
+    }
+
+    #[test]
+    fn truncated_and_hostile_headers_are_errors() {
+        let p = Path::new("x.gguf");
+        assert!(GgufFile::parse(b"GGU".to_vec(), p).is_err());
+        assert!(GgufFile::parse(b"GGML\x03\0\0\0".to_vec(), p).is_err());
+        // Claims 2^60 tensors in a 24-byte file.
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((1u64 << 60).to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        let e = GgufFile::parse(b, p).err().unwrap().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+    }
+}

@@ -1,0 +1,33 @@
+//! kiln's readers and writers of model files, kept free of any tensor library so that they can be
+//! fuzzed (`fuzz/`) and tested quickly: safetensors, Hugging Face `config.json` and
+//! `model.safetensors.index.json`, GGUF. Every size or count read from a file is checked against
+//! the file's length before anything is allocated.
+
+pub mod config;
+pub mod fsutil;
+pub mod fuzz;
+pub mod gguf;
+pub mod hf;
+pub mod safetensors_io;
+
+pub use config::{Llama3RopeScaling, LlamaConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {message}")]
+    File {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("tensor `{name}` in {path}: {message}")]
+    Tensor {
+        path: std::path::PathBuf,
+        name: String,
+        message: String,
+    },
+    #[error("I/O on {path}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
