@@ -411,6 +411,203 @@ fn wgpu_on_lavapipe_matches_cpu() {
         (c - g).abs() <= 1e-3 * c.abs(),
         "cpu val {c} vs wgpu val {g}"
     );
+    // Block recompute with dropout, and with LoRA, on the wgpu backend.
+    let lavapipe = kiln::train::device::select(&kiln::config::BackendConfig {
+        kind: kiln::config::BackendKind::Wgpu,
+        adapter: kiln::config::AdapterChoice::Software,
+        ..Default::default()
+    })
+    .unwrap();
+    check_recompute_gradients(&lavapipe.device, &[(Some(2), 7)], &[false]);
+}
+
+/// Loss and gradients of one micro-batch computed with `shape` (plain, chunked loss, block
+/// recompute), with dropout `p` on blocks and `lora_p` on LoRA inputs.
+fn grads_with(
+    model: &kiln::models::LlamaModel,
+    batch: &kiln::data::Batch,
+    p: f64,
+    lora_p: f64,
+    shape: kiln::train::step::StepShape,
+) -> (f32, std::collections::BTreeMap<String, Vec<f32>>) {
+    let mut dropout = Some(kiln::models::llama::Dropout {
+        p,
+        lora_p,
+        rng: kiln::data::Rng::stream(3, 11, 0),
+    });
+    let mut grads = kiln::train::optim::GradAccumulator::default();
+    let loss =
+        kiln::train::step::forward_backward(model, batch, &mut dropout, shape, &mut grads, 0.5);
+    (loss.into_scalar::<f32>(), grads.to_host())
+}
+
+/// A batch of random ids, with a loss mask that drops some positions, optionally packed.
+fn random_batch(vocab: usize, batch: usize, seq: usize, packed: bool) -> kiln::data::Batch {
+    let mut rng = kiln::data::Rng::stream(5, 1, 0);
+    let mut ids = || {
+        (0..batch * seq)
+            .map(|_| rng.below(vocab as u64) as u32)
+            .collect::<Vec<_>>()
+    };
+    let (inputs, targets) = (ids(), ids());
+    kiln::data::Batch {
+        batch_size: batch,
+        seq_len: seq,
+        inputs,
+        targets,
+        loss_mask: Some(
+            (0..batch * seq)
+                .map(|i| (i % 5 != 1) as u8 as f32)
+                .collect(),
+        ),
+        segments: packed.then(|| (0..batch * seq).map(|i| ((i % seq) / 5) as u32).collect()),
+    }
+}
+
+/// Compares every gradient of `b` with `a`: max |difference| relative to the largest |gradient|.
+fn assert_grads_close(
+    what: &str,
+    a: &(f32, std::collections::BTreeMap<String, Vec<f32>>),
+    b: &(f32, std::collections::BTreeMap<String, Vec<f32>>),
+    tol: f32,
+) {
+    assert!(
+        (a.0 - b.0).abs() <= tol * a.0.abs(),
+        "{what}: loss {} vs {}",
+        a.0,
+        b.0
+    );
+    assert_eq!(
+        a.1.keys().collect::<Vec<_>>(),
+        b.1.keys().collect::<Vec<_>>(),
+        "{what}: gradient sets differ"
+    );
+    for (name, ga) in &a.1 {
+        let gb = &b.1[name];
+        let scale = ga.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = ga
+            .iter()
+            .zip(gb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(scale > 0.0, "{what}: {name} has a zero gradient");
+        assert!(
+            diff <= tol * scale,
+            "{what}: {name} differs by {diff} (scale {scale})"
+        );
+    }
+}
+
+/// Block recompute and the chunked loss give the gradients of a plain backward on `device`:
+/// from scratch with dropout (uneven spans; packed rows where `packed`), and LoRA with LoRA
+/// dropout on a loaded model. `shapes`: (recompute every, loss chunk) pairs to compare.
+fn check_recompute_gradients(
+    device: &burn::tensor::Device,
+    shapes: &[(Option<usize>, usize)],
+    packed_rows: &[bool],
+) {
+    use kiln::train::step::StepShape;
+    let device = device.clone().autodiff();
+    let config = kiln::models::LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size: 61,
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 5,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        max_position_embeddings: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+    };
+    let model = kiln::models::LlamaModel::init(config, 0.02, 1, &device);
+    let model = kiln::models::lora::set_trainable(model, &device, false);
+    let plain = StepShape {
+        recompute_every: None,
+        loss_chunk: usize::MAX,
+    };
+    for &packed in packed_rows {
+        let batch = random_batch(61, 3, 12, packed);
+        let reference = grads_with(&model, &batch, 0.1, 0.0, plain);
+        for &(every, chunk) in shapes {
+            let shape = StepShape {
+                recompute_every: every,
+                loss_chunk: chunk,
+            };
+            let got = grads_with(&model, &batch, 0.1, 0.0, shape);
+            assert_grads_close(
+                &format!("{shape:?} packed={packed}"),
+                &reference,
+                &got,
+                1e-5,
+            );
+        }
+    }
+
+    // LoRA on every linear of a loaded model, B non-zero so that A gets gradients too.
+    let dir = repo().join("tests/fixtures/parity/llama-gqa-tied");
+    let base = kiln::models::hf::load_model(&dir, &device.clone().without_autodiff()).unwrap();
+    let vocab = base.config.vocab_size;
+    let spec = kiln::models::lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: kiln::models::lora::LoraSpec::ALL_LINEAR
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        layers: (0..base.config.num_hidden_layers).collect(),
+    };
+    let model = kiln::models::lora::attach(base, &spec, 9);
+    struct NonZeroB;
+    impl kiln::models::ParamMapper for NonZeroB {
+        fn map<const D: usize>(
+            &mut self,
+            _: &str,
+            kind: kiln::models::ParamKind,
+            p: burn::Tensor<D>,
+        ) -> burn::Tensor<D> {
+            match kind {
+                kiln::models::ParamKind::LoraB => p.ones_like().mul_scalar(0.01),
+                _ => p,
+            }
+        }
+    }
+    let model = model.map_params(&mut NonZeroB);
+    let model = kiln::models::lora::set_trainable(model, &device, true);
+    let batch = random_batch(vocab, 2, 10, false);
+    let reference = grads_with(&model, &batch, 0.1, 0.1, plain);
+    assert!(
+        reference.1.keys().all(|k| k.contains("lora_")),
+        "only adapters train"
+    );
+    for &(every, chunk) in shapes {
+        let shape = StepShape {
+            recompute_every: every,
+            loss_chunk: chunk,
+        };
+        let got = grads_with(&model, &batch, 0.1, 0.1, shape);
+        assert_grads_close(&format!("LoRA {shape:?}"), &reference, &got, 1e-5);
+    }
+}
+
+#[test]
+fn recompute_and_chunked_loss_match_plain_gradients_on_cpu() {
+    check_recompute_gradients(
+        &burn::tensor::Device::flex(),
+        &[
+            (None, 7),
+            (Some(1), usize::MAX),
+            (Some(2), 5),
+            (Some(3), 36),
+        ],
+        &[false, true],
+    );
 }
 
 /// Logits of tiny random models that `transformers` built and recorded
@@ -1063,6 +1260,58 @@ fn sigint_checkpoints_exits_130_and_resume_is_exact_and_runs_are_locked() {
         weights("full") == weights("split"),
         "interrupted at {stopped_at} and resumed: weights differ"
     );
+}
+
+#[test]
+fn sigterm_exits_143_with_a_checkpoint_and_a_second_sigint_exits_at_once() {
+    let (dir, corpus) = scratch("sigterm");
+    let out = dir.path().join("runs");
+    let overrides = [
+        "model.hidden_size=128",
+        "train.max_steps=100000",
+        "train.save_every=5",
+        "train.eval_every=0",
+        "logging.log_every=1",
+    ];
+    let config = write_tiny_config(dir.path(), &out, &corpus, "term", &overrides);
+    let run = out.join("term");
+
+    let child = spawn_until_step(&config, &[], 8);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(143), "{err}");
+    assert!(err.contains("interrupted by SIGTERM"), "{err}");
+    let saved = kiln::train::checkpoint::latest(&run).unwrap();
+    let step = kiln::train::checkpoint::read_state(&saved).unwrap().step;
+    assert!(err.contains(saved.file_name().unwrap().to_str().unwrap()));
+    assert!(step >= 8, "{step}");
+
+    // Two SIGINTs back to back: the second ends the process at once, without the graceful save;
+    // the newest complete checkpoint still verifies and the run resumes from it.
+    let child = spawn_until_step(&config, &["--resume"], step + 12);
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(130), "{err}");
+    assert!(!err.contains("interrupted by"), "{err}");
+    let (newest, damaged) = kiln::train::checkpoint::latest_verified(&run);
+    let newest = newest.expect("a complete checkpoint");
+    assert!(damaged.is_empty(), "{damaged:?}");
+    assert!(kiln::train::checkpoint::read_state(&newest).unwrap().step >= step + 5);
+    let r = kiln(&[
+        "train",
+        config.to_str().unwrap(),
+        "--resume",
+        "--set",
+        &format!("train.max_steps={}", step + 20),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
 
 #[test]

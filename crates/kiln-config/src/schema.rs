@@ -15,6 +15,7 @@ pub struct Config {
     pub finetune: FinetuneConfig,
     pub optim: OptimConfig,
     pub train: TrainConfig,
+    pub memory: MemoryConfig,
     pub logging: LoggingConfig,
 }
 
@@ -468,6 +469,165 @@ impl Default for TrainConfig {
     }
 }
 
+/// `memory`: the budget a run must fit and how it trades compute for memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// `auto` (what the device can use: Metal's working set, the Vulkan device-local heap, or on
+    /// CPU the available RAM within any cgroup limit), a size (`12GiB`, `800MB`), or a fraction
+    /// of the detected budget (`0.8`). Default `auto`.
+    pub budget: Budget,
+    /// Block-level activation checkpointing: `none` keeps every block's activations for backward;
+    /// `{every: k}` keeps the input of every k-th block and recomputes the blocks in backward;
+    /// `auto` picks the least recompute that fits the budget. Default `none`.
+    pub checkpointing: Checkpointing,
+    /// Positions per chunk of the output projection and cross-entropy, so that batch × sequence ×
+    /// vocabulary logits are never held whole; 0: chosen from the vocabulary size. Default 0.
+    pub loss_chunk: usize,
+}
+
+/// A memory budget as written in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(try_from = "BudgetRepr", into = "BudgetRepr")]
+pub enum Budget {
+    #[default]
+    Auto,
+    Bytes(u64),
+    /// Of the detected budget, in (0, 1].
+    Fraction(f64),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum BudgetRepr {
+    Number(f64),
+    Text(String),
+}
+
+impl TryFrom<BudgetRepr> for Budget {
+    type Error = String;
+    fn try_from(r: BudgetRepr) -> Result<Self, String> {
+        match r {
+            BudgetRepr::Number(f) if f > 0.0 && f <= 1.0 => Ok(Budget::Fraction(f)),
+            BudgetRepr::Number(f) => Err(format!(
+                "{f} is not a fraction in (0, 1]; write a size with a unit, e.g. `12GiB`"
+            )),
+            BudgetRepr::Text(t) if t.trim() == "auto" => Ok(Budget::Auto),
+            BudgetRepr::Text(t) => parse_size(&t).map(Budget::Bytes),
+        }
+    }
+}
+
+impl From<Budget> for BudgetRepr {
+    fn from(b: Budget) -> Self {
+        match b {
+            Budget::Auto => BudgetRepr::Text("auto".into()),
+            Budget::Bytes(n) => BudgetRepr::Text(format_size(n)),
+            Budget::Fraction(f) => BudgetRepr::Number(f),
+        }
+    }
+}
+
+/// `12GiB`, `800 MB`, `1.5G`, `4096` (bytes): binary units for `KiB`..`TiB` and for bare
+/// `K`/`M`/`G`/`T`, decimal ones for `KB`..`TB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. `12GiB`, `800MB`) or `auto`"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+    };
+    let bytes = value * scale;
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("`{text}` is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Bytes in the largest binary unit that keeps three significant digits: `12GiB`, `1.5GiB`.
+pub fn format_size(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        return format!("{n}B");
+    }
+    let text = format!("{v:.2}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}{}", units[u])
+}
+
+/// Block-level activation checkpointing as written in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "CheckpointingRepr", into = "CheckpointingRepr")]
+pub enum Checkpointing {
+    #[default]
+    None,
+    Auto,
+    /// Keep the input of every k-th block; recompute in backward.
+    Every(usize),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum CheckpointingRepr {
+    Every { every: usize },
+    Text(String),
+}
+
+impl TryFrom<CheckpointingRepr> for Checkpointing {
+    type Error = String;
+    fn try_from(r: CheckpointingRepr) -> Result<Self, String> {
+        let every = |k: usize| match k {
+            0 => Err("`every` must be at least 1".to_string()),
+            k => Ok(Checkpointing::Every(k)),
+        };
+        match r {
+            CheckpointingRepr::Every { every: k } => every(k),
+            CheckpointingRepr::Text(t) => match t.trim() {
+                "none" => Ok(Checkpointing::None),
+                "auto" => Ok(Checkpointing::Auto),
+                // `--set memory.checkpointing=every:2`
+                other => match other
+                    .strip_prefix("every")
+                    .map(|r| r.trim_start_matches([':', ' ']))
+                {
+                    Some(k) if k.parse::<usize>().is_ok() => every(k.parse().unwrap_or(0)),
+                    _ => Err(format!("`{other}`: expected `none`, `auto` or `every: k`")),
+                },
+            },
+        }
+    }
+}
+
+impl From<Checkpointing> for CheckpointingRepr {
+    fn from(c: Checkpointing) -> Self {
+        match c {
+            Checkpointing::None => CheckpointingRepr::Text("none".into()),
+            Checkpointing::Auto => CheckpointingRepr::Text("auto".into()),
+            Checkpointing::Every(k) => CheckpointingRepr::Every { every: k },
+        }
+    }
+}
+
 /// `logging`: what a run reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -642,5 +802,64 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, String> {
+        Config::from_yaml_str(yaml, "t.yaml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn memory_budget_and_checkpointing_forms() {
+        let c = parse("memory:\n  budget: 12GiB\n  checkpointing: {every: 2}\n").unwrap();
+        assert_eq!(c.memory.budget, Budget::Bytes(12 << 30));
+        assert_eq!(c.memory.checkpointing, Checkpointing::Every(2));
+        let c = parse("memory:\n  budget: 0.8\n  checkpointing:\n    every: 3\n").unwrap();
+        assert_eq!(c.memory.budget, Budget::Fraction(0.8));
+        assert_eq!(c.memory.checkpointing, Checkpointing::Every(3));
+        let c = parse("memory:\n  budget: 800MB\n  checkpointing: auto\n").unwrap();
+        assert_eq!(c.memory.budget, Budget::Bytes(800_000_000));
+        assert_eq!(c.memory.checkpointing, Checkpointing::Auto);
+        assert_eq!(Config::default().memory.budget, Budget::Auto);
+        // The resolved config writes back to YAML that reads the same.
+        let c = parse("memory:\n  budget: 1.5GiB\n  checkpointing: {every: 4}\n").unwrap();
+        assert_eq!(parse(&c.to_yaml()).unwrap(), c);
+        let c = c
+            .with_overrides(&[
+                "memory.checkpointing=every:1".into(),
+                "memory.budget=2GiB".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.memory.checkpointing, Checkpointing::Every(1));
+        assert_eq!(c.memory.budget, Budget::Bytes(2 << 30));
+    }
+
+    #[test]
+    fn bad_memory_values_name_line_and_field() {
+        for (yaml, needle) in [
+            ("memory:\n  budget: 12 parsecs\n", "unknown size unit"),
+            ("memory:\n  budget: 3.5\n", "not a fraction"),
+            ("memory:\n  checkpointing: {every: 0}\n", "at least 1"),
+            ("memory:\n  checkpointing: sometimes\n", "expected `none`"),
+        ] {
+            let e = parse(yaml).unwrap_err();
+            assert!(e.contains("t.yaml:2"), "{yaml}: {e}");
+            assert!(e.contains(needle), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("2 TB").unwrap(), 2_000_000_000_000);
+        assert!(parse_size("-1GiB").is_err());
+        assert_eq!(format_size(12 << 30), "12GiB");
+        assert_eq!(format_size(3 << 29), "1.5GiB");
+        assert_eq!(format_size(512), "512B");
     }
 }

@@ -110,6 +110,7 @@ pub struct DecoderLayer {
 
 /// Dropout whose masks come from kiln's own seeded stream, so a step is reproducible on every
 /// backend and a recomputed block can replay the same masks.
+#[derive(Debug, Clone)]
 pub struct Dropout {
     /// On attention probabilities and residual branches.
     pub p: f64,
@@ -585,6 +586,35 @@ impl LlamaModel {
         }
     }
 
+    /// Sum over positions of `mask ×` the log-probability of the target: the cross-entropy
+    /// numerator of a chunk of positions, before the sign and the division by the batch's count.
+    pub fn cross_entropy_sum(
+        logits: Tensor<2>,
+        targets: &[u32],
+        mask: Option<&[f32]>,
+    ) -> Tensor<1> {
+        let device = logits.device().without_autodiff();
+        let n = targets.len();
+        let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+        let picked = log_softmax(logits, 1).gather(1, idx).reshape([n]);
+        match mask {
+            None => picked.sum(),
+            Some(m) => {
+                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [n]), &device);
+                (picked * w).sum()
+            }
+        }
+    }
+
+    /// Rotary tables and masks for a batch's shape (packed rows included).
+    pub fn consts_for(&self, batch: &Batch) -> ForwardConsts {
+        match &batch.segments {
+            Some(seg) => self.consts_packed(batch.batch_size, batch.seq_len, seg),
+            None => self.consts(batch.batch_size, batch.seq_len),
+        }
+    }
+
     /// Rotary tables and masks for packed rows: positions restart at each segment and attention
     /// stays inside it. `segments` is row-major `[batch, seq]`.
     pub fn consts_packed(&self, batch: usize, seq: usize, segments: &[u32]) -> ForwardConsts {
@@ -626,10 +656,7 @@ impl LlamaModel {
 
     /// Logits `[batch × seq, vocab]` of a batch (packed rows included).
     pub fn forward_batch(&self, batch: &Batch, dropout: &mut Option<Dropout>) -> Tensor<2> {
-        let consts = match &batch.segments {
-            Some(seg) => self.consts_packed(batch.batch_size, batch.seq_len, seg),
-            None => self.consts(batch.batch_size, batch.seq_len),
-        };
+        let consts = self.consts_for(batch);
         let mut x = self.embed(&batch.inputs);
         for i in 0..self.layers.len() {
             x = self.block(i, x, &consts, dropout, None);

@@ -12,6 +12,7 @@ pub mod optim;
 mod progress;
 pub mod setup;
 pub mod signals;
+pub mod step;
 pub mod trainer;
 
 pub use error::TrainError;

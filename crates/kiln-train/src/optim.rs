@@ -60,6 +60,17 @@ impl GradAccumulator {
         });
     }
 
+    /// Every accumulated gradient, flattened, read to the host (for tests and diagnostics).
+    pub fn to_host(&self) -> BTreeMap<String, Vec<f32>> {
+        self.grads
+            .iter()
+            .map(|(name, g)| {
+                let v = g.clone().into_data().convert::<f32>().try_into_vec::<f32>();
+                (name.clone(), v.unwrap_or_default())
+            })
+            .collect()
+    }
+
     /// The global L2 norm of all gradients, as a one-element device tensor (no host read).
     pub fn global_norm(&self) -> Option<Tensor<1>> {
         let mut names: Vec<&String> = self.grads.keys().collect();

@@ -7,9 +7,10 @@ use crate::memory;
 use crate::optim::{AdamW, GradAccumulator, learning_rate};
 use crate::progress::{Progress, StepReport};
 use crate::setup::{self, Method, TrainData};
+use crate::step::{self, StepShape};
 use crate::{TrainError, inference};
 use burn::prelude::*;
-use kiln_config::Config;
+use kiln_config::{Checkpointing, Config};
 use kiln_data::Rng;
 use kiln_models::llama::Dropout;
 use kiln_models::lora;
@@ -115,6 +116,15 @@ pub struct StepOutput {
     pub skipped: bool,
 }
 
+/// How micro-batches are computed under `config.memory` (`auto` is resolved by the planner).
+pub fn step_shape(config: &Config, model: &LlamaModel) -> StepShape {
+    let every = match config.memory.checkpointing {
+        Checkpointing::None | Checkpointing::Auto => None,
+        Checkpointing::Every(k) => Some(k),
+    };
+    StepShape::new(every, config.memory.loss_chunk, model.config.vocab_size)
+}
+
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
 /// gradients averaged, clipped to the global norm, one AdamW update at `lr`.
 pub fn train_step(
@@ -138,6 +148,7 @@ pub fn train_step(
         }
         _ => 0.0,
     };
+    let shape = step_shape(config, &model);
     let mut grads = GradAccumulator::default();
     let mut loss_sum: Option<Tensor<1>> = None;
     let mut tokens = 0;
@@ -149,10 +160,14 @@ pub fn train_step(
             lora_p,
             rng: Rng::stream(seed, DROPOUT_PURPOSE, index),
         });
-        let loss = model.loss(&batch, &mut dropout);
-        let g = loss.backward();
-        grads.add(&model, &g, 1.0 / accum as f64);
-        let l = loss.detach().without_autodiff();
+        let l = step::forward_backward(
+            &model,
+            &batch,
+            &mut dropout,
+            shape,
+            &mut grads,
+            1.0 / accum as f64,
+        );
         loss_sum = Some(match loss_sum {
             Some(s) => s + l,
             None => l,
