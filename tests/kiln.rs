@@ -610,6 +610,77 @@ fn recompute_and_chunked_loss_match_plain_gradients_on_cpu() {
     );
 }
 
+/// Bytes from a size kiln prints (`85.3 MiB`).
+fn parse_printed_size(text: &str) -> f64 {
+    let mut parts = text.split_whitespace();
+    let value: f64 = parts.next().unwrap().parse().unwrap();
+    let unit = match parts.next().unwrap() {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => panic!("unit {other}"),
+    };
+    value * unit
+}
+
+/// A budget below what keeping every activation needs: `auto` plans block recompute, the run
+/// completes, and its measured peak (RSS while training, in its own process) stays under it.
+#[test]
+fn auto_checkpointing_fits_a_budget_below_the_no_recompute_need() {
+    let (dir, corpus) = scratch("budget");
+    let out = dir.path().join("runs");
+    let budget = 160u64 << 20;
+    let overrides = [
+        "model.hidden_size=128",
+        "model.num_hidden_layers=6",
+        "model.max_position_embeddings=256",
+        "data.seq_len=256",
+        "train.batch_size=8",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "logging.log_every=1",
+        "memory.checkpointing=auto",
+        "memory.budget=160MiB",
+    ];
+    let config = write_tiny_config(dir.path(), &out, &corpus, "budget", &overrides);
+    let plan = kiln(&[
+        "plan",
+        config.to_str().unwrap(),
+        "--json",
+        "--set",
+        "memory.checkpointing=none",
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(
+        !plan.status.success(),
+        "no recompute must not fit: {report}"
+    );
+    let none_total = report["options"][0][1]["total"].as_u64().unwrap();
+    assert!(none_total > budget, "{report}");
+
+    let r = kiln(&["train", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}
+{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(stdout.contains("recompute every"), "{stdout}");
+    let line = stdout.lines().find(|l| l.contains("peak memory")).unwrap();
+    let measured = parse_printed_size(
+        line.split("peak memory")
+            .nth(1)
+            .unwrap()
+            .split('(')
+            .next()
+            .unwrap(),
+    );
+    assert!(measured < budget as f64, "{line}");
+}
+
 /// Logits of tiny random models that `transformers` built and recorded
 /// (tests/fixtures/make_parity.py): Llama with GQA and tied embeddings; Llama 3 RoPE scaling,
 /// untied, bf16 in shards; Mistral without sliding window; Qwen2 with q/k/v biases in f16.

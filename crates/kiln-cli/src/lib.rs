@@ -42,6 +42,19 @@ enum Command {
     Fuse(FuseArgs),
     /// Time the training step of a config (tokens/s, peak memory). Prints figures; writes nothing.
     Bench(BenchArgs),
+    /// Estimate a config's peak memory (weights, gradients, optimizer, activations, logits) and
+    /// choose the checkpointing that fits the device's budget. Loads no weights.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -297,6 +310,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval(args),
         Command::Devices => devices().map_err(Failure::from),
         Command::Bench(args) => bench(args),
+        Command::Plan(args) => plan(args),
         Command::Fuse(args) => fuse(args),
     };
     match result {
@@ -446,7 +460,11 @@ fn run_training(
     }
     println!("  {:.0} tokens/s", summary.tokens_per_s);
     if let Some(p) = summary.peak_memory_bytes {
-        println!("  peak memory {}", human_bytes(p));
+        println!(
+            "  peak memory {} (estimated {})",
+            human_bytes(p),
+            human_bytes(summary.estimated_peak_bytes)
+        );
     }
     if let Some(dir) = &summary.last_checkpoint {
         println!("  checkpoint {}", dir.display());
@@ -677,6 +695,76 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn plan(args: PlanArgs) -> Result<(), Failure> {
+    let config = Config::load(&args.config, &args.set).map_err(usage)?;
+    let r = kiln_train::plan::plan_config(&config).context("plan failed")?;
+    if args.json {
+        let mut v = serde_json::to_value(&r).context("report")?;
+        // `plan` as an object, or `{"error": ...}` when nothing fits.
+        v["plan"] = match &r.plan {
+            Ok(p) => serde_json::to_value(p).context("report")?,
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        println!("{v}");
+    } else {
+        println!("device: {}", r.device);
+        println!("model: {}", r.model);
+        println!(
+            "parameters: {:.3}M trainable of {:.3}M; batch {} x sequence {}",
+            r.trainable_params as f64 / 1e6,
+            r.total_params as f64 / 1e6,
+            r.batch_size,
+            r.seq_len
+        );
+        println!(
+            "budget: {} ({})",
+            r.budget
+                .map(human_bytes)
+                .unwrap_or_else(|| "unknown".into()),
+            r.budget_source
+        );
+        println!(
+            "{:<12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+            "checkpoint",
+            "weights",
+            "gradients",
+            "optimizer",
+            "activations",
+            "logits",
+            "overhead",
+            "total"
+        );
+        for (name, e) in &r.options {
+            println!(
+                "{:<12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
+                name,
+                human_bytes(e.weights),
+                human_bytes(e.gradients),
+                human_bytes(e.optimizer),
+                human_bytes(e.activations),
+                human_bytes(e.logits),
+                human_bytes(e.overhead),
+                human_bytes(e.total)
+            );
+        }
+        match &r.plan {
+            Ok(p) => println!(
+                "plan: {}: estimated peak {} of {} usable ({} budget less the {:.0}% margin)",
+                kiln_train::plan::describe(p.recompute_every),
+                human_bytes(p.estimate.total),
+                human_bytes(p.usable),
+                human_bytes(p.budget),
+                kiln_train::plan::SAFETY_MARGIN * 100.0
+            ),
+            Err(e) => println!("plan: none fits: {e}"),
+        }
+    }
+    match r.plan {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Failure::from(anyhow::anyhow!(e))),
+    }
+}
+
 fn bench(args: BenchArgs) -> Result<(), Failure> {
     let config = Config::load(&args.config, &args.set).map_err(usage)?;
     if args.steps == 0 {
@@ -704,6 +792,15 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     if let Some(p) = r.peak_rss_bytes {
         println!("peak RSS: {}", human_bytes(p));
     }
+    if let (Some(p), Some(before)) = (r.peak_steps_bytes, r.rss_before_steps) {
+        println!(
+            "while stepping: peak RSS {} (estimated {}; {} before the first step), {}",
+            human_bytes(p),
+            human_bytes(r.estimate.total),
+            human_bytes(before),
+            kiln_train::plan::describe(r.recompute_every)
+        );
+    }
     if let Some(p) = r.peak_device_bytes {
         println!("peak device memory in use: {}", human_bytes(p));
     }
@@ -728,6 +825,10 @@ fn devices() -> Result<()> {
     }
     if let Some(limit) = kiln_train::memory::cgroup_limit() {
         println!("  cgroup limit: {}", human_bytes(limit));
+    }
+    match device::cpu_budget() {
+        Some(b) => println!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
+        None => println!("  memory budget: unknown (set memory.budget)"),
     }
     let adapters = device::list_adapters();
     if adapters.is_empty() {
@@ -755,6 +856,18 @@ fn devices() -> Result<()> {
             human_bytes(a.max_buffer_size),
             human_bytes(a.max_storage_binding)
         );
+        match a.memory_budget {
+            Some(bytes) => println!(
+                "  memory budget: {} ({})",
+                human_bytes(bytes),
+                if a.backend == "Metal" {
+                    "Metal working set"
+                } else {
+                    "Vulkan device-local heap"
+                }
+            ),
+            None => println!("  memory budget: not reported (set memory.budget)"),
+        }
     }
     let auto = device::select(&BackendConfig::default()).map(|d| d.description);
     match auto {

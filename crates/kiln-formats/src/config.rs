@@ -4,6 +4,14 @@
 use kiln_config::ModelConfig;
 use serde::{Deserialize, Serialize};
 
+/// Bounds no real model reaches (the largest open models have widths near 2^15 and vocabularies
+/// near 2^18): a file beyond them is damaged or hostile.
+const MAX_WIDTH: usize = 1 << 22;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_HEAD_DIM: usize = 1 << 12;
+const MAX_PARAMS: usize = 1 << 42;
+
 /// Llama 3's frequency-dependent RoPE scaling (`rope_scaling.rope_type: llama3`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Llama3RopeScaling {
@@ -60,6 +68,102 @@ impl LlamaConfig {
             o_bias: false,
             mlp_bias: false,
         }
+    }
+
+    /// Checks the shape before anything is sized from it: every width positive and within what
+    /// any real model uses, heads divisible by key/value heads, an even head width (RoPE), a
+    /// parameter count that does not overflow, and finite RoPE and norm constants. Returns the
+    /// field and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bounded = |field: &str, v: usize, max: usize| {
+            if v == 0 || v > max {
+                Err((field.to_string(), format!("{v} is outside 1..={max}")))
+            } else {
+                Ok(())
+            }
+        };
+        bounded("vocab_size", self.vocab_size, MAX_WIDTH)?;
+        bounded("hidden_size", self.hidden_size, MAX_WIDTH)?;
+        bounded("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
+        bounded("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;
+        bounded("num_attention_heads", self.num_attention_heads, MAX_HEADS)?;
+        bounded("num_key_value_heads", self.num_key_value_heads, MAX_HEADS)?;
+        bounded("head_dim", self.head_dim, MAX_HEAD_DIM)?;
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err((
+                "num_key_value_heads".into(),
+                format!(
+                    "{} does not divide num_attention_heads = {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err((
+                "head_dim".into(),
+                format!("{} must be even for RoPE", self.head_dim),
+            ));
+        }
+        let finite_positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err((field.to_string(), format!("{v} must be a positive number")))
+            }
+        };
+        finite_positive("rope_theta", self.rope_theta)?;
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err((
+                "rms_norm_eps".into(),
+                format!("{} is not usable", self.rms_norm_eps),
+            ));
+        }
+        if let Some(r) = &self.rope_scaling {
+            finite_positive("rope_scaling.factor", r.factor)?;
+            finite_positive("rope_scaling.low_freq_factor", r.low_freq_factor)?;
+            finite_positive("rope_scaling.high_freq_factor", r.high_freq_factor)?;
+            if r.high_freq_factor <= r.low_freq_factor {
+                return Err((
+                    "rope_scaling.high_freq_factor".into(),
+                    "must be larger than low_freq_factor".into(),
+                ));
+            }
+            bounded(
+                "rope_scaling.original_max_position_embeddings",
+                r.original_max_position_embeddings,
+                usize::MAX >> 8,
+            )?;
+        }
+        let params = self.checked_num_params();
+        if params.is_none_or(|n| n > MAX_PARAMS) {
+            return Err((
+                "hidden_size".into(),
+                "the parameter count this shape implies is beyond any model kiln can hold".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`num_params`](Self::num_params) without overflow: `None` where it would overflow.
+    pub fn checked_num_params(&self) -> Option<usize> {
+        let d = self.hidden_size;
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
+        let attn = d
+            .checked_mul(q)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(kv)?.checked_mul(2)?)?;
+        let mlp = d.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let layer = attn
+            .checked_add(mlp)?
+            .checked_add(q + 2 * kv + 3 * self.intermediate_size + 4 * d)?;
+        let embed = self.vocab_size.checked_mul(d)?;
+        embed
+            .checked_mul(2)?
+            .checked_add(self.num_hidden_layers.checked_mul(layer)?)
     }
 
     pub fn head_dim(&self) -> usize {

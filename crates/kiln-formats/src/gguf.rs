@@ -356,7 +356,7 @@ impl GgufFile {
             .and_then(Value::as_u64)
             .map(|v| v as usize)
             .unwrap_or(hidden / heads);
-        Ok(LlamaConfig {
+        let config = LlamaConfig {
             model_type: "llama".into(),
             vocab_size: vocab,
             hidden_size: hidden,
@@ -388,7 +388,14 @@ impl GgufFile {
                 .iter()
                 .any(|t| t.name.ends_with("attn_output.bias")),
             mlp_bias: false,
-        })
+        };
+        config
+            .validate()
+            .map_err(|(field, message)| ModelError::File {
+                path: self.path.clone(),
+                message: format!("metadata gives `{field}` {message}"),
+            })?;
+        Ok(config)
     }
 
     /// De-quantises one tensor to f32 in GGUF element order.

@@ -163,7 +163,7 @@ pub fn parse_config(text: &str, path: &Path) -> Result<LlamaConfig, ModelError> 
             format!("head_dim {head_dim} must be even for RoPE"),
         ));
     }
-    Ok(LlamaConfig {
+    let config = LlamaConfig {
         model_type: model_type.into(),
         vocab_size: c.vocab_size,
         hidden_size: c.hidden_size,
@@ -181,7 +181,11 @@ pub fn parse_config(text: &str, path: &Path) -> Result<LlamaConfig, ModelError> 
         qkv_bias: model_type == "qwen2" || c.attention_bias,
         o_bias: model_type != "qwen2" && c.attention_bias,
         mlp_bias: c.mlp_bias,
-    })
+    };
+    config
+        .validate()
+        .map_err(|(field, message)| file_err(path, format!("`{field}`: {message}")))?;
+    Ok(config)
 }
 
 /// Reads `dir/config.json`.

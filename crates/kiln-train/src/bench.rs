@@ -23,8 +23,16 @@ pub struct BenchReport {
     pub median_tokens_per_s: f64,
     pub min_tokens_per_s: f64,
     pub max_tokens_per_s: f64,
+    /// Peak RSS of the whole process (loading included).
     pub peak_rss_bytes: Option<u64>,
+    /// Peak RSS while stepping (from just before the first step).
+    pub peak_steps_bytes: Option<u64>,
     pub peak_device_bytes: Option<u64>,
+    /// RSS after setup, before the first step (weights, data, runtime).
+    pub rss_before_steps: Option<u64>,
+    /// The planner's choice and estimate for this config.
+    pub recompute_every: Option<usize>,
+    pub estimate: crate::plan::Estimate,
 }
 
 pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
@@ -35,7 +43,13 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
+    let plan = crate::plan::plan_run(config, &selected, &model)?;
+    let shape = crate::trainer::step_shape(config, &model, &plan);
     let mut optimizer = AdamW::new(&config.optim);
+    memory::release_free_memory();
+    let rss_before_steps = memory::current_rss();
+    let peak_setup = memory::peak_rss();
+    memory::reset_peak();
     let total = total_steps(config, setup.data.train_tokens()).max(steps + warmup);
     let accum = config.train.grad_accum as u64;
     let mut first_step_secs = 0.0;
@@ -52,6 +66,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
             config,
             step as u64 * accum,
             lr,
+            shape,
         );
         model = next;
         let tokens = out.tokens;
@@ -93,7 +108,11 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         median_tokens_per_s: median_rate,
         min_tokens_per_s: rates.first().copied().unwrap_or(f64::NAN),
         max_tokens_per_s: rates.last().copied().unwrap_or(f64::NAN),
-        peak_rss_bytes: memory::peak_rss(),
+        peak_steps_bytes: memory::peak_rss_window(),
+        peak_rss_bytes: memory::peak_rss_window().max(peak_setup),
         peak_device_bytes: peak_device,
+        rss_before_steps,
+        recompute_every: plan.recompute_every,
+        estimate: plan.estimate,
     })
 }

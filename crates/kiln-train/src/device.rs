@@ -11,6 +11,50 @@ pub struct SelectedDevice {
     pub device: Device,
     pub kind: BackendKind,
     pub description: String,
+    /// The memory the device may use, when it can be read, and where the figure comes from.
+    pub budget: Option<Budget>,
+}
+
+/// A detected memory budget.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub bytes: u64,
+    /// `Metal working set`, `Vulkan device-local heap`, `MemAvailable`, `cgroup memory.max`.
+    pub source: String,
+}
+
+/// What a CPU run may use: available RAM, or the cgroup limit when that is lower.
+pub fn cpu_budget() -> Option<Budget> {
+    let available = memory::host_memory()
+        .map(|(_, available)| Budget {
+            bytes: available,
+            source: "MemAvailable".into(),
+        })
+        .or_else(|| {
+            memory::physical_memory().map(|bytes| Budget {
+                bytes,
+                source: "physical memory".into(),
+            })
+        });
+    let cgroup = memory::cgroup_limit().map(|limit| Budget {
+        bytes: limit.saturating_sub(memory::cgroup_usage().unwrap_or(0)),
+        source: "cgroup memory.max".into(),
+    });
+    match (available, cgroup) {
+        (Some(a), Some(c)) => Some(if c.bytes < a.bytes { c } else { a }),
+        (a, c) => a.or(c),
+    }
+}
+
+fn gpu_budget(found: &AdapterSummary) -> Option<Budget> {
+    found.memory_budget.map(|bytes| Budget {
+        bytes,
+        source: if found.backend == "Metal" {
+            "Metal working set".into()
+        } else {
+            "Vulkan device-local heap".into()
+        },
+    })
 }
 
 /// One graphics adapter wgpu can open.
@@ -23,6 +67,41 @@ pub struct AdapterSummary {
     pub software: bool,
     pub max_buffer_size: u64,
     pub max_storage_binding: u64,
+    /// What the GPU may use: Metal's `recommendedMaxWorkingSetSize`, or the largest Vulkan
+    /// device-local heap (the figures CubeCL sizes its pools to). `None` where neither is read.
+    pub memory_budget: Option<u64>,
+}
+
+/// The largest device-local heap of a Vulkan adapter.
+#[cfg(not(target_os = "macos"))]
+fn adapter_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    use ash::vk::MemoryHeapFlags;
+    // SAFETY: read-only queries of a live adapter's physical device.
+    unsafe {
+        let hal = adapter.as_hal::<wgpu::hal::api::Vulkan>()?;
+        let props = hal
+            .shared_instance()
+            .raw_instance()
+            .get_physical_device_memory_properties(hal.raw_physical_device());
+        let n = (props.memory_heap_count as usize).min(props.memory_heaps.len());
+        props.memory_heaps[..n]
+            .iter()
+            .filter(|h| h.flags.contains(MemoryHeapFlags::DEVICE_LOCAL))
+            .map(|h| h.size)
+            .max()
+    }
+}
+
+/// Metal's working set: what the GPU may keep resident of unified memory (it follows
+/// `iogpu.wired_limit_mb`).
+#[cfg(target_os = "macos")]
+fn adapter_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    use objc2_metal::MTLDevice;
+    // SAFETY: a read-only property of a live device.
+    unsafe {
+        let hal = adapter.as_hal::<wgpu::hal::api::Metal>()?;
+        Some(hal.raw_device().recommendedMaxWorkingSetSize())
+    }
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
@@ -64,6 +143,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
                     .to_string(),
                 max_buffer_size: limits.max_buffer_size,
                 max_storage_binding: limits.max_storage_buffer_binding_size,
+                memory_budget: adapter_memory(&a),
             }
         })
         .filter(|a| a.backend != "Gl" && a.backend != "Noop")
@@ -81,6 +161,7 @@ fn cpu_device() -> SelectedDevice {
         device: Device::flex(),
         kind: BackendKind::Cpu,
         description: format!("cpu (Burn Flex, {threads} threads{ram})"),
+        budget: cpu_budget(),
     }
 }
 
@@ -108,6 +189,7 @@ fn wgpu_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
         DeviceKind::DefaultDevice
     };
     Ok(SelectedDevice {
+        budget: gpu_budget(found),
         device: Device::wgpu(kind),
         kind: BackendKind::Wgpu,
         description: format!(
@@ -149,12 +231,13 @@ pub fn select(config: &BackendConfig) -> Result<SelectedDevice, TrainError> {
 
 #[cfg(target_os = "macos")]
 fn metal_device() -> Result<SelectedDevice, TrainError> {
-    let name = list_adapters()
-        .into_iter()
-        .find(|a| a.backend == "Metal")
+    let found = list_adapters().into_iter().find(|a| a.backend == "Metal");
+    let budget = found.as_ref().and_then(gpu_budget);
+    let name = found
         .map(|a| a.name)
         .unwrap_or_else(|| "default Metal device".into());
     Ok(SelectedDevice {
+        budget,
         device: Device::metal(DeviceKind::DefaultDevice),
         kind: BackendKind::Metal,
         description: format!("metal: {name}"),

@@ -9,6 +9,7 @@ pub mod inference;
 mod lock;
 pub mod memory;
 pub mod optim;
+pub mod plan;
 mod progress;
 pub mod setup;
 pub mod signals;

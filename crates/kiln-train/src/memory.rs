@@ -17,6 +17,24 @@ pub fn cgroup_limit() -> Option<u64> {
     text.trim().parse().ok()
 }
 
+/// Bytes the cgroup v2 of this process holds now (`memory.current`).
+pub fn cgroup_usage() -> Option<u64> {
+    let text = std::fs::read_to_string("/sys/fs/cgroup/memory.current").ok()?;
+    text.trim().parse().ok()
+}
+
+/// Installed RAM, from sysconf (every Unix).
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf has no side effects.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| pages as u64 * size as u64)
+}
+
 /// Peak resident set size of this process so far, in bytes.
 pub fn peak_rss() -> Option<u64> {
     // SAFETY: getrusage fills the struct we pass and has no other effect.
@@ -32,6 +50,34 @@ pub fn peak_rss() -> Option<u64> {
     } else {
         Some(raw * 1024)
     }
+}
+
+/// Hands memory the allocator holds but no longer uses back to the OS (glibc's `malloc_trim`):
+/// loading a model leaves large freed host buffers (file bytes, de-quantised copies) that would
+/// otherwise stay in the process for the whole run.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; no pointer is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Starts a new peak-RSS window: the kernel's high-water mark (VmHWM) is reset to the current
+/// RSS (Linux: `5` to /proc/self/clear_refs). Returns false where that is not possible.
+pub fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Peak RSS since the last [`reset_peak`] (VmHWM, Linux), else since the process started.
+pub fn peak_rss_window() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok();
+    let hwm = text.as_deref().and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    });
+    hwm.or_else(peak_rss)
 }
 
 /// Current resident set size, in bytes (Linux only).

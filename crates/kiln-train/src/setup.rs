@@ -125,7 +125,7 @@ fn format_of(f: DataFormat) -> Option<Format> {
 }
 
 /// Loads or builds the data for `tokenizer`.
-fn load_data(
+pub(crate) fn load_data(
     config: &Config,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<&ChatTemplate>,

@@ -5,12 +5,13 @@ use crate::checkpoint::{self, TrainerState};
 use crate::device::{self, SelectedDevice};
 use crate::memory;
 use crate::optim::{AdamW, GradAccumulator, learning_rate};
+use crate::plan::{self, Plan};
 use crate::progress::{Progress, StepReport};
 use crate::setup::{self, Method, TrainData};
 use crate::step::{self, StepShape};
 use crate::{TrainError, inference};
 use burn::prelude::*;
-use kiln_config::{Checkpointing, Config};
+use kiln_config::Config;
 use kiln_data::Rng;
 use kiln_models::llama::Dropout;
 use kiln_models::lora;
@@ -48,6 +49,8 @@ pub struct RunSummary {
     pub best_val_loss: Option<f64>,
     pub tokens_per_s: f64,
     pub peak_memory_bytes: Option<u64>,
+    /// The planner's estimate of that peak.
+    pub estimated_peak_bytes: u64,
     pub event_file: Option<PathBuf>,
     /// The signal that stopped the run early (after a checkpoint), if one did.
     pub interrupted_by: Option<i32>,
@@ -116,13 +119,13 @@ pub struct StepOutput {
     pub skipped: bool,
 }
 
-/// How micro-batches are computed under `config.memory` (`auto` is resolved by the planner).
-pub fn step_shape(config: &Config, model: &LlamaModel) -> StepShape {
-    let every = match config.memory.checkpointing {
-        Checkpointing::None | Checkpointing::Auto => None,
-        Checkpointing::Every(k) => Some(k),
-    };
-    StepShape::new(every, config.memory.loss_chunk, model.config.vocab_size)
+/// How micro-batches are computed under a memory plan.
+pub fn step_shape(config: &Config, model: &LlamaModel, plan: &Plan) -> StepShape {
+    StepShape::new(
+        plan.recompute_every,
+        config.memory.loss_chunk,
+        model.config.vocab_size,
+    )
 }
 
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
@@ -134,6 +137,7 @@ pub fn train_step(
     config: &Config,
     first_micro: u64,
     lr: f64,
+    shape: StepShape,
 ) -> (LlamaModel, StepOutput) {
     let (bs, seq, accum) = (
         config.train.batch_size,
@@ -148,7 +152,6 @@ pub fn train_step(
         }
         _ => 0.0,
     };
-    let shape = step_shape(config, &model);
     let mut grads = GradAccumulator::default();
     let mut loss_sum: Option<Tensor<1>> = None;
     let mut tokens = 0;
@@ -250,6 +253,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
 
+    plan::precheck(config, &selected)?;
     let (base, setup) = setup::setup(config, &device, resume_from.as_deref())?;
     let total = total_steps(config, setup.data.train_tokens());
     let seed = config.run.seed;
@@ -328,6 +332,24 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         config.data.seq_len
     ));
     let n_params = n_trainable;
+    let plan = plan::plan_run(config, &selected, &model)?;
+    let shape = step_shape(config, &model, &plan);
+    say(&format!(
+        "memory: estimated peak {} of budget {} ({}); {}{}",
+        memory::human_bytes(plan.estimate.total),
+        if plan.budget == u64::MAX {
+            "unknown".to_string()
+        } else {
+            memory::human_bytes(plan.budget)
+        },
+        plan.budget_source,
+        plan::describe(plan.recompute_every),
+        if shape.loss_chunk < config.train.batch_size * config.data.seq_len {
+            format!(", loss in chunks of {} positions", shape.loss_chunk)
+        } else {
+            String::new()
+        }
+    ));
 
     let resolved = config.to_yaml();
     kiln_models::fsutil::atomic_write(
@@ -364,6 +386,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut run_tokens = 0u64;
 
     let first_step = state.step;
+    // The measured peak covers training (steps, evaluation, checkpoints), not loading.
+    memory::release_free_memory();
+    memory::reset_peak();
     let (mut nonfinite_total, mut nonfinite_run) = (0usize, 0usize);
     while state.step < last_step {
         let step = state.step + 1;
@@ -375,6 +400,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             config,
             state.micro_batches,
             lr,
+            shape,
         );
         model = next;
         state.micro_batches += accum as u64;
@@ -553,7 +579,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     progress.finish();
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    let peak = peak_device.or_else(memory::peak_rss);
+    let peak = peak_device.or_else(memory::peak_rss_window);
+    if let (Some(w), Some(p)) = (events.as_mut(), peak) {
+        w.add_scalar(
+            "memory/estimated_peak_bytes",
+            plan.estimate.total as f32,
+            state.step as i64,
+        )?;
+        w.add_scalar("memory/measured_peak_bytes", p as f32, state.step as i64)?;
+        w.flush()?;
+    }
     let summary = RunSummary {
         run_dir,
         last_checkpoint,
@@ -566,6 +601,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         best_val_loss: state.best_val_loss,
         tokens_per_s: run_tokens as f64 / secs,
         peak_memory_bytes: peak,
+        estimated_peak_bytes: plan.estimate.total,
         event_file: events.as_ref().map(|w| w.path().to_path_buf()),
         interrupted_by: crate::signals::requested(),
     };

@@ -1,0 +1,593 @@
+//! The memory planner: what a run will hold at its peak, estimated from the model's shape before
+//! anything is allocated, and the checkpointing that makes it fit the device's budget.
+//!
+//! The estimate adds, in f32 bytes: weights; gradients of the trainable parameters (the running
+//! sum and one backward's worth); AdamW's two moments; the activations the autodiff tape keeps
+//! (per block a term linear in tokens × widths and one in batch × heads × sequence²; with
+//! recompute, one input per span plus one span's activations); the output projection's logits
+//! (one loss chunk); and a fixed per-backend overhead. The per-element counts were measured
+//! once on Burn's Flex backend (docs/PERFORMANCE.md) and are what kiln's forward keeps.
+
+use kiln_config::{Budget, Checkpointing, Config};
+use kiln_models::LlamaConfig;
+use serde::Serialize;
+
+/// The shape of what one step computes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    pub batch: usize,
+    pub seq: usize,
+    /// Parameters that get gradients and optimizer state.
+    pub trainable: u64,
+    /// All parameters (adapters included).
+    pub total: u64,
+    /// Dropout on (its masks are kept for backward).
+    pub dropout: bool,
+    /// Positions per loss chunk.
+    pub loss_chunk: usize,
+}
+
+/// Bytes of each part of a run's peak.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Estimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub overhead: u64,
+    pub total: u64,
+}
+
+/// f32 elements the tape keeps per token of one block, per unit of each width, and per attention
+/// score (softmax output and the buffers of its backward), fitted to Flex's measured peaks.
+const PER_HIDDEN: f64 = 5.0;
+const PER_Q: f64 = 4.0;
+const PER_KV: f64 = 2.0;
+const PER_FFN: f64 = 4.0;
+const PER_SCORE: f64 = 3.0;
+/// With dropout: the masks of the attention probabilities and of the residual branches.
+const PER_SCORE_DROPOUT: f64 = 1.0;
+const PER_HIDDEN_DROPOUT: f64 = 1.0;
+/// Logit-sized f32 buffers alive at once in a loss chunk (logits, log-softmax, their gradient).
+const PER_LOGIT: f64 = 3.0;
+/// What a process holds besides tensors: the program, its libraries, the allocator's slack.
+pub const CPU_OVERHEAD: u64 = 32 << 20;
+pub const GPU_OVERHEAD: u64 = 256 << 20;
+
+/// Bytes the tape keeps for one block.
+pub fn block_activation_bytes(m: &LlamaConfig, w: &Workload) -> u64 {
+    let tokens = (w.batch * w.seq) as f64;
+    let q = (m.num_attention_heads * m.head_dim) as f64;
+    let kv = (m.num_key_value_heads * m.head_dim) as f64;
+    let per_hidden = PER_HIDDEN + if w.dropout { PER_HIDDEN_DROPOUT } else { 0.0 };
+    let per_token = per_hidden * m.hidden_size as f64
+        + PER_Q * q
+        + PER_KV * kv
+        + PER_FFN * m.intermediate_size as f64;
+    let scores = (w.batch * m.num_attention_heads) as f64 * (w.seq * w.seq) as f64;
+    let per_score = PER_SCORE + if w.dropout { PER_SCORE_DROPOUT } else { 0.0 };
+    (4.0 * (tokens * per_token + scores * per_score)) as u64
+}
+
+/// The estimate for a model, a workload and a checkpointing choice (`every`: recompute spans).
+pub fn estimate(m: &LlamaConfig, w: &Workload, every: Option<usize>, overhead: u64) -> Estimate {
+    let layers = m.num_hidden_layers as u64;
+    let hidden_state = 4 * (w.batch * w.seq * m.hidden_size) as u64;
+    let block = block_activation_bytes(m, w);
+    let activations = match every {
+        None => layers * block + hidden_state,
+        Some(k) => {
+            let k = (k.max(1) as u64).min(layers.max(1));
+            // Span inputs kept through the step, one span taped in backward, and the gradient
+            // of the hidden state passed between spans.
+            layers.div_ceil(k) * hidden_state + k * block + 2 * hidden_state
+        }
+    };
+    let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
+    let logits = (4.0 * PER_LOGIT * rows * m.vocab_size as f64) as u64;
+    let weights = 4 * w.total;
+    let gradients = 2 * 4 * w.trainable;
+    let optimizer = 2 * 4 * w.trainable;
+    Estimate {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        logits,
+        overhead,
+        total: weights + gradients + optimizer + activations + logits + overhead,
+    }
+}
+
+/// Share of the budget a plan leaves free for what the estimate misses.
+pub const SAFETY_MARGIN: f64 = 0.10;
+
+/// The chosen way to run, with its estimate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// `None`: keep every activation; `Some(k)`: recompute spans of k blocks.
+    pub recompute_every: Option<usize>,
+    pub estimate: Estimate,
+    /// The budget the run must fit (bytes), and the usable part after the safety margin.
+    pub budget: u64,
+    pub usable: u64,
+    pub budget_source: String,
+}
+
+/// Nothing fits: the breakdown of the leanest option and the smallest budget that would do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NothingFits {
+    pub leanest: Estimate,
+    pub leanest_every: Option<usize>,
+    pub budget: u64,
+    pub needed_budget: u64,
+}
+
+impl std::fmt::Display for NothingFits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = &self.leanest;
+        let h = crate::memory::human_bytes;
+        write!(
+            f,
+            "the run does not fit the memory budget of {}: at its leanest ({}) it needs about \
+             {} (weights {}, gradients {}, optimizer {}, activations {}, logits {}, overhead {}); \
+             the smallest budget that fits is {} (with the {:.0}% safety margin). Lower \
+             train.batch_size or data.seq_len, train fewer parameters (LoRA), set \
+             memory.checkpointing: auto, or raise memory.budget",
+            h(self.budget),
+            describe(self.leanest_every),
+            h(e.total),
+            h(e.weights),
+            h(e.gradients),
+            h(e.optimizer),
+            h(e.activations),
+            h(e.logits),
+            h(e.overhead),
+            h(self.needed_budget),
+            SAFETY_MARGIN * 100.0
+        )
+    }
+}
+
+/// `checkpointing: none` or `every: k` in words.
+pub fn describe(every: Option<usize>) -> String {
+    match every {
+        None => "no recompute".into(),
+        Some(k) => format!("recompute every {k} block{}", if k == 1 { "" } else { "s" }),
+    }
+}
+
+/// The budget `memory.budget` asks for, given the detected one.
+pub fn resolve_budget(
+    wanted: Budget,
+    detected: Option<&crate::device::Budget>,
+) -> Option<(u64, String)> {
+    match (wanted, detected) {
+        (Budget::Bytes(n), _) => Some((n, "memory.budget".into())),
+        (Budget::Auto, Some(d)) => Some((d.bytes, d.source.clone())),
+        (Budget::Fraction(f), Some(d)) => {
+            Some(((d.bytes as f64 * f) as u64, format!("{f} × {}", d.source)))
+        }
+        (_, None) => None,
+    }
+}
+
+/// Picks the checkpointing for `checkpointing` within `budget`: `none` and `every: k` are taken
+/// as asked (and refused when they cannot fit); `auto` keeps every activation when that fits, else
+/// recomputes, with the span length that needs the least memory.
+pub fn choose(
+    m: &LlamaConfig,
+    w: &Workload,
+    checkpointing: Checkpointing,
+    budget: (u64, String),
+    overhead: u64,
+) -> Result<Plan, NothingFits> {
+    let usable = (budget.0 as f64 * (1.0 - SAFETY_MARGIN)) as u64;
+    let layers = m.num_hidden_layers.max(1);
+    let candidates: Vec<Option<usize>> = match checkpointing {
+        Checkpointing::None => vec![None],
+        Checkpointing::Every(k) => vec![Some(k)],
+        Checkpointing::Auto => {
+            let mut spans: Vec<Option<usize>> = (1..=layers).map(Some).collect();
+            // Least memory first among the recompute options.
+            spans.sort_by_key(|k| estimate(m, w, *k, overhead).total);
+            std::iter::once(None).chain(spans).collect()
+        }
+    };
+    for every in &candidates {
+        let e = estimate(m, w, *every, overhead);
+        if e.total <= usable {
+            return Ok(Plan {
+                recompute_every: *every,
+                estimate: e,
+                budget: budget.0,
+                usable,
+                budget_source: budget.1,
+            });
+        }
+    }
+    // The hint covers every option, not only the one the config fixed.
+    let (leanest_every, leanest) = std::iter::once(None)
+        .chain((1..=layers).map(Some))
+        .map(|k| (k, estimate(m, w, k, overhead)))
+        .min_by_key(|(_, e)| e.total)
+        .expect("at least one option");
+    Err(NothingFits {
+        leanest,
+        leanest_every,
+        budget: budget.0,
+        needed_budget: (leanest.total as f64 / (1.0 - SAFETY_MARGIN)).ceil() as u64,
+    })
+}
+
+/// The workload a config describes, for a model of shape `m` with these parameter counts.
+pub fn workload(config: &Config, m: &LlamaConfig, trainable: u64, total: u64) -> Workload {
+    let lora = config.model.pretrained.is_some()
+        && config.finetune.method == kiln_config::FinetuneMethod::Lora;
+    Workload {
+        batch: config.train.batch_size,
+        seq: config.data.seq_len,
+        trainable,
+        total,
+        dropout: config.model.dropout > 0.0 || (lora && config.finetune.lora.dropout > 0.0),
+        loss_chunk: crate::step::StepShape::new(None, config.memory.loss_chunk, m.vocab_size)
+            .loss_chunk,
+    }
+}
+
+/// The plan for a run of `config` on `selected` with `model` (adapters attached, trainable set):
+/// printed by `kiln plan`, applied by `kiln train` and `kiln bench`. With no detectable budget
+/// and no `memory.budget` size, `auto` keeps every activation.
+pub fn plan_run(
+    config: &Config,
+    selected: &crate::device::SelectedDevice,
+    model: &kiln_models::LlamaModel,
+) -> Result<Plan, crate::TrainError> {
+    let (trainable, total) = crate::trainer::count_params(model);
+    let w = workload(config, &model.config, trainable as u64, total as u64);
+    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
+        CPU_OVERHEAD
+    } else {
+        GPU_OVERHEAD
+    };
+    let budget = resolve_budget(config.memory.budget, selected.budget.as_ref())
+        .unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
+    choose(
+        &model.config,
+        &w,
+        config.memory.checkpointing,
+        budget,
+        overhead,
+    )
+    .map_err(|e| crate::TrainError::Other(e.to_string()))
+}
+
+/// A model's shape and parameter counts (trainable, total), read without loading its weights:
+/// `config.json` or GGUF metadata for pretrained models, the tokenizer for models from scratch.
+pub fn model_shape(config: &Config) -> Result<(LlamaConfig, u64, u64), crate::TrainError> {
+    let Some(base) = &config.model.pretrained else {
+        let (tokenizer, _) = crate::setup::load_data(config, None, None, &[])?;
+        let vocab = config
+            .model
+            .vocab_size
+            .unwrap_or(0)
+            .max(tokenizer.vocab_size());
+        let m = LlamaConfig::from_model_config(&config.model, vocab);
+        m.validate().map_err(|(field, message)| {
+            crate::TrainError::Other(format!("model.{field}: {message}"))
+        })?;
+        let n = m.num_params() as u64;
+        return Ok((m, n, n));
+    };
+    let m = if kiln_models::pretrained::is_gguf(base) {
+        kiln_models::gguf::GgufFile::read(base)?.config()?
+    } else {
+        kiln_models::hf::read_config(base)?
+    };
+    let base_params = m.num_params() as u64;
+    if config.finetune.method == kiln_config::FinetuneMethod::Full {
+        return Ok((m, base_params, base_params));
+    }
+    let spec = crate::setup::lora_spec(config, m.num_hidden_layers);
+    let (d, ff) = (m.hidden_size, m.intermediate_size);
+    let (q, kv) = (
+        m.num_attention_heads * m.head_dim,
+        m.num_key_value_heads * m.head_dim,
+    );
+    let per_layer: usize = spec
+        .targets
+        .iter()
+        .map(|t| {
+            let (din, dout) = match t.as_str() {
+                "q_proj" => (d, q),
+                "k_proj" | "v_proj" => (d, kv),
+                "o_proj" => (q, d),
+                "gate_proj" | "up_proj" => (d, ff),
+                "down_proj" => (ff, d),
+                _ => (0, 0),
+            };
+            spec.rank * (din + dout)
+        })
+        .sum();
+    let lora = (per_layer
+        * spec
+            .layers
+            .iter()
+            .filter(|&&i| i < m.num_hidden_layers)
+            .count()) as u64;
+    Ok((m, lora, base_params + lora))
+}
+
+/// What `kiln plan` shows: the plan, and the estimate of every checkpointing option.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub device: String,
+    pub model: String,
+    pub trainable_params: u64,
+    pub total_params: u64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub budget: Option<u64>,
+    pub budget_source: String,
+    /// `Ok`: the chosen plan; `Err`: why nothing fits.
+    pub plan: Result<Plan, String>,
+    /// (`none` or `every: k`, estimate) for each option.
+    pub options: Vec<(String, Estimate)>,
+}
+
+/// The plan for `config` without loading weights or allocating tensors.
+pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
+    let selected = crate::device::select(&config.backend)?;
+    let (m, trainable, total) = model_shape(config)?;
+    let w = workload(config, &m, trainable, total);
+    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
+        CPU_OVERHEAD
+    } else {
+        GPU_OVERHEAD
+    };
+    let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
+    let plan = choose(
+        &m,
+        &w,
+        config.memory.checkpointing,
+        budget
+            .clone()
+            .unwrap_or((u64::MAX, "unknown (no limit applied)".into())),
+        overhead,
+    )
+    .map_err(|e| e.to_string());
+    let mut options = vec![("none".to_string(), estimate(&m, &w, None, overhead))];
+    let chosen = plan.as_ref().ok().and_then(|p| p.recompute_every);
+    for k in 1..=m.num_hidden_layers {
+        if [1, 2, 3, 4, 6, 8, 12, 16].contains(&k) || Some(k) == chosen {
+            options.push((format!("every: {k}"), estimate(&m, &w, Some(k), overhead)));
+        }
+    }
+    Ok(PlanReport {
+        device: selected.description,
+        model: format!(
+            "{} {} layers, width {}, {} heads ({} kv), FFN {}, vocab {}",
+            m.model_type,
+            m.num_hidden_layers,
+            m.hidden_size,
+            m.num_attention_heads,
+            m.num_key_value_heads,
+            m.intermediate_size,
+            m.vocab_size
+        ),
+        trainable_params: trainable,
+        total_params: total,
+        batch_size: config.train.batch_size,
+        seq_len: config.data.seq_len,
+        budget: budget.as_ref().map(|b| b.0),
+        budget_source: budget
+            .map(|b| b.1)
+            .unwrap_or_else(|| "not detected; set memory.budget".into()),
+        plan,
+        options,
+    })
+}
+
+/// Before the model is loaded or built: refuses a run that cannot fit, from its shape alone.
+pub fn precheck(
+    config: &Config,
+    selected: &crate::device::SelectedDevice,
+) -> Result<(), crate::TrainError> {
+    let (m, trainable, total) = model_shape(config)?;
+    let w = workload(config, &m, trainable, total);
+    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
+        CPU_OVERHEAD
+    } else {
+        GPU_OVERHEAD
+    };
+    let Some(budget) = resolve_budget(config.memory.budget, selected.budget.as_ref()) else {
+        return Ok(());
+    };
+    choose(&m, &w, config.memory.checkpointing, budget, overhead)
+        .map(|_| ())
+        .map_err(|e| crate::TrainError::Other(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama3_8b() -> LlamaConfig {
+        LlamaConfig {
+            model_type: "llama".into(),
+            vocab_size: 128_256,
+            hidden_size: 4096,
+            intermediate_size: 14_336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            max_position_embeddings: 8192,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500_000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+        }
+    }
+
+    fn smollm2_135m() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 49_152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            max_position_embeddings: 8192,
+            rope_theta: 100_000.0,
+            tie_word_embeddings: true,
+            ..llama3_8b()
+        }
+    }
+
+    /// LoRA r = 16 on all seven projections of every block.
+    fn lora_workload(m: &LlamaConfig, batch: usize, seq: usize) -> Workload {
+        let (d, ff) = (m.hidden_size, m.intermediate_size);
+        let (q, kv) = (
+            m.num_attention_heads * m.head_dim,
+            m.num_key_value_heads * m.head_dim,
+        );
+        let per_layer = 16 * ((d + q) * 2 + (d + kv) * 2 + (d + ff) * 3);
+        let trainable = (per_layer * m.num_hidden_layers) as u64;
+        Workload {
+            batch,
+            seq,
+            trainable,
+            total: m.num_params() as u64 + trainable,
+            dropout: false,
+            loss_chunk: crate::step::StepShape::new(None, 0, m.vocab_size).loss_chunk,
+        }
+    }
+
+    /// Metal's recommendedMaxWorkingSetSize as observed on Macs of 8, 32, 96 and 128 GB (FACTS.md).
+    const METAL_WORKING_SETS: [(u64, u64); 4] = [
+        (8, 5461 << 20),
+        (32, 21_845_000_000),
+        (96, 73_728_000_000),
+        (128, 103_079_000_000),
+    ];
+
+    fn metal(bytes: u64) -> (u64, String) {
+        let detected = crate::device::Budget {
+            bytes,
+            source: "Metal working set".into(),
+        };
+        resolve_budget(Budget::Auto, Some(&detected)).unwrap()
+    }
+
+    #[test]
+    fn plans_across_the_metal_working_set_table() {
+        // Llama-3-8B shape, LoRA, batch 1 × 2048 (mlx-lm's defaults), f32 weights (32 GB).
+        let m = llama3_8b();
+        let w = lora_workload(&m, 1, 2048);
+        let plans: Vec<_> = METAL_WORKING_SETS
+            .iter()
+            .map(|&(gb, bytes)| {
+                (
+                    gb,
+                    choose(&m, &w, Checkpointing::Auto, metal(bytes), GPU_OVERHEAD),
+                )
+            })
+            .collect();
+        for (gb, p) in &plans[..2] {
+            let e = p.as_ref().unwrap_err();
+            assert!(e.needed_budget > METAL_WORKING_SETS[1].1, "{gb} GB: {e}");
+            assert!(e.leanest.weights > 30 << 30, "{gb} GB: {e}");
+        }
+        for (gb, p) in &plans[2..] {
+            let p = p.as_ref().unwrap_or_else(|e| panic!("{gb} GB: {e}"));
+            // Keeping every activation (about 77 GB of them) does not fit; recompute does.
+            assert!(p.recompute_every.is_some(), "{gb} GB: {p:?}");
+            assert!(p.estimate.total <= p.usable);
+            assert!(estimate(&m, &w, None, GPU_OVERHEAD).total > p.usable);
+        }
+        // Asked for no recompute, the same run is refused on the 128 GB Mac, and the message
+        // names the budget that would fit and the breakdown.
+        let e = choose(
+            &m,
+            &w,
+            Checkpointing::None,
+            metal(METAL_WORKING_SETS[3].1),
+            GPU_OVERHEAD,
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        for part in [
+            "does not fit",
+            "smallest budget",
+            "weights",
+            "activations",
+            "memory.checkpointing: auto",
+        ] {
+            assert!(text.contains(part), "{text}");
+        }
+
+        // SmolLM2-135M LoRA: batch 4 × 256 fits an 8 GB Mac whole; batch 16 needs recompute
+        // there and fits a 32 GB Mac whole.
+        let s = smollm2_135m();
+        let small = lora_workload(&s, 4, 256);
+        let p = choose(
+            &s,
+            &small,
+            Checkpointing::Auto,
+            metal(5461 << 20),
+            GPU_OVERHEAD,
+        )
+        .unwrap();
+        assert_eq!(p.recompute_every, None);
+        let big = lora_workload(&s, 16, 256);
+        let p = choose(
+            &s,
+            &big,
+            Checkpointing::Auto,
+            metal(5461 << 20),
+            GPU_OVERHEAD,
+        )
+        .unwrap();
+        assert!(p.recompute_every.is_some(), "{p:?}");
+        let p = choose(
+            &s,
+            &big,
+            Checkpointing::Auto,
+            metal(21_845_000_000),
+            GPU_OVERHEAD,
+        )
+        .unwrap();
+        assert_eq!(p.recompute_every, None);
+    }
+
+    #[test]
+    fn recompute_needs_less_and_budgets_resolve() {
+        let s = smollm2_135m();
+        let w = lora_workload(&s, 4, 256);
+        let none = estimate(&s, &w, None, 0);
+        let every1 = estimate(&s, &w, Some(1), 0);
+        assert!(every1.activations * 5 < none.activations);
+        assert_eq!(none.weights, every1.weights);
+        let detected = crate::device::Budget {
+            bytes: 10 << 30,
+            source: "MemAvailable".into(),
+        };
+        assert_eq!(
+            resolve_budget(Budget::Fraction(0.5), Some(&detected))
+                .unwrap()
+                .0,
+            5 << 30
+        );
+        assert_eq!(
+            resolve_budget(Budget::Bytes(123), None).unwrap(),
+            (123, "memory.budget".to_string())
+        );
+        assert!(resolve_budget(Budget::Auto, None).is_none());
+    }
+}
