@@ -749,7 +749,9 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
         }
         match &r.plan {
             Ok(p) => println!(
-                "plan: {}: estimated peak {} of {} usable ({} budget less the {:.0}% margin)",
+                "plan: micro-batch {} x {} accumulated, {}: estimated peak {} of {} usable ({} budget less the {:.0}% margin)",
+                p.micro_batch,
+                p.grad_accum,
                 kiln_train::plan::describe(p.recompute_every),
                 human_bytes(p.estimate.total),
                 human_bytes(p.usable),

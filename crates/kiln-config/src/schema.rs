@@ -419,8 +419,12 @@ pub struct TrainConfig {
     /// Passes over the training tokens (steps = epochs × tokens / (batch × accumulation × seq_len));
     /// overrides `max_steps`. Default `null`.
     pub epochs: Option<f64>,
-    /// Sequences per micro-batch. Default 12.
-    pub batch_size: usize,
+    /// Sequences per micro-batch, or `auto`: the memory planner picks the largest micro-batch
+    /// that divides `effective_batch_size` and fits the budget (with the least recompute), and
+    /// accumulates gradients over the rest. Default 12.
+    pub batch_size: BatchSize,
+    /// Sequences per optimizer step when `batch_size` is `auto`. Default 16.
+    pub effective_batch_size: usize,
     /// Micro-batches per optimizer step. Default 1.
     pub grad_accum: usize,
     /// Validate every N steps (0: only at the end). Default 100.
@@ -442,6 +446,67 @@ pub struct TrainConfig {
     pub on_save_error: OnSaveError,
 }
 
+/// `train.batch_size`: a number of sequences, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BatchSizeRepr", into = "BatchSizeRepr")]
+pub enum BatchSize {
+    Auto,
+    Fixed(usize),
+}
+
+impl BatchSize {
+    /// The micro-batch: the number, or 1 for an `auto` the planner has not resolved yet (the
+    /// trainer resolves it before any batch is drawn).
+    pub fn get(self) -> usize {
+        match self {
+            BatchSize::Fixed(n) => n,
+            BatchSize::Auto => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Auto => f.write_str("auto"),
+            BatchSize::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl From<usize> for BatchSize {
+    fn from(n: usize) -> Self {
+        BatchSize::Fixed(n)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum BatchSizeRepr {
+    Number(usize),
+    Text(String),
+}
+
+impl TryFrom<BatchSizeRepr> for BatchSize {
+    type Error = String;
+    fn try_from(r: BatchSizeRepr) -> Result<Self, String> {
+        match r {
+            BatchSizeRepr::Number(n) => Ok(BatchSize::Fixed(n)),
+            BatchSizeRepr::Text(t) if t.trim() == "auto" => Ok(BatchSize::Auto),
+            BatchSizeRepr::Text(t) => Err(format!("`{t}`: expected a number or `auto`")),
+        }
+    }
+}
+
+impl From<BatchSize> for BatchSizeRepr {
+    fn from(b: BatchSize) -> Self {
+        match b {
+            BatchSize::Auto => BatchSizeRepr::Text("auto".into()),
+            BatchSize::Fixed(n) => BatchSizeRepr::Number(n),
+        }
+    }
+}
+
 /// What a failed checkpoint write does to the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -456,7 +521,8 @@ impl Default for TrainConfig {
         Self {
             max_steps: 1000,
             epochs: None,
-            batch_size: 12,
+            batch_size: BatchSize::Fixed(12),
+            effective_batch_size: 16,
             grad_accum: 1,
             eval_every: 100,
             eval_batches: 20,
@@ -764,7 +830,15 @@ impl Config {
             return Err(("optim.grad_clip".into(), "must be non-negative".into()));
         }
         let t = &self.train;
-        positive("train.batch_size", t.batch_size)?;
+        positive("train.batch_size", t.batch_size.get())?;
+        positive("train.effective_batch_size", t.effective_batch_size)?;
+        if t.batch_size == BatchSize::Auto && t.grad_accum != 1 {
+            return Err((
+                "train.grad_accum".into(),
+                "with train.batch_size: auto the planner sets the accumulation; give                  train.effective_batch_size instead"
+                    .into(),
+            ));
+        }
         positive("train.grad_accum", t.grad_accum)?;
         positive("train.eval_batches", t.eval_batches)?;
         positive("train.max_nonfinite_steps", t.max_nonfinite_steps)?;
@@ -850,6 +924,24 @@ mod tests {
             assert!(e.contains("t.yaml:2"), "{yaml}: {e}");
             assert!(e.contains(needle), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn batch_size_auto() {
+        let c = parse("train:\n  batch_size: auto\n  effective_batch_size: 32\n").unwrap();
+        assert_eq!(c.train.batch_size, BatchSize::Auto);
+        assert_eq!(parse(&c.to_yaml()).unwrap(), c);
+        assert_eq!(
+            parse("train:\n  batch_size: 6\n").unwrap().train.batch_size,
+            BatchSize::Fixed(6)
+        );
+        let e = parse("train:\n  batch_size: auto\n  grad_accum: 4\n").unwrap_err();
+        assert!(
+            e.contains("train.grad_accum") && e.contains("effective_batch_size"),
+            "{e}"
+        );
+        let e = parse("train:\n  batch_size: lots\n").unwrap_err();
+        assert!(e.contains("t.yaml:2") && e.contains("`auto`"), "{e}");
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
-    let plan = crate::plan::plan_run(config, &selected, &model)?;
+    let plan = crate::plan::plan_run(config, &selected, &model, None)?;
+    let resolved = crate::plan::resolve(config, &plan);
+    let config = &resolved;
     let shape = crate::trainer::step_shape(config, &model, &plan);
     let mut optimizer = AdamW::new(&config.optim);
     memory::release_free_memory();

@@ -43,6 +43,9 @@ pub struct TrainerState {
     pub total_steps: usize,
     /// Micro-batches consumed: the data position (batches are a function of seed and index).
     pub micro_batches: u64,
+    /// Sequences per micro-batch (what `train.batch_size: auto` resolved to).
+    #[serde(default)]
+    pub micro_batch: Option<usize>,
     /// AdamW's bias-correction counter.
     pub optimizer_t: u64,
     pub tokens_seen: u64,

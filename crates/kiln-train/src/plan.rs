@@ -8,7 +8,7 @@
 //! (one loss chunk); and a fixed per-backend overhead. The per-element counts were measured
 //! once on Burn's Flex backend (docs/PERFORMANCE.md) and are what kiln's forward keeps.
 
-use kiln_config::{Budget, Checkpointing, Config};
+use kiln_config::{BatchSize, Budget, Checkpointing, Config};
 use kiln_models::LlamaConfig;
 use serde::Serialize;
 
@@ -113,6 +113,9 @@ pub struct Plan {
     pub budget: u64,
     pub usable: u64,
     pub budget_source: String,
+    /// Sequences per micro-batch and micro-batches per step (`train.batch_size: auto` resolved).
+    pub micro_batch: usize,
+    pub grad_accum: usize,
 }
 
 /// Nothing fits: the breakdown of the leanest option and the smallest budget that would do.
@@ -204,6 +207,8 @@ pub fn choose(
                 budget: budget.0,
                 usable,
                 budget_source: budget.1,
+                micro_batch: w.batch,
+                grad_accum: 1,
             });
         }
     }
@@ -221,12 +226,63 @@ pub fn choose(
     })
 }
 
+/// [`choose`] with `train.batch_size` taken into account: a fixed micro-batch is planned as is;
+/// `auto` tries the micro-batches that divide `effective` from the largest down, first without
+/// recompute (when `checkpointing` allows it), then with, and accumulates over the rest.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_run(
+    m: &LlamaConfig,
+    w: &Workload,
+    batch: BatchSize,
+    effective: usize,
+    grad_accum: usize,
+    checkpointing: Checkpointing,
+    budget: (u64, String),
+    overhead: u64,
+) -> Result<Plan, NothingFits> {
+    let with_batch = |b: usize| Workload { batch: b, ..*w };
+    match batch {
+        BatchSize::Fixed(b) => choose(m, &with_batch(b), checkpointing, budget, overhead)
+            .map(|p| Plan { grad_accum, ..p }),
+        BatchSize::Auto => {
+            let effective = effective.max(1);
+            let sizes: Vec<usize> = (1..=effective)
+                .rev()
+                .filter(|b| effective.is_multiple_of(*b))
+                .collect();
+            let stages = match checkpointing {
+                Checkpointing::Auto => vec![Checkpointing::None, Checkpointing::Auto],
+                other => vec![other],
+            };
+            for stage in stages {
+                for &b in &sizes {
+                    if let Ok(p) = choose(m, &with_batch(b), stage, budget.clone(), overhead) {
+                        return Ok(Plan {
+                            grad_accum: effective / b,
+                            ..p
+                        });
+                    }
+                }
+            }
+            choose(m, &with_batch(1), checkpointing, budget, overhead)
+        }
+    }
+}
+
+/// `config` with `train.batch_size` and `train.grad_accum` as `plan` resolved them.
+pub fn resolve(config: &Config, plan: &Plan) -> Config {
+    let mut c = config.clone();
+    c.train.batch_size = BatchSize::Fixed(plan.micro_batch);
+    c.train.grad_accum = plan.grad_accum;
+    c
+}
+
 /// The workload a config describes, for a model of shape `m` with these parameter counts.
 pub fn workload(config: &Config, m: &LlamaConfig, trainable: u64, total: u64) -> Workload {
     let lora = config.model.pretrained.is_some()
         && config.finetune.method == kiln_config::FinetuneMethod::Lora;
     Workload {
-        batch: config.train.batch_size,
+        batch: config.train.batch_size.get(),
         seq: config.data.seq_len,
         trainable,
         total,
@@ -243,6 +299,7 @@ pub fn plan_run(
     config: &Config,
     selected: &crate::device::SelectedDevice,
     model: &kiln_models::LlamaModel,
+    resumed_micro_batch: Option<usize>,
 ) -> Result<Plan, crate::TrainError> {
     let (trainable, total) = crate::trainer::count_params(model);
     let w = workload(config, &model.config, trainable as u64, total as u64);
@@ -253,9 +310,19 @@ pub fn plan_run(
     };
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref())
         .unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
-    choose(
+    let t = &config.train;
+    let (batch, accum) = match (t.batch_size, resumed_micro_batch) {
+        (BatchSize::Auto, Some(b)) if b > 0 && t.effective_batch_size.is_multiple_of(b) => {
+            (BatchSize::Fixed(b), t.effective_batch_size / b)
+        }
+        (b, _) => (b, t.grad_accum),
+    };
+    choose_run(
         &model.config,
         &w,
+        batch,
+        t.effective_batch_size,
+        accum,
         config.memory.checkpointing,
         budget,
         overhead,
@@ -326,7 +393,7 @@ pub struct PlanReport {
     pub model: String,
     pub trainable_params: u64,
     pub total_params: u64,
-    pub batch_size: usize,
+    pub batch_size: BatchSize,
     pub seq_len: usize,
     pub budget: Option<u64>,
     pub budget_source: String,
@@ -347,9 +414,13 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
         GPU_OVERHEAD
     };
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
-    let plan = choose(
+    let t = &config.train;
+    let plan = choose_run(
         &m,
         &w,
+        t.batch_size,
+        t.effective_batch_size,
+        t.grad_accum,
         config.memory.checkpointing,
         budget
             .clone()
@@ -357,6 +428,10 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
         overhead,
     )
     .map_err(|e| e.to_string());
+    let w = Workload {
+        batch: plan.as_ref().map_or(w.batch, |p| p.micro_batch),
+        ..w
+    };
     let mut options = vec![("none".to_string(), estimate(&m, &w, None, overhead))];
     let chosen = plan.as_ref().ok().and_then(|p| p.recompute_every);
     for k in 1..=m.num_hidden_layers {
@@ -404,9 +479,19 @@ pub fn precheck(
     let Some(budget) = resolve_budget(config.memory.budget, selected.budget.as_ref()) else {
         return Ok(());
     };
-    choose(&m, &w, config.memory.checkpointing, budget, overhead)
-        .map(|_| ())
-        .map_err(|e| crate::TrainError::Other(e.to_string()))
+    let t = &config.train;
+    choose_run(
+        &m,
+        &w,
+        t.batch_size,
+        t.effective_batch_size,
+        t.grad_accum,
+        config.memory.checkpointing,
+        budget,
+        overhead,
+    )
+    .map(|_| ())
+    .map_err(|e| crate::TrainError::Other(e.to_string()))
 }
 
 #[cfg(test)]
@@ -564,6 +649,59 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.recompute_every, None);
+    }
+
+    #[test]
+    fn auto_batch_lowers_the_micro_batch_before_recomputing() {
+        let s = smollm2_135m();
+        let w = lora_workload(&s, 1, 256);
+        let budget = |gib: u64| (gib << 30, "test".to_string());
+        let run = |gib, c| choose_run(&s, &w, BatchSize::Auto, 16, 1, c, budget(gib), GPU_OVERHEAD);
+        // Room for 16 at once: one micro-batch of 16.
+        let p = run(64, Checkpointing::Auto).unwrap();
+        assert_eq!(
+            (p.micro_batch, p.grad_accum, p.recompute_every),
+            (16, 1, None)
+        );
+        // Less room: a smaller micro-batch, more accumulation, still no recompute.
+        let p = run(6, Checkpointing::Auto).unwrap();
+        assert!(
+            p.micro_batch < 16 && p.micro_batch * p.grad_accum == 16,
+            "{p:?}"
+        );
+        assert_eq!(p.recompute_every, None);
+        // Not even one sequence fits without recompute: recompute, micro-batch as large as fits.
+        let one = lora_workload(&s, 1, 256);
+        let none_one = estimate(&s, &one, None, GPU_OVERHEAD).total;
+        let every_one = estimate(&s, &one, Some(1), GPU_OVERHEAD).total;
+        let between = ((none_one + every_one) as f64 / 2.0 / (1.0 - SAFETY_MARGIN)) as u64;
+        let p = choose_run(
+            &s,
+            &w,
+            BatchSize::Auto,
+            16,
+            1,
+            Checkpointing::Auto,
+            (between, "test".into()),
+            GPU_OVERHEAD,
+        )
+        .unwrap();
+        assert!(p.recompute_every.is_some(), "{p:?}");
+        assert_eq!(p.micro_batch * p.grad_accum, 16);
+        assert!(p.estimate.total <= p.usable);
+        // A fixed micro-batch keeps its accumulation.
+        let p = choose_run(
+            &s,
+            &w,
+            BatchSize::Fixed(4),
+            16,
+            3,
+            Checkpointing::None,
+            budget(64),
+            GPU_OVERHEAD,
+        )
+        .unwrap();
+        assert_eq!((p.micro_batch, p.grad_accum), (4, 3));
     }
 
     #[test]

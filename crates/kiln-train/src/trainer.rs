@@ -77,7 +77,7 @@ pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
     let t = &config.train;
     match t.epochs {
         Some(epochs) => {
-            let per_step = t.batch_size * t.grad_accum * config.data.seq_len;
+            let per_step = t.batch_size.get() * t.grad_accum * config.data.seq_len;
             ((epochs * train_tokens as f64) / per_step as f64)
                 .ceil()
                 .max(1.0) as usize
@@ -140,7 +140,7 @@ pub fn train_step(
     shape: StepShape,
 ) -> (LlamaModel, StepOutput) {
     let (bs, seq, accum) = (
-        config.train.batch_size,
+        config.train.batch_size.get(),
         config.data.seq_len,
         config.train.grad_accum,
     );
@@ -255,6 +255,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
 
     plan::precheck(config, &selected)?;
     let (base, setup) = setup::setup(config, &device, resume_from.as_deref())?;
+    let lora_only = matches!(setup.method, Method::Lora { .. });
+    let mut model = lora::set_trainable(base, &train_device, lora_only);
+    // A resumed run keeps the micro-batch it started with (the data order depends on it).
+    let saved_micro = match &resume_from {
+        Some(dir) => checkpoint::read_state(dir)?.micro_batch,
+        None => None,
+    };
+    let plan = plan::plan_run(config, &selected, &model, saved_micro)?;
+    let resolved = plan::resolve(config, &plan);
+    let config = &resolved;
     let total = total_steps(config, setup.data.train_tokens());
     let seed = config.run.seed;
     let mut optimizer = AdamW::new(&config.optim);
@@ -279,6 +289,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             step: 0,
             total_steps: total,
             micro_batches: 0,
+            micro_batch: Some(config.train.batch_size.get()),
             optimizer_t: 0,
             tokens_seen: 0,
             seed,
@@ -291,8 +302,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             kiln_version: env!("CARGO_PKG_VERSION").into(),
         },
     };
-    let lora_only = matches!(setup.method, Method::Lora { .. });
-    let mut model = lora::set_trainable(base, &train_device, lora_only);
     let (n_trainable, n_total) = count_params(&model);
     let mc = &model.config;
     let what = match &setup.method {
@@ -327,15 +336,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         "data: {}; {} steps of {} × {} × ≤{} tokens",
         setup.data.describe(),
         total,
-        config.train.batch_size,
+        config.train.batch_size.get(),
         config.train.grad_accum,
         config.data.seq_len
     ));
     let n_params = n_trainable;
-    let plan = plan::plan_run(config, &selected, &model)?;
     let shape = step_shape(config, &model, &plan);
     say(&format!(
-        "memory: estimated peak {} of budget {} ({}); {}{}",
+        "memory: estimated peak {} of budget {} ({}); micro-batch {} x {}; {}{}",
         memory::human_bytes(plan.estimate.total),
         if plan.budget == u64::MAX {
             "unknown".to_string()
@@ -343,8 +351,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             memory::human_bytes(plan.budget)
         },
         plan.budget_source,
+        plan.micro_batch,
+        plan.grad_accum,
         plan::describe(plan.recompute_every),
-        if shape.loss_chunk < config.train.batch_size * config.data.seq_len {
+        if shape.loss_chunk < config.train.batch_size.get() * config.data.seq_len {
             format!(", loss in chunks of {} positions", shape.loss_chunk)
         } else {
             String::new()
@@ -371,7 +381,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     };
 
     let (bs, seq, accum) = (
-        config.train.batch_size,
+        config.train.batch_size.get(),
         config.data.seq_len,
         config.train.grad_accum,
     );
