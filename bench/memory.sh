@@ -22,36 +22,39 @@ deep=(configs/shakespeare-char.yaml --set model.hidden_size=384 --set model.num_
   --set model.max_position_embeddings=512 --set data.seq_len=512 --set train.batch_size=4)
 lora=(configs/smollm2-lora.yaml --set model.pretrained="$gguf" --set data.seq_len=256
   --set train.batch_size=4 --set data.pack=true)
-run() { # name steps args...
-  local name="$1" steps="$2"; shift 2
-  for mode in none every:1; do
-    "$kiln" bench "$@" --set backend.kind=cpu --set memory.checkpointing="$mode" \
-      --steps "$steps" --warmup 1 --json > "$out/$name-${mode/:/}.json"
+run() { # name rounds steps args...: alternating rounds, one process per run
+  local name="$1" rounds="$2" steps="$3"; shift 3
+  for r in $(seq "$rounds"); do
+    for mode in none every:1; do
+      "$kiln" bench "$@" --set backend.kind=cpu --set memory.checkpointing="$mode" \
+        --steps "$steps" --warmup 1 --json > "$out/$name-${mode/:/}-$r.json"
+    done
   done
 }
-run small 20 "${small[@]}"
-run deep 4 "${deep[@]}"
-run lora 3 "${lora[@]}"
+run small 1 20 "${small[@]}"
+run deep 3 3 "${deep[@]}"
+run lora 1 3 "${lora[@]}"
 python3 - "$out" <<'PY'
 import json, pathlib, platform, statistics, sys
 out = pathlib.Path(sys.argv[1])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 print(f"machine: {cpu}")
 M = 2**20
+runs = lambda name, mode: [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-{mode}-*.json"))]
+med = statistics.median
 print(f"{'shape':8} {'recompute':10} {'estimated':>10} {'measured':>10} {'error':>7} {'before':>9} {'step s':>7}")
-r = {}
 for name in ("small", "deep", "lora"):
     for mode in ("none", "every1"):
-        x = json.loads((out / f"{name}-{mode}.json").read_text())
-        r[name, mode] = x
-        est, meas = x["estimate"]["total"], x["peak_steps_bytes"]
+        xs = runs(name, mode)
+        est, meas = xs[0]["estimate"]["total"], med(x["peak_steps_bytes"] for x in xs)
         print(f"{name:8} {mode:10} {est/M:9.1f}M {meas/M:9.1f}M {100*(est-meas)/meas:+6.1f}% "
-              f"{x['rss_before_steps']/M:8.1f}M {statistics.median(x['step_secs']):7.2f}")
+              f"{med(x['rss_before_steps'] for x in xs)/M:8.1f}M {med(med(x['step_secs']) for x in xs):7.2f}")
 def act(x):
     e = x["estimate"]
     return x["peak_steps_bytes"] - x["rss_before_steps"] - e["gradients"] - e["optimizer"]
-a, b = r["deep", "none"], r["deep", "every1"]
-ta, tb = statistics.median(a["step_secs"]), statistics.median(b["step_secs"])
-print(f"12 blocks, sequence 512: activation memory {act(a)/M:.1f}M without recompute, {act(b)/M:.1f}M with "
-      f"({100*act(b)/act(a):.1f}%); step {ta:.2f} s vs {tb:.2f} s ({100*(tb/ta-1):+.1f}%)")
+a, b = runs("deep", "none"), runs("deep", "every1")
+ta, tb = med(med(x["step_secs"]) for x in a), med(med(x["step_secs"]) for x in b)
+aa, ab = med(act(x) for x in a), med(act(x) for x in b)
+print(f"12 blocks, sequence 512 (medians of {len(a)} alternating runs): activation memory {aa/M:.1f}M without "
+      f"recompute, {ab/M:.1f}M with ({100*ab/aa:.1f}%); step {ta:.2f} s vs {tb:.2f} s ({100*(tb/ta-1):+.1f}%)")
 PY

@@ -1337,8 +1337,12 @@ fn sigint_checkpoints_exits_130_and_resume_is_exact_and_runs_are_locked() {
 fn sigterm_exits_143_with_a_checkpoint_and_a_second_sigint_exits_at_once() {
     let (dir, corpus) = scratch("sigterm");
     let out = dir.path().join("runs");
+    // Steps long enough (a few hundred ms) that a second signal lands inside one.
     let overrides = [
-        "model.hidden_size=128",
+        "model.hidden_size=256",
+        "model.max_position_embeddings=256",
+        "data.seq_len=256",
+        "train.batch_size=16",
         "train.max_steps=100000",
         "train.save_every=5",
         "train.eval_every=0",
@@ -1359,14 +1363,15 @@ fn sigterm_exits_143_with_a_checkpoint_and_a_second_sigint_exits_at_once() {
     assert!(err.contains(saved.file_name().unwrap().to_str().unwrap()));
     assert!(step >= 8, "{step}");
 
-    // Two SIGINTs back to back: the second ends the process at once, without the graceful save;
-    // the newest complete checkpoint still verifies and the run resumes from it.
+    // A second SIGINT while the first is still finishing its step ends the process at once,
+    // without the graceful save; the newest complete checkpoint still verifies and the run
+    // resumes from it. (Signals sent back to back would merge into one pending signal.)
     let child = spawn_until_step(&config, &["--resume"], step + 12);
     // SAFETY: as above.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
-        libc::kill(child.id() as i32, libc::SIGINT);
-    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&status.stderr);
     assert_eq!(status.status.code(), Some(130), "{err}");

@@ -303,6 +303,7 @@ pub fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
+    kiln_train::memory::tune_allocator();
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Finetune(args) => finetune(args),
@@ -804,7 +805,11 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         );
     }
     if let Some(p) = r.peak_device_bytes {
-        println!("peak device memory in use: {}", human_bytes(p));
+        println!(
+            "peak device memory reserved: {} (estimated {})",
+            human_bytes(p),
+            human_bytes(r.estimate.total)
+        );
     }
     Ok(())
 }

@@ -545,7 +545,8 @@ pub struct MemoryConfig {
     pub budget: Budget,
     /// Block-level activation checkpointing: `none` keeps every block's activations for backward;
     /// `{every: k}` keeps the input of every k-th block and recomputes the blocks in backward;
-    /// `auto` picks the least recompute that fits the budget. Default `none`.
+    /// `auto` picks the least recompute that fits the budget (none when everything fits).
+    /// Default `auto`.
     pub checkpointing: Checkpointing,
     /// Positions per chunk of the output projection and cross-entropy, so that batch × sequence ×
     /// vocabulary logits are never held whole; 0: chosen from the vocabulary size. Default 0.
@@ -645,8 +646,8 @@ pub fn format_size(n: u64) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(try_from = "CheckpointingRepr", into = "CheckpointingRepr")]
 pub enum Checkpointing {
-    #[default]
     None,
+    #[default]
     Auto,
     /// Keep the input of every k-th block; recompute in backward.
     Every(usize),
@@ -899,6 +900,7 @@ mod tests {
         assert_eq!(c.memory.budget, Budget::Bytes(800_000_000));
         assert_eq!(c.memory.checkpointing, Checkpointing::Auto);
         assert_eq!(Config::default().memory.budget, Budget::Auto);
+        assert_eq!(Config::default().memory.checkpointing, Checkpointing::Auto);
         // The resolved config writes back to YAML that reads the same.
         let c = parse("memory:\n  budget: 1.5GiB\n  checkpointing: {every: 4}\n").unwrap();
         assert_eq!(parse(&c.to_yaml()).unwrap(), c);

@@ -475,8 +475,10 @@ impl LlamaModel {
             };
             (expand(k), expand(v))
         };
+        // The 1/sqrt(hd) scale goes on q, not on the b·h·s² scores: the same product, fewer
+        // multiplications (and a cheaper forward to recompute).
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale + consts.causal_bias.clone();
+        let scores = (q * scale).matmul(k.swap_dims(2, 3)) + consts.causal_bias.clone();
         let mut probs = softmax(scores, 3);
         if let Some(d) = dropout.as_mut() {
             probs = d.apply(probs);

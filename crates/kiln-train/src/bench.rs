@@ -43,7 +43,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
-    let plan = crate::plan::plan_run(config, &selected, &model, None)?;
+    let plan = crate::plan::plan_run(config, &selected, &model, None, None)?;
     let resolved = crate::plan::resolve(config, &plan);
     let config = &resolved;
     let shape = crate::trainer::step_shape(config, &model, &plan);
@@ -81,7 +81,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         if step == 0 {
             first_step_secs = start.elapsed().as_secs_f64();
         }
-        if let Some(m) = device::device_memory_in_use(&selected.device) {
+        if let Some(m) = device::device_memory_reserved(&selected.device) {
             peak_device = Some(peak_device.unwrap_or(0).max(m));
         }
         if step >= warmup.max(1) {

@@ -46,6 +46,10 @@ pub struct TrainerState {
     /// Sequences per micro-batch (what `train.batch_size: auto` resolved to).
     #[serde(default)]
     pub micro_batch: Option<usize>,
+    /// The recompute the run's plan chose (`Some(0)`: none); a resumed run with
+    /// `memory.checkpointing: auto` keeps it, since recompute changes float rounding.
+    #[serde(default)]
+    pub recompute_every: Option<usize>,
     /// AdamW's bias-correction counter.
     pub optimizer_t: u64,
     pub tokens_seen: u64,

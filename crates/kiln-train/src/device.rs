@@ -276,6 +276,12 @@ fn vulkan_device(_: AdapterChoice) -> Result<SelectedDevice, TrainError> {
     ))
 }
 
+/// Bytes the device's memory pool has reserved (GPU backends): pools keep what they reserved, so
+/// this is the high-water mark of what the run needed, as the device sees it.
+pub fn device_memory_reserved(device: &Device) -> Option<u64> {
+    device.memory_pool_usage().map(|u| u.bytes_reserved)
+}
+
 /// Bytes the device's allocator holds now (GPU backends), if it reports them.
 pub fn device_memory_in_use(device: &Device) -> Option<u64> {
     device.memory_pool_usage().map(|u| u.bytes_in_use)

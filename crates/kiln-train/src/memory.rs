@@ -63,6 +63,20 @@ pub fn release_free_memory() {
     }
 }
 
+/// Keeps freed memory in the process instead of returning it to the OS after every large free
+/// (glibc: the largest mmap threshold, a trim threshold of 16 GiB). A training step frees and
+/// re-allocates the same large buffers many times; handing them back and faulting them in again
+/// cost a recomputing step a third of its time on a 2-core VM (docs/PERFORMANCE.md). Peak RSS
+/// is unchanged; [`release_free_memory`] still returns what loading left behind.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before training allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 /// Starts a new peak-RSS window: the kernel's high-water mark (VmHWM) is reset to the current
 /// RSS (Linux: `5` to /proc/self/clear_refs). Returns false where that is not possible.
 pub fn reset_peak() -> bool {

@@ -258,11 +258,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let lora_only = matches!(setup.method, Method::Lora { .. });
     let mut model = lora::set_trainable(base, &train_device, lora_only);
     // A resumed run keeps the micro-batch it started with (the data order depends on it).
-    let saved_micro = match &resume_from {
-        Some(dir) => checkpoint::read_state(dir)?.micro_batch,
-        None => None,
+    let saved = match &resume_from {
+        Some(dir) => {
+            let s = checkpoint::read_state(dir)?;
+            (s.micro_batch, s.recompute_every)
+        }
+        None => (None, None),
     };
-    let plan = plan::plan_run(config, &selected, &model, saved_micro)?;
+    let plan = plan::plan_run(config, &selected, &model, saved.0, saved.1)?;
     let resolved = plan::resolve(config, &plan);
     let config = &resolved;
     let total = total_steps(config, setup.data.train_tokens());
@@ -290,6 +293,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             total_steps: total,
             micro_batches: 0,
             micro_batch: Some(config.train.batch_size.get()),
+            recompute_every: Some(plan.recompute_every.unwrap_or(0)),
             optimizer_t: 0,
             tokens_seen: 0,
             seed,
@@ -461,7 +465,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             interval_start = Instant::now();
             interval_tokens = 0;
             let mem = memory_now(&device);
-            if let Some(m) = device::device_memory_in_use(&device) {
+            if let Some(m) = device::device_memory_reserved(&device) {
                 peak_device = Some(peak_device.unwrap_or(0).max(m));
             }
             state.last_train_loss = Some(loss);
@@ -589,6 +593,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     progress.finish();
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let peak_device = match (peak_device, device::device_memory_reserved(&device)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     let peak = peak_device.or_else(memory::peak_rss_window);
     if let (Some(w), Some(p)) = (events.as_mut(), peak) {
         w.add_scalar(
