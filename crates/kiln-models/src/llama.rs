@@ -573,17 +573,11 @@ impl LlamaModel {
     /// Mean next-token cross-entropy of `logits` `[n, vocab]` against `targets` (length n),
     /// over the positions where `mask` is 1 (all positions without a mask).
     pub fn cross_entropy(logits: Tensor<2>, targets: &[u32], mask: Option<&[f32]>) -> Tensor<1> {
-        let device = logits.device().without_autodiff();
-        let n = targets.len();
-        let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-        let picked = log_softmax(logits, 1).gather(1, idx).reshape([n]);
         match mask {
-            None => picked.mean().neg(),
+            None => Self::target_log_probs(logits, targets).mean().neg(),
             Some(m) => {
                 let count: f32 = m.iter().sum();
-                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [n]), &device);
-                (picked * w).sum().neg() / count.max(1.0) as f64
+                Self::cross_entropy_sum(logits, targets, mask).neg() / count.max(1.0) as f64
             }
         }
     }
@@ -596,17 +590,23 @@ impl LlamaModel {
         mask: Option<&[f32]>,
     ) -> Tensor<1> {
         let device = logits.device().without_autodiff();
-        let n = targets.len();
-        let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-        let picked = log_softmax(logits, 1).gather(1, idx).reshape([n]);
+        let picked = Self::target_log_probs(logits, targets);
         match mask {
             None => picked.sum(),
             Some(m) => {
-                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [n]), &device);
+                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [m.len()]), &device);
                 (picked * w).sum()
             }
         }
+    }
+
+    /// Log-probability of each position's target under `logits` `[n, vocab]`: `[n]`.
+    fn target_log_probs(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
+        let device = logits.device().without_autodiff();
+        let n = targets.len();
+        let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
+        log_softmax(logits, 1).gather(1, idx).reshape([n])
     }
 
     /// Rotary tables and masks for a batch's shape (packed rows included).

@@ -110,7 +110,13 @@ impl Pretrained {
     }
 
     fn load_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        let file = GgufFile::read(path)?;
+        Self::from_gguf(GgufFile::read(path)?, device)
+    }
+
+    /// From a GGUF file already read (callers that looked at its metadata first read it once).
+    pub fn from_gguf(file: GgufFile, device: &Device) -> Result<Self, ModelError> {
+        let path = file.path.clone();
+        let path = path.as_path();
         let json = file.tokenizer_json()?;
         let tokenizer = Tokenizer::from_hf_json(&json.to_string(), path)
             .map_err(|e| file_err(path, e.to_string()))?;

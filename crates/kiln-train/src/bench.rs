@@ -38,12 +38,17 @@ pub struct BenchReport {
 pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
     let start = Instant::now();
     let selected = device::select(&config.backend)?;
-    let (base, setup) = crate::setup::setup(config, &selected.device, None)?;
+    let (base, setup) = crate::setup::setup(
+        config,
+        &selected.device,
+        None,
+        &crate::plan::shape_check(config, &selected),
+    )?;
     let parameters = base.config.num_params();
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
-    let plan = crate::plan::plan_run(config, &selected, &model, None, None)?;
+    let plan = crate::plan::plan_run(config, &selected, &model, Default::default())?;
     let resolved = crate::plan::resolve(config, &plan);
     let config = &resolved;
     let shape = crate::trainer::step_shape(config, &model, &plan);

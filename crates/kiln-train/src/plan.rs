@@ -318,76 +318,132 @@ pub fn workload(config: &Config, m: &LlamaConfig, trainable: u64, total: u64) ->
     }
 }
 
-/// The plan for a run of `config` on `selected` with `model` (adapters attached, trainable set):
-/// printed by `kiln plan`, applied by `kiln train` and `kiln bench`. With no detectable budget
-/// and no `memory.budget` size, `auto` keeps every activation.
-pub fn plan_run(
-    config: &Config,
-    selected: &crate::device::SelectedDevice,
-    model: &kiln_models::LlamaModel,
-    resumed_micro_batch: Option<usize>,
-    resumed_recompute: Option<usize>,
-) -> Result<Plan, crate::TrainError> {
-    let (trainable, total) = crate::trainer::count_params(model);
-    let w = workload(config, &model.config, trainable as u64, total as u64);
-    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
+/// The per-backend overhead the estimate adds.
+fn overhead(selected: &crate::device::SelectedDevice) -> u64 {
+    if selected.kind == kiln_config::BackendKind::Cpu {
         CPU_OVERHEAD
     } else {
         GPU_OVERHEAD
-    };
+    }
+}
+
+/// What was planned when a resumed run started: its micro-batch and recompute (`Some(0)`: none).
+/// A resumed run keeps both when the config says `auto`, since they decide the data order and
+/// the float rounding.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resumed {
+    pub micro_batch: Option<usize>,
+    pub recompute_every: Option<usize>,
+}
+
+/// The plan for `config` on `selected` for a model of shape `m` with these parameter counts.
+/// With no detectable budget and no `memory.budget` size, `auto` keeps every activation.
+fn plan_shape(
+    config: &Config,
+    selected: &crate::device::SelectedDevice,
+    m: &LlamaConfig,
+    trainable: u64,
+    total: u64,
+    resumed: Resumed,
+) -> Result<Plan, NothingFits> {
+    let w = workload(config, m, trainable, total);
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref())
         .unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
     let t = &config.train;
-    // A resumed `auto` run keeps the recompute it started with (`Some(0)`: none).
-    let checkpointing = match (config.memory.checkpointing, resumed_recompute) {
+    let checkpointing = match (config.memory.checkpointing, resumed.recompute_every) {
         (Checkpointing::Auto, Some(0)) => Checkpointing::None,
         (Checkpointing::Auto, Some(k)) => Checkpointing::Every(k),
         (c, _) => c,
     };
-    let (batch, accum) = match (t.batch_size, resumed_micro_batch) {
+    let (batch, accum) = match (t.batch_size, resumed.micro_batch) {
         (BatchSize::Auto, Some(b)) if b > 0 && t.effective_batch_size.is_multiple_of(b) => {
             (BatchSize::Fixed(b), t.effective_batch_size / b)
         }
         (b, _) => (b, t.grad_accum),
     };
     choose_run(
-        &model.config,
+        m,
         &w,
         batch,
         t.effective_batch_size,
         accum,
         checkpointing,
         budget,
-        overhead,
+        overhead(selected),
+    )
+}
+
+/// The plan for a run of `config` on `selected` with `model` (adapters attached, trainable set):
+/// applied by `kiln train` and `kiln bench`.
+pub fn plan_run(
+    config: &Config,
+    selected: &crate::device::SelectedDevice,
+    model: &kiln_models::LlamaModel,
+    resumed: Resumed,
+) -> Result<Plan, crate::TrainError> {
+    let (trainable, total) = crate::trainer::count_params(model);
+    plan_shape(
+        config,
+        selected,
+        &model.config,
+        trainable as u64,
+        total as u64,
+        resumed,
     )
     .map_err(|e| crate::TrainError::Other(e.to_string()))
+}
+
+/// The check `setup` runs once a model's shape is known and before its weights are built or
+/// loaded: the shape is sane, and the run can fit the budget.
+pub fn shape_check(
+    config: &Config,
+    selected: &crate::device::SelectedDevice,
+) -> impl Fn(&LlamaConfig, u64, u64) -> Result<(), crate::TrainError> {
+    move |m, trainable, total| {
+        m.validate().map_err(|(field, message)| {
+            crate::TrainError::Other(format!("model.{field}: {message}"))
+        })?;
+        plan_shape(config, selected, m, trainable, total, Resumed::default())
+            .map(|_| ())
+            .map_err(|e| crate::TrainError::Other(e.to_string()))
+    }
 }
 
 /// A model's shape and parameter counts (trainable, total), read without loading its weights:
 /// `config.json` or GGUF metadata for pretrained models, the tokenizer for models from scratch.
 pub fn model_shape(config: &Config) -> Result<(LlamaConfig, u64, u64), crate::TrainError> {
-    let Some(base) = &config.model.pretrained else {
-        let (tokenizer, _) = crate::setup::load_data(config, None, None, &[])?;
-        let vocab = config
-            .model
-            .vocab_size
-            .unwrap_or(0)
-            .max(tokenizer.vocab_size());
-        let m = LlamaConfig::from_model_config(&config.model, vocab);
-        m.validate().map_err(|(field, message)| {
-            crate::TrainError::Other(format!("model.{field}: {message}"))
-        })?;
-        let n = m.num_params() as u64;
-        return Ok((m, n, n));
-    };
+    match &config.model.pretrained {
+        Some(base) => pretrained_shape(config, base),
+        None => {
+            let (tokenizer, _) = crate::setup::load_data(config, None, None, &[])?;
+            let m = crate::setup::scratch_shape(config, tokenizer.vocab_size())?;
+            let n = m.num_params() as u64;
+            Ok((m, n, n))
+        }
+    }
+}
+
+/// A pretrained model's shape from its `config.json` or GGUF metadata, and the parameter counts
+/// the config's fine-tuning method gives it (LoRA adapters counted from the spec).
+pub fn pretrained_shape(
+    config: &Config,
+    base: &std::path::Path,
+) -> Result<(LlamaConfig, u64, u64), crate::TrainError> {
     let m = if kiln_models::pretrained::is_gguf(base) {
         kiln_models::gguf::GgufFile::read(base)?.config()?
     } else {
         kiln_models::hf::read_config(base)?
     };
+    let (trainable, total) = param_counts(config, &m);
+    Ok((m, trainable, total))
+}
+
+/// (trainable, total) parameters of a pretrained model of shape `m` under the config's
+/// fine-tuning method (LoRA adapters counted from the spec).
+pub fn param_counts(config: &Config, m: &LlamaConfig) -> (u64, u64) {
     let base_params = m.num_params() as u64;
     if config.finetune.method == kiln_config::FinetuneMethod::Full {
-        return Ok((m, base_params, base_params));
+        return (base_params, base_params);
     }
     let spec = crate::setup::lora_spec(config, m.num_hidden_layers);
     let (d, ff) = (m.hidden_size, m.intermediate_size);
@@ -416,7 +472,7 @@ pub fn model_shape(config: &Config) -> Result<(LlamaConfig, u64, u64), crate::Tr
             .iter()
             .filter(|&&i| i < m.num_hidden_layers)
             .count()) as u64;
-    Ok((m, lora, base_params + lora))
+    (lora, base_params + lora)
 }
 
 /// What `kiln plan` shows: the plan, and the estimate of every checkpointing option.
@@ -441,26 +497,10 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
     let selected = crate::device::select(&config.backend)?;
     let (m, trainable, total) = model_shape(config)?;
     let w = workload(config, &m, trainable, total);
-    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
-        CPU_OVERHEAD
-    } else {
-        GPU_OVERHEAD
-    };
+    let overhead = overhead(&selected);
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
-    let t = &config.train;
-    let plan = choose_run(
-        &m,
-        &w,
-        t.batch_size,
-        t.effective_batch_size,
-        t.grad_accum,
-        config.memory.checkpointing,
-        budget
-            .clone()
-            .unwrap_or((u64::MAX, "unknown (no limit applied)".into())),
-        overhead,
-    )
-    .map_err(|e| e.to_string());
+    let plan = plan_shape(config, &selected, &m, trainable, total, Resumed::default())
+        .map_err(|e| e.to_string());
     let w = Workload {
         batch: plan.as_ref().map_or(w.batch, |p| p.micro_batch),
         ..w
@@ -495,36 +535,6 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
         plan,
         options,
     })
-}
-
-/// Before the model is loaded or built: refuses a run that cannot fit, from its shape alone.
-pub fn precheck(
-    config: &Config,
-    selected: &crate::device::SelectedDevice,
-) -> Result<(), crate::TrainError> {
-    let (m, trainable, total) = model_shape(config)?;
-    let w = workload(config, &m, trainable, total);
-    let overhead = if selected.kind == kiln_config::BackendKind::Cpu {
-        CPU_OVERHEAD
-    } else {
-        GPU_OVERHEAD
-    };
-    let Some(budget) = resolve_budget(config.memory.budget, selected.budget.as_ref()) else {
-        return Ok(());
-    };
-    let t = &config.train;
-    choose_run(
-        &m,
-        &w,
-        t.batch_size,
-        t.effective_batch_size,
-        t.grad_accum,
-        config.memory.checkpointing,
-        budget,
-        overhead,
-    )
-    .map(|_| ())
-    .map_err(|e| crate::TrainError::Other(e.to_string()))
 }
 
 #[cfg(test)]
@@ -664,34 +674,15 @@ mod tests {
         // SmolLM2-135M LoRA: batch 4 × 256 fits an 8 GB Mac whole; batch 16 needs recompute
         // there and fits a 32 GB Mac whole.
         let s = smollm2_135m();
+        let on_mac = |w: &Workload, bytes: u64| {
+            choose(&s, w, Checkpointing::Auto, metal(bytes), GPU_OVERHEAD).unwrap()
+        };
         let small = lora_workload(&s, 4, 256);
-        let p = choose(
-            &s,
-            &small,
-            Checkpointing::Auto,
-            metal(5461 << 20),
-            GPU_OVERHEAD,
-        )
-        .unwrap();
-        assert_eq!(p.recompute_every, None);
+        assert_eq!(on_mac(&small, 5461 << 20).recompute_every, None);
         let big = lora_workload(&s, 16, 256);
-        let p = choose(
-            &s,
-            &big,
-            Checkpointing::Auto,
-            metal(5461 << 20),
-            GPU_OVERHEAD,
-        )
-        .unwrap();
+        let p = on_mac(&big, 5461 << 20);
         assert!(p.recompute_every.is_some(), "{p:?}");
-        let p = choose(
-            &s,
-            &big,
-            Checkpointing::Auto,
-            metal(21_845_000_000),
-            GPU_OVERHEAD,
-        )
-        .unwrap();
+        let p = on_mac(&big, 21_845_000_000);
         assert_eq!(p.recompute_every, None);
     }
 

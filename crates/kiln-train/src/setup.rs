@@ -174,16 +174,36 @@ pub fn lora_spec(config: &Config, n_layers: usize) -> LoraSpec {
     }
 }
 
-/// The model (on the plain, non-autodiff device) and the rest of the run's setup.
+/// What `setup` asks before it builds or loads any weights, given the model's shape and its
+/// (trainable, total) parameter counts: `plan::shape_check` refuses a run that cannot fit.
+pub type ShapeCheck<'a> = &'a dyn Fn(&LlamaConfig, u64, u64) -> Result<(), TrainError>;
+
+/// The model (on the plain, non-autodiff device) and the rest of the run's setup. `check` sees
+/// the model's shape first, so an impossible run stops before anything is allocated.
 pub fn setup(
     config: &Config,
     device: &Device,
     resume: Option<&Path>,
+    check: ShapeCheck<'_>,
 ) -> Result<(LlamaModel, Setup), TrainError> {
     let Some(base) = &config.model.pretrained else {
-        return setup_scratch(config, device, resume);
+        return setup_scratch(config, device, resume, check);
     };
-    let p = Pretrained::load(base, device)?;
+    // The shape comes from config.json or the GGUF metadata; a GGUF file is read once.
+    let gguf = match kiln_models::pretrained::is_gguf(base) {
+        true => Some(kiln_models::gguf::GgufFile::read(base)?),
+        false => None,
+    };
+    let shape = match &gguf {
+        Some(file) => file.config()?,
+        None => kiln_models::hf::read_config(base)?,
+    };
+    let (trainable, total) = crate::plan::param_counts(config, &shape);
+    check(&shape, trainable, total)?;
+    let p = match gguf {
+        Some(file) => Pretrained::from_gguf(file, device)?,
+        None => Pretrained::load(base, device)?,
+    };
     let n_layers = p.model.config.num_hidden_layers;
     let (tokenizer, data) = load_data(
         config,
@@ -232,17 +252,8 @@ pub fn setup(
     ))
 }
 
-fn setup_scratch(
-    config: &Config,
-    device: &Device,
-    resume: Option<&Path>,
-) -> Result<(LlamaModel, Setup), TrainError> {
-    let saved_tokenizer = match resume {
-        Some(dir) => Some(Tokenizer::load_dir(dir)?),
-        None => None,
-    };
-    let (tokenizer, data) = load_data(config, saved_tokenizer, None, &[])?;
-    let vocab = tokenizer.vocab_size();
+/// The shape of a model trained from scratch on a tokenizer of `vocab` tokens.
+pub(crate) fn scratch_shape(config: &Config, vocab: usize) -> Result<LlamaConfig, TrainError> {
     if let Some(v) = config.model.vocab_size
         && v < vocab
     {
@@ -250,7 +261,23 @@ fn setup_scratch(
             "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
         )));
     }
-    let model_config = LlamaConfig::from_model_config(&config.model, vocab);
+    Ok(LlamaConfig::from_model_config(&config.model, vocab))
+}
+
+fn setup_scratch(
+    config: &Config,
+    device: &Device,
+    resume: Option<&Path>,
+    check: ShapeCheck<'_>,
+) -> Result<(LlamaModel, Setup), TrainError> {
+    let saved_tokenizer = match resume {
+        Some(dir) => Some(Tokenizer::load_dir(dir)?),
+        None => None,
+    };
+    let (tokenizer, data) = load_data(config, saved_tokenizer, None, &[])?;
+    let model_config = scratch_shape(config, tokenizer.vocab_size())?;
+    let n = model_config.num_params() as u64;
+    check(&model_config, n, n)?;
     let model = match resume {
         Some(dir) => {
             let saved = checkpoint::read_model_config(dir)?;

@@ -253,19 +253,26 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
 
-    plan::precheck(config, &selected)?;
-    let (base, setup) = setup::setup(config, &device, resume_from.as_deref())?;
+    let (base, setup) = setup::setup(
+        config,
+        &device,
+        resume_from.as_deref(),
+        &plan::shape_check(config, &selected),
+    )?;
     let lora_only = matches!(setup.method, Method::Lora { .. });
     let mut model = lora::set_trainable(base, &train_device, lora_only);
     // A resumed run keeps the micro-batch it started with (the data order depends on it).
-    let saved = match &resume_from {
+    let resumed = match &resume_from {
         Some(dir) => {
             let s = checkpoint::read_state(dir)?;
-            (s.micro_batch, s.recompute_every)
+            plan::Resumed {
+                micro_batch: s.micro_batch,
+                recompute_every: s.recompute_every,
+            }
         }
-        None => (None, None),
+        None => plan::Resumed::default(),
     };
-    let plan = plan::plan_run(config, &selected, &model, saved.0, saved.1)?;
+    let plan = plan::plan_run(config, &selected, &model, resumed)?;
     let resolved = plan::resolve(config, &plan);
     let config = &resolved;
     let total = total_steps(config, setup.data.train_tokens());
