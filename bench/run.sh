@@ -1,39 +1,59 @@
 #!/usr/bin/env bash
-# Training throughput, kiln against PyTorch, on the same model, shapes, data and thread count.
-# Alternates the two ROUNDS times and prints min/median/max tokens/s, the ratio, and peak RSS.
+# Training throughput and peak memory, kiln against PyTorch, on the same model, shapes, data and
+# thread count, on the CPU. Alternates the two ROUNDS times (each run its own process) and prints
+# min/median/max tokens/s over rounds, peak memory, the time to the first step, and the ratios.
 #
-#   bench/run.sh [CONFIG] [THREADS] [ROUNDS] [STEPS]
+#   bench/run.sh [THREADS] [ROUNDS] [CASE ...]
 #
-# Needs: python3 with torch and pyyaml (pip install torch pyyaml). Not a test: it prints figures,
-# which go into docs/PERFORMANCE.md with the machine and date.
+# Cases (docs/PERFORMANCE.md):
+#   scratch  the from-scratch nanoGPT-CPU-shaped model (configs/shakespeare-char.yaml) against
+#            bench/torch_llama.py, the same architecture in PyTorch
+#   lora     LoRA r=8 on all linear layers of SmolLM2-135M-Instruct, sequence 256, batch 4
+#            (packed), against PyTorch + PEFT on the same f32 weights (bench/torch_peft_lora.py)
+#
+# Needs python3 with torch, pyyaml, transformers and peft. Not a test: it prints figures, which go
+# into docs/PERFORMANCE.md with the machine and date. bench/gpu.sh does the same on a GPU.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 cd "$root"
-config="${1:-configs/shakespeare-char.yaml}"
-threads="${2:-$(nproc)}"
-rounds="${3:-3}"
-steps="${4:-30}"
+threads="${1:-$(nproc)}"
+rounds="${2:-3}"
+shift $(( $# < 2 ? $# : 2 ))
+cases=(scratch lora)
+[ $# -gt 0 ] && cases=("$@")
 cargo build --quiet --bin kiln
 kiln="$CARGO_TARGET_DIR/debug/kiln"
 out="$(mktemp -d)"
-for r in $(seq "$rounds"); do
-  RAYON_NUM_THREADS="$threads" "$kiln" bench "$config" --set backend.kind=cpu --steps "$steps" --warmup 5 --json > "$out/kiln-$r.json"
-  python3 bench/torch_llama.py --config "$config" --threads "$threads" --steps "$steps" --warmup 5 --json > "$out/torch-$r.json"
+export RAYON_NUM_THREADS="$threads"
+
+for case in "${cases[@]}"; do
+  case "$case" in
+    scratch) ;;
+    lora)
+      gguf="$("$root/scripts/fetch-smollm2")"
+      base="$HOME/.cache/kiln/models/smollm2-hf"
+      # PyTorch trains the same f32 weights kiln de-quantizes from the GGUF.
+      [ -f "$base/model.safetensors" ] || "$kiln" fuse --model "$gguf" --out "$base" >/dev/null
+      ;;
+    *) echo "unknown case $case (scratch, lora)" >&2; exit 2 ;;
+  esac
 done
-python3 - "$out" "$rounds" "$threads" <<'PY'
-import json, statistics, sys, pathlib, platform
-out, rounds, threads = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-k = [json.loads((out / f"kiln-{r}.json").read_text()) for r in range(1, rounds + 1)]
-t = [json.loads((out / f"torch-{r}.json").read_text()) for r in range(1, rounds + 1)]
-kt = [x["median_tokens_per_s"] for x in k]
-tt = [x["median_tokens_per_s"] for x in t]
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-print(f"machine: {cpu}, {threads} threads; {rounds} alternating rounds; per-round median of {k[0]['tokens_per_step']}-token steps")
-print(f"{'':10} {'min':>9} {'median':>9} {'max':>9}  tokens/s   peak RSS   first step")
-for name, v, runs in (("kiln", kt, k), (t[0]["framework"], tt, t)):
-    rss = max(x["peak_rss_bytes"] for x in runs) / 2**20
-    first = statistics.median(x["first_step_secs"] for x in runs)
-    print(f"{name[:10]:10} {min(v):9.0f} {statistics.median(v):9.0f} {max(v):9.0f}            {rss:7.1f} MiB  {first:6.2f} s")
-print(f"ratio kiln/pytorch (median): {statistics.median(kt) / statistics.median(tt):.2f}x")
-PY
+for r in $(seq "$rounds"); do
+  for case in "${cases[@]}"; do
+    if [ "$case" = scratch ]; then
+      "$kiln" bench configs/shakespeare-char.yaml --set backend.kind=cpu --steps 30 --warmup 5 \
+        --json > "$out/scratch-kiln-$r.json"
+      python3 bench/torch_llama.py --threads "$threads" --steps 30 --warmup 5 --json \
+        > "$out/scratch-torch-$r.json"
+    else
+      "$kiln" bench configs/smollm2-lora.yaml --set model.pretrained="$gguf" --set data.seq_len=256 \
+        --set train.batch_size=4 --set data.pack=true --set backend.kind=cpu --steps 4 --warmup 1 \
+        --json > "$out/lora-kiln-$r.json"
+      python3 bench/torch_peft_lora.py --base "$base" --threads "$threads" --seq-len 256 \
+        --batch-size 4 --pack --steps 4 --warmup 1 --json 2>/dev/null > "$out/lora-torch-$r.json"
+    fi
+  done
+done
+echo "threads: $threads"
+python3 bench/compare.py "$out" "${cases[@]}"

@@ -94,6 +94,16 @@ class Llama(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
 
 
+def since_process_start():
+    """Seconds since this process started (interpreter and imports included), as kiln counts."""
+    import os
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     root = pathlib.Path(__file__).resolve().parent.parent
     p = argparse.ArgumentParser()
@@ -102,8 +112,10 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     cfg = yaml.safe_load(open(a.config))
     m = {"num_key_value_heads": None, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, **cfg["model"]}
@@ -113,26 +125,25 @@ def main():
     chars = sorted(set(text))
     ids = torch.tensor([chars.index(c) for c in text[:200_000]], dtype=torch.long)
     bs, seq = train["batch_size"], data["seq_len"]
-    model = Llama(m, len(chars))
+    model = Llama(m, len(chars)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["optim"]["lr"], betas=tuple(cfg["optim"]["betas"]),
                             weight_decay=cfg["optim"]["weight_decay"])
     gen = torch.Generator().manual_seed(0)
     times = []
-    start = time.perf_counter()
     first = None
     for step in range(a.steps + a.warmup):
         t0 = time.perf_counter()
         ix = torch.randint(len(ids) - seq - 1, (bs,), generator=gen)
         x = torch.stack([ids[i:i + seq] for i in ix])
         y = torch.stack([ids[i + 1:i + seq + 1] for i in ix])
-        loss = model(x, y)
+        loss = model(x.to(dev), y.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss.item()
         if first is None:
-            first = time.perf_counter() - start
+            first = since_process_start()
         if step >= a.warmup:
             times.append(time.perf_counter() - t0)
     tps = [bs * seq / t for t in times]
@@ -147,6 +158,10 @@ def main():
         "max_tokens_per_s": max(tps),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    if dev.type == "cuda":
+        report["device"] = torch.cuda.get_device_name(dev)
+        report["peak_device_bytes"] = torch.cuda.max_memory_reserved(dev)
+        report["peak_device_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
     if a.json:
         print(json.dumps(report))
     else:

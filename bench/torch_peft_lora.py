@@ -3,8 +3,11 @@
 for SmolLM2 the one `kiln fuse --model <gguf> --out DIR` writes, de-quantized f32), the same LoRA
 (rank, alpha, targets from a kiln YAML config), the same chat data, batch size, padding to the longest
 example and thread count. Prints tokens/s (padded positions, as kiln counts them) and peak RSS.
+With `--pack` (kiln's `data.pack: true`) examples are packed whole into rows of `--seq-len` as kiln
+packs them, and attention stays within each example (a block-diagonal causal mask, as kiln's).
 
     python3 bench/torch_peft_lora.py --base DIR --config configs/smollm2-lora.yaml --threads 2 --json
+    python3 bench/torch_peft_lora.py --base DIR --seq-len 256 --batch-size 4 --pack --device cuda
 """
 import argparse
 import json
@@ -23,6 +26,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def since_process_start():
+    """Seconds since this process started (interpreter and imports included), as kiln counts."""
+    import os
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--base", required=True)
@@ -31,14 +44,23 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seq-len", type=int, help="overrides data.seq_len")
+    p.add_argument("--batch-size", type=int, help="overrides train.batch_size")
+    p.add_argument("--pack", action="store_true", help="pack examples into full rows (kiln's data.pack)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     cfg = yaml.safe_load(open(a.config))
     lora, data, train = cfg["finetune"]["lora"], cfg["data"], cfg["train"]
     targets = ALL if lora.get("target_modules") == "all-linear" else lora["target_modules"]
     tok = AutoTokenizer.from_pretrained(a.base)
-    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32)
+    if a.seq_len:
+        data["seq_len"] = a.seq_len
+    if a.batch_size:
+        train["batch_size"] = a.batch_size
+    model = AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32).to(dev)
     model = get_peft_model(model, LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"],
                                              lora_dropout=lora.get("dropout", 0.0), target_modules=targets,
                                              task_type="CAUSAL_LM"))
@@ -59,15 +81,46 @@ def main():
     bs = train["batch_size"]
     pad = tok.eos_token_id or 0
     rates, first = [], None
-    start = time.perf_counter()
+    seq = data["seq_len"]
+
+    def packed_batch():
+        # Whole examples, in random order, into rows of `seq` positions; the rest is padding.
+        rows, row, seg, s_id = [], [], [], 0
+        while len(rows) < bs:
+            ids, lab = rng.choice(examples)
+            n = min(len(ids) - 1, seq)
+            if len(row) + n > seq:
+                rows.append((row, seg))
+                row, seg, s_id = [], [], 0
+            row += [(ids[t], lab[t + 1]) for t in range(n)]
+            seg += [s_id] * n
+            s_id += 1
+        rows = [(r + [(pad, -100)] * (seq - len(r)), sg + [sg[-1] + 1] * (seq - len(sg))) for r, sg in rows]
+        x = torch.tensor([[t for t, _ in r] for r, _ in rows])
+        y = torch.tensor([[t for _, t in r] for r, _ in rows])
+        sg = torch.tensor([sg for _, sg in rows])
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        allowed = (sg[:, :, None] == sg[:, None, :]) & causal
+        mask = torch.zeros(bs, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        return x, y, mask
+
     model.train()
     for step in range(a.steps + a.warmup):
-        batch = rng.sample(examples, bs)
-        n = max(len(ids) for ids, _ in batch) - 1
-        x = torch.tensor([(ids + [pad] * n)[:n] for ids, _ in batch])
-        y = torch.tensor([(lab[1:] + [-100] * n)[:n] for _, lab in batch])
+        if a.pack:
+            x, y, mask = packed_batch()
+            n = seq
+        else:
+            batch = rng.sample(examples, bs)
+            n = max(len(ids) for ids, _ in batch) - 1
+            x = torch.tensor([(ids + [pad] * n)[:n] for ids, _ in batch])
+            y = torch.tensor([(lab[1:] + [-100] * n)[:n] for _, lab in batch])
+            mask = None
+        x, y = x.to(dev), y.to(dev)
         t0 = time.perf_counter()
-        logits = model(input_ids=x).logits
+        if mask is not None:
+            logits = model(input_ids=x, attention_mask=mask.to(dev)).logits
+        else:
+            logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,7 +128,7 @@ def main():
         opt.step()
         loss.item()
         if first is None:
-            first = time.perf_counter() - start
+            first = since_process_start()
         if step >= a.warmup:
             rates.append(bs * n / (time.perf_counter() - t0))
     report = {
@@ -88,7 +141,12 @@ def main():
         "min_tokens_per_s": min(rates),
         "max_tokens_per_s": max(rates),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "tokens_per_step": bs * seq if a.pack else None,
     }
+    if dev.type == "cuda":
+        report["device"] = torch.cuda.get_device_name(dev)
+        report["peak_device_bytes"] = torch.cuda.max_memory_reserved(dev)
+        report["peak_device_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
     print(json.dumps(report) if a.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
 
 

@@ -1422,7 +1422,11 @@ fn non_finite_steps_are_skipped_and_stop_the_run_keeping_the_last_checkpoint() {
         err.contains("stopping at step") && err.contains("non-finite"),
         "{err}"
     );
-    assert!(stdout.contains("update skipped (3 in a row)"), "{stdout}");
+    assert!(
+        stdout.contains("1 of 1 updates skipped (3 in a row)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("step 1 done") && stdout.contains("s after start"));
     let latest = kiln::train::checkpoint::latest(&out.join("nan")).unwrap();
     assert!(
         err.contains(latest.file_name().unwrap().to_str().unwrap()),

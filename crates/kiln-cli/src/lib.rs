@@ -294,6 +294,7 @@ unsafe extern "C" {
 }
 
 pub fn main() -> ExitCode {
+    kiln_train::trainer::mark_process_start();
     ensure_runtime_dir();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(

@@ -28,7 +28,9 @@ impl Linear {
                     Some(d) => d.apply_p(x.clone(), d.lora_p),
                     None => x.clone(),
                 };
-                x.matmul(self.weight.clone()) + xa.matmul(l.a.clone()).matmul(l.b.clone()) * l.scale
+                // The scale goes on the rank-r activations, the smaller side.
+                x.matmul(self.weight.clone())
+                    + (xa.matmul(l.a.clone()) * l.scale).matmul(l.b.clone())
             }
             None => x.matmul(self.weight.clone()),
         };

@@ -16,9 +16,13 @@ pub struct BenchReport {
     pub parameters: usize,
     /// Mean token positions per step (padding included).
     pub tokens_per_step: usize,
-    /// Seconds from the call to the end of the first optimizer step (setup, first kernels).
+    /// Seconds from the program's start (or the call, in library use) to the end of the first
+    /// optimizer step: device setup, loading, first kernels.
     pub first_step_secs: f64,
-    /// Seconds of each measured step (after warmup), each ended by a host read of the loss.
+    /// Seconds of each measured step (after warmup). On the CPU each is ended by a host read of
+    /// the loss (Flex computes eagerly, so the read costs nothing); on a GPU the measured steps
+    /// run as training runs them, queued without a host read, and are timed as one window, so
+    /// every entry is the window's mean.
     pub step_secs: Vec<f64>,
     pub median_tokens_per_s: f64,
     pub min_tokens_per_s: f64,
@@ -63,7 +67,14 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let mut step_secs = Vec::with_capacity(steps);
     let mut step_tokens = Vec::with_capacity(steps);
     let mut peak_device = None;
+    let eager = selected.kind == kiln_config::BackendKind::Cpu;
+    let mut window: Option<(Instant, usize)> = None;
+    let mut last_loss = None;
     for step in 0..steps + warmup.max(1) {
+        let measured = step >= warmup.max(1);
+        if measured && window.is_none() {
+            window = Some((Instant::now(), step));
+        }
         let t = Instant::now();
         let lr = learning_rate(&config.optim, step + 1, total);
         let (next, out) = train_step(
@@ -77,21 +88,30 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         );
         model = next;
         let tokens = out.tokens;
-        let loss = out.loss.into_scalar::<f32>();
-        if !loss.is_finite() {
-            return Err(TrainError::Other(format!(
-                "loss became {loss} at bench step {step}"
-            )));
+        if eager || !measured {
+            check_loss(out.loss.clone(), step)?;
         }
         if step == 0 {
-            first_step_secs = start.elapsed().as_secs_f64();
+            first_step_secs = crate::trainer::since_process_start()
+                .unwrap_or_else(|| start.elapsed().as_secs_f64());
         }
-        if let Some(m) = device::device_memory_reserved(&selected.device) {
+        if (eager || !measured)
+            && let Some(m) = device::device_memory_reserved(&selected.device)
+        {
             peak_device = Some(peak_device.unwrap_or(0).max(m));
         }
-        if step >= warmup.max(1) {
+        if measured {
             step_secs.push(t.elapsed().as_secs_f64());
             step_tokens.push(tokens);
+        }
+        last_loss = Some(out.loss);
+    }
+    if !eager && let (Some((t0, first)), Some(loss)) = (window, last_loss) {
+        check_loss(loss, steps + warmup.max(1) - 1)?;
+        let mean = t0.elapsed().as_secs_f64() / (steps + warmup.max(1) - first) as f64;
+        step_secs.iter_mut().for_each(|s| *s = mean);
+        if let Some(m) = device::device_memory_reserved(&selected.device) {
+            peak_device = Some(peak_device.unwrap_or(0).max(m));
         }
     }
     // Tokens per step vary with padding on example data: use the mean, and per-step rates.
@@ -122,4 +142,15 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         recompute_every: plan.recompute_every,
         estimate: plan.estimate,
     })
+}
+
+fn check_loss(loss: burn::prelude::Tensor<1>, step: usize) -> Result<(), TrainError> {
+    let loss = loss.into_scalar::<f32>();
+    if loss.is_finite() {
+        Ok(())
+    } else {
+        Err(TrainError::Other(format!(
+            "loss became {loss} at bench step {step}"
+        )))
+    }
 }

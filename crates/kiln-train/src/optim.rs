@@ -109,12 +109,18 @@ impl AdamW {
 
     /// Applies one update with learning rate `lr` and returns the model with new parameter leaves.
     /// Gradients are multiplied by `clip_coef` (a one-element tensor) first when given.
+    ///
+    /// `apply` (a one-element bool tensor) decides on the device whether the update happens:
+    /// where it is false, parameters and moments keep their values (a step whose loss or gradient
+    /// norm is not finite), without the host having to read anything. The bias-correction count
+    /// `t` advances either way.
     pub fn step(
         &mut self,
         model: LlamaModel,
         grads: GradAccumulator,
         lr: f64,
         clip_coef: Option<Tensor<1>>,
+        apply: Option<Tensor<1, Bool>>,
     ) -> LlamaModel {
         self.t += 1;
         struct Update<'a> {
@@ -122,6 +128,7 @@ impl AdamW {
             grads: HashMap<String, Tensor<1>>,
             lr: f64,
             clip: Option<Tensor<1>>,
+            skip: Option<Tensor<1, Bool>>,
         }
         impl ParamMapper for Update<'_> {
             fn map<const D: usize>(
@@ -146,6 +153,11 @@ impl AdamW {
                     Some(mv) => mv,
                     None => (g.zeros_like(), g.zeros_like()),
                 };
+                // What a skipped update leaves in place.
+                let kept = self
+                    .skip
+                    .as_ref()
+                    .map(|_| (flat.clone(), m.clone(), v.clone()));
                 let m = m * o.beta1 + g.clone() * (1.0 - o.beta1);
                 let v = v * o.beta2 + g.square() * (1.0 - o.beta2);
                 let bc1 = 1.0 - o.beta1.powi(o.t as i32);
@@ -156,7 +168,14 @@ impl AdamW {
                 } else {
                     flat
                 };
-                let updated = decayed - (m.clone() / bc1) / denom * self.lr;
+                let mut updated = decayed - (m.clone() / bc1) / denom * self.lr;
+                let (mut m, mut v) = (m, v);
+                if let (Some(skip), Some((p0, m0, v0))) = (&self.skip, kept) {
+                    let skip = skip.clone().expand([n]);
+                    updated = updated.mask_where(skip.clone(), p0);
+                    m = m.mask_where(skip.clone(), m0);
+                    v = v.mask_where(skip, v0);
+                }
                 o.state.insert(name.to_string(), (m, v));
                 let p = updated.reshape(shape);
                 if autodiff {
@@ -171,6 +190,7 @@ impl AdamW {
             grads: grads.grads,
             lr,
             clip: clip_coef,
+            skip: apply.map(|a| a.bool_not()),
         };
         model.map_params(&mut update)
     }

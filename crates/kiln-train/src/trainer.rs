@@ -35,6 +35,19 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
 }
 
+static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Marks the start of the program, from which the time to the first completed step is counted
+/// (the CLI calls it first thing; otherwise the count starts when [`train`] is called).
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(Instant::now);
+}
+
+/// Seconds since [`mark_process_start`], if it was called.
+pub fn since_process_start() -> Option<f64> {
+    PROCESS_START.get().map(|t| t.elapsed().as_secs_f64())
+}
+
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -54,6 +67,9 @@ pub struct RunSummary {
     pub event_file: Option<PathBuf>,
     /// The signal that stopped the run early (after a checkpoint), if one did.
     pub interrupted_by: Option<i32>,
+    /// Seconds from the program's start (see [`mark_process_start`]) to the end of the first
+    /// step of this session: device setup, loading, planning and the first kernels included.
+    pub first_step_secs: Option<f64>,
 }
 
 fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -115,8 +131,46 @@ pub struct StepOutput {
     pub grad_norm: Option<Tensor<1>>,
     /// Token positions computed (padding included), over all micro-batches.
     pub tokens: usize,
-    /// The loss or gradient norm was NaN or infinite: no update was applied.
-    pub skipped: bool,
+    /// Whether the loss and gradient norm were finite, so the update was applied (a one-element
+    /// device tensor: deciding this needs no host read; see [`SkipCounter`]).
+    pub applied: Tensor<1, Bool>,
+}
+
+/// Counts skipped updates on the device; read only when the trainer reads the loss anyway
+/// (every log interval, checkpoint and evaluation, and every `train.max_nonfinite_steps`).
+pub struct SkipCounter {
+    /// Skipped updates in a row, ending at the last step.
+    run: Tensor<1>,
+    /// Skipped updates in all.
+    total: Tensor<1>,
+}
+
+impl SkipCounter {
+    pub fn new(device: &Device) -> Self {
+        Self {
+            run: Tensor::zeros([1], device),
+            total: Tensor::zeros([1], device),
+        }
+    }
+
+    pub fn add(&mut self, applied: Tensor<1, Bool>) {
+        let skipped = applied.bool_not().float();
+        self.total = self.total.clone() + skipped.clone();
+        self.run = (self.run.clone() + skipped.clone()) * skipped;
+    }
+
+    /// (in a row, in all), read to the host.
+    pub fn read(&self) -> (usize, usize) {
+        let v = Tensor::cat(vec![self.run.clone(), self.total.clone()], 0)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        (
+            v.first().copied().unwrap_or(0.0) as usize,
+            v.get(1).copied().unwrap_or(0.0) as usize,
+        )
+    }
 }
 
 /// How micro-batches are computed under a memory plan.
@@ -186,30 +240,28 @@ pub fn train_step(
     let loss = loss_sum
         .map(|l| l / accum as f64)
         .unwrap_or_else(|| Tensor::<1>::zeros([1], &model.device().without_autodiff()));
-    // One scalar read per step: a non-finite loss or gradient norm must not reach the weights.
+    // A non-finite loss or gradient norm must not reach the weights: decided on the device, so
+    // the step needs no host read (the host would otherwise wait for the GPU every step).
     let probe = match &norm {
         Some(n) => loss.clone() + n.clone(),
         None => loss.clone(),
     };
-    let finite = probe.into_scalar::<f32>().is_finite();
-    let model = if finite {
-        optimizer.step(model, grads, lr, clip)
-    } else {
-        model
-    };
+    let applied = probe.is_finite();
+    let model = optimizer.step(model, grads, lr, clip, Some(applied.clone()));
     (
         model,
         StepOutput {
             loss,
             grad_norm: norm,
             tokens,
-            skipped: !finite,
+            applied,
         },
     )
 }
 
 /// Trains a model as `config` describes. Returns when the run ends (or at `stop_after`).
 pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
+    mark_process_start();
     let run_dir = config.run.output_dir.join(&config.run.name);
     ensure_writable(&run_dir)?;
     let _lock = crate::lock::RunLock::acquire(&run_dir)?;
@@ -410,7 +462,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     // The measured peak covers training (steps, evaluation, checkpoints), not loading.
     memory::release_free_memory();
     memory::reset_peak();
-    let (mut nonfinite_total, mut nonfinite_run) = (0usize, 0usize);
+    let mut first_step_secs = None;
+    let mut skips = SkipCounter::new(&device);
+    let (mut skips_reported, mut checked_through) = (0usize, state.step);
     while state.step < last_step {
         let step = state.step + 1;
         let lr = learning_rate(&config.optim, step, total);
@@ -425,19 +479,60 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         );
         model = next;
         state.micro_batches += accum as u64;
-        if out.skipped {
-            nonfinite_total += 1;
-            nonfinite_run += 1;
+        skips.add(out.applied.clone());
+        if first_step_secs.is_none() {
+            // One host read, at the first step only: it is complete when its loss is known.
+            let _ = out.loss.clone().into_scalar::<f32>();
+            let secs = since_process_start().unwrap_or(0.0);
+            first_step_secs = Some(secs);
             progress.println(&format!(
-                "step {step}: loss or gradient norm is not finite; update skipped ({nonfinite_run} in a row)"
+                "step {step} done {secs:.2} s after start (device, loading, first kernels)"
             ));
             if let Some(w) = events.as_mut() {
-                w.add_scalar("train/skipped_steps", nonfinite_total as f32, step as i64)?;
+                w.add_scalar("perf/first_step_secs", secs as f32, step as i64)?;
             }
-            if nonfinite_run >= config.train.max_nonfinite_steps {
+        }
+        state.step = step;
+        state.optimizer_t = optimizer.t;
+        state.learning_rate = lr;
+        state.tokens_seen += out.tokens as u64;
+        run_tokens += out.tokens as u64;
+        interval_tokens += out.tokens as u64;
+        progress.step(step);
+
+        // Skipped updates are counted on the device and read with the loss, at most
+        // `max_nonfinite_steps` apart, and before anything is evaluated or saved.
+        let (save_every, eval_every) = (config.train.save_every, config.train.eval_every);
+        let check_due = step % config.logging.log_every == 0
+            || step % config.train.max_nonfinite_steps == 0
+            || (save_every > 0 && step % save_every == 0)
+            || (eval_every > 0 && step % eval_every == 0)
+            || step == last_step
+            || crate::signals::requested().is_some();
+        if check_due {
+            let (run, all) = skips.read();
+            if all > skips_reported {
+                let first = checked_through + 1;
+                progress.println(&format!(
+                    "step{}: loss or gradient norm is not finite; {} of {} updates skipped ({run} in a row)",
+                    if first == step {
+                        format!(" {step}")
+                    } else {
+                        format!("s {first}-{step}")
+                    },
+                    all - skips_reported,
+                    step - checked_through,
+                ));
+                if let Some(w) = events.as_mut() {
+                    w.add_scalar("train/skipped_steps", all as f32, step as i64)?;
+                }
+                skips_reported = all;
+            }
+            checked_through = step;
+            if run >= config.train.max_nonfinite_steps {
                 progress.finish();
                 return Err(TrainError::Other(format!(
-                    "stopping at step {step}: {nonfinite_run} steps in a row had a non-finite loss or \
+                    "stopping at step {step}: {run} steps in a row had a non-finite loss or \
                      gradient norm (train.max_nonfinite_steps = {}); the last good checkpoint is {}",
                     config.train.max_nonfinite_steps,
                     last_checkpoint
@@ -447,16 +542,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                         .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
                 )));
             }
-        } else {
-            nonfinite_run = 0;
         }
-        state.step = step;
-        state.optimizer_t = optimizer.t;
-        state.learning_rate = lr;
-        state.tokens_seen += out.tokens as u64;
-        run_tokens += out.tokens as u64;
-        interval_tokens += out.tokens as u64;
-        progress.step(step);
 
         let interrupted = crate::signals::requested();
         let at_end = step == last_step || interrupted.is_some();
@@ -629,6 +715,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         estimated_peak_bytes: plan.estimate.total,
         event_file: events.as_ref().map(|w| w.path().to_path_buf()),
         interrupted_by: crate::signals::requested(),
+        first_step_secs,
     };
     Ok(summary)
 }
