@@ -64,15 +64,18 @@ pub fn release_free_memory() {
 }
 
 /// Keeps freed memory in the process instead of returning it to the OS after every large free
-/// (glibc: the largest mmap threshold, a trim threshold of 16 GiB). A training step frees and
+/// (glibc: no mmap'd allocations, a trim threshold of 2 GiB). A training step frees and
 /// re-allocates the same large buffers many times; handing them back and faulting them in again
-/// cost a recomputing step a third of its time on a 2-core VM (docs/PERFORMANCE.md). Peak RSS
-/// is unchanged; [`release_free_memory`] still returns what loading left behind.
+/// cost a recomputing step a third of its time on a 2-core VM, and buffers over glibc's largest
+/// mmap threshold (32 MiB: a LoRA step's logits are 192 MiB) 10% of a LoRA step even so
+/// (docs/PERFORMANCE.md). Peak RSS is unchanged; [`release_free_memory`] still returns what
+/// loading left behind.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before training allocates.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
