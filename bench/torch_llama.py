@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from process_clock import since_process_start
 
 
 class RMSNorm(nn.Module):
@@ -92,16 +93,6 @@ class Llama(nn.Module):
             x = layer(x, cos, sin)
         logits = self.norm(x) @ self.embed_tokens.weight.t()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
-
-
-def since_process_start():
-    """Seconds since this process started (interpreter and imports included), as kiln counts."""
-    import os
-    with open("/proc/self/stat") as f:
-        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-    with open("/proc/uptime") as f:
-        uptime = float(f.read().split()[0])
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def main():

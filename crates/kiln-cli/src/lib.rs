@@ -864,16 +864,8 @@ fn devices() -> Result<()> {
             human_bytes(a.max_buffer_size),
             human_bytes(a.max_storage_binding)
         );
-        match a.memory_budget {
-            Some(bytes) => println!(
-                "  memory budget: {} ({})",
-                human_bytes(bytes),
-                if a.backend == "Metal" {
-                    "Metal working set"
-                } else {
-                    "Vulkan device-local heap"
-                }
-            ),
+        match device::gpu_budget(&a) {
+            Some(b) => println!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
             None => println!("  memory budget: not reported (set memory.budget)"),
         }
     }

@@ -114,6 +114,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
             peak_device = Some(peak_device.unwrap_or(0).max(m));
         }
     }
+    let peak_steps = memory::peak_rss_window();
     // Tokens per step vary with padding on example data: use the mean, and per-step rates.
     let tokens_per_step = step_tokens.iter().sum::<usize>() / step_tokens.len().max(1);
     let mut rates: Vec<f64> = step_secs
@@ -135,8 +136,8 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         median_tokens_per_s: median_rate,
         min_tokens_per_s: rates.first().copied().unwrap_or(f64::NAN),
         max_tokens_per_s: rates.last().copied().unwrap_or(f64::NAN),
-        peak_steps_bytes: memory::peak_rss_window(),
-        peak_rss_bytes: memory::peak_rss_window().max(peak_setup),
+        peak_steps_bytes: peak_steps,
+        peak_rss_bytes: peak_steps.max(peak_setup),
         peak_device_bytes: peak_device,
         rss_before_steps,
         recompute_every: plan.recompute_every,

@@ -46,7 +46,8 @@ pub fn cpu_budget() -> Option<Budget> {
     }
 }
 
-fn gpu_budget(found: &AdapterSummary) -> Option<Budget> {
+/// What a GPU adapter may use, where its driver reports it.
+pub fn gpu_budget(found: &AdapterSummary) -> Option<Budget> {
     found.memory_budget.map(|bytes| Budget {
         bytes,
         source: if found.backend == "Metal" {

@@ -120,7 +120,7 @@ impl AdamW {
         grads: GradAccumulator,
         lr: f64,
         clip_coef: Option<Tensor<1>>,
-        apply: Option<Tensor<1, Bool>>,
+        apply: Tensor<1, Bool>,
     ) -> LlamaModel {
         self.t += 1;
         struct Update<'a> {
@@ -128,7 +128,7 @@ impl AdamW {
             grads: HashMap<String, Tensor<1>>,
             lr: f64,
             clip: Option<Tensor<1>>,
-            skip: Option<Tensor<1, Bool>>,
+            skip: Tensor<1, Bool>,
         }
         impl ParamMapper for Update<'_> {
             fn map<const D: usize>(
@@ -154,10 +154,7 @@ impl AdamW {
                     None => (g.zeros_like(), g.zeros_like()),
                 };
                 // What a skipped update leaves in place.
-                let kept = self
-                    .skip
-                    .as_ref()
-                    .map(|_| (flat.clone(), m.clone(), v.clone()));
+                let (p0, m0, v0) = (flat.clone(), m.clone(), v.clone());
                 let m = m * o.beta1 + g.clone() * (1.0 - o.beta1);
                 let v = v * o.beta2 + g.square() * (1.0 - o.beta2);
                 let bc1 = 1.0 - o.beta1.powi(o.t as i32);
@@ -168,14 +165,11 @@ impl AdamW {
                 } else {
                     flat
                 };
-                let mut updated = decayed - (m.clone() / bc1) / denom * self.lr;
-                let (mut m, mut v) = (m, v);
-                if let (Some(skip), Some((p0, m0, v0))) = (&self.skip, kept) {
-                    let skip = skip.clone().expand([n]);
-                    updated = updated.mask_where(skip.clone(), p0);
-                    m = m.mask_where(skip.clone(), m0);
-                    v = v.mask_where(skip, v0);
-                }
+                let skip = self.skip.clone().expand([n]);
+                let updated =
+                    (decayed - (m.clone() / bc1) / denom * self.lr).mask_where(skip.clone(), p0);
+                let m = m.mask_where(skip.clone(), m0);
+                let v = v.mask_where(skip, v0);
                 o.state.insert(name.to_string(), (m, v));
                 let p = updated.reshape(shape);
                 if autodiff {
@@ -190,7 +184,7 @@ impl AdamW {
             grads: grads.grads,
             lr,
             clip: clip_coef,
-            skip: apply.map(|a| a.bool_not()),
+            skip: apply.bool_not(),
         };
         model.map_params(&mut update)
     }

@@ -164,7 +164,7 @@ fn head_backward(
     let mut loss: Option<Tensor<1>> = None;
     let mut grad_parts = Vec::new();
     let chunk = chunk.clamp(1, rows.max(1));
-    for start in (0..rows).step_by(chunk.max(1)) {
+    for start in (0..rows).step_by(chunk) {
         let end = (start + chunk).min(rows);
         let part = if start == 0 && end == rows {
             h.clone()

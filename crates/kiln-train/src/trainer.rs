@@ -247,7 +247,7 @@ pub fn train_step(
         None => loss.clone(),
     };
     let applied = probe.is_finite();
-    let model = optimizer.step(model, grads, lr, clip, Some(applied.clone()));
+    let model = optimizer.step(model, grads, lr, clip, applied.clone());
     (
         model,
         StepOutput {
@@ -500,15 +500,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         interval_tokens += out.tokens as u64;
         progress.step(step);
 
+        let interrupted = crate::signals::requested();
+        let at_end = step == last_step || interrupted.is_some();
+        let log_due = step % config.logging.log_every == 0 || at_end;
         // Skipped updates are counted on the device and read with the loss, at most
         // `max_nonfinite_steps` apart, and before anything is evaluated or saved.
         let (save_every, eval_every) = (config.train.save_every, config.train.eval_every);
-        let check_due = step % config.logging.log_every == 0
+        let check_due = log_due
             || step % config.train.max_nonfinite_steps == 0
             || (save_every > 0 && step % save_every == 0)
-            || (eval_every > 0 && step % eval_every == 0)
-            || step == last_step
-            || crate::signals::requested().is_some();
+            || (eval_every > 0 && step % eval_every == 0);
         if check_due {
             let (run, all) = skips.read();
             if all > skips_reported {
@@ -544,9 +545,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             }
         }
 
-        let interrupted = crate::signals::requested();
-        let at_end = step == last_step || interrupted.is_some();
-        if step % config.logging.log_every == 0 || at_end {
+        if log_due {
             // The only host read of the step: loss and gradient norm, once per log interval.
             let loss = out.loss.into_scalar::<f32>() as f64;
             let grad_norm = out
