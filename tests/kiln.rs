@@ -6,8 +6,12 @@ use kiln::train::{TrainOptions, train};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The repository: cargo's package directory at run time (a build cache shared between
+/// checkouts may hold a binary compiled in another), the compile-time one otherwise.
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 /// A scratch directory with a small slice of the shipped corpus in it.
@@ -419,6 +423,206 @@ fn wgpu_on_lavapipe_matches_cpu() {
     })
     .unwrap();
     check_recompute_gradients(&lavapipe.device, &[(Some(2), 7)], &[false]);
+}
+
+/// Values of `n` pseudo-random floats in [-scale, scale).
+fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = kiln::data::Rng::stream(seed, 23, 0);
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * scale)
+        .collect()
+}
+
+/// Each fused operation against the same formula composed of Burn's tensor operations, on
+/// `device`: the output, and the gradients of `sum(output × r)` for a random `r` with respect to
+/// every input that takes one.
+fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
+    use burn::prelude::*;
+    use kiln::models::fused::{self, reference};
+    let dev = device.clone().autodiff();
+    let leaf = |dims: &[usize], seed: u64, scale: f32| {
+        let n = dims.iter().product();
+        Tensor::<1>::from_data(TensorData::new(noise(n, seed, scale), [n]), &dev)
+    };
+    let close = |name: &str, a: Tensor<1>, b: Tensor<1>| {
+        let (a, b) = (
+            a.into_data().try_to_vec::<f32>().unwrap(),
+            b.into_data().try_to_vec::<f32>().unwrap(),
+        );
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 2e-5 * scale.max(1.0),
+            "{what} {name}: max difference {err} (scale {scale})"
+        );
+    };
+    // Runs `f` on fresh leaves built from `inputs` (dims, seed, scale), returns the output and the
+    // gradient of each input.
+    let run = |inputs: &[(&[usize], u64, f32)], f: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
+        let leaves: Vec<Tensor<1>> = inputs
+            .iter()
+            .map(|(d, s, k)| leaf(d, *s, *k).require_grad())
+            .collect();
+        let out = f(leaves.clone());
+        let r = Tensor::<1>::from_data(
+            TensorData::new(noise(out.dims()[0], 99, 1.0), [out.dims()[0]]),
+            &dev,
+        );
+        let grads = (out.clone() * r).sum().backward();
+        let g: Vec<Tensor<1>> = leaves
+            .iter()
+            .map(|l| Tensor::from_inner(l.grad(&grads).expect("a gradient")))
+            .collect();
+        (out.detach(), g)
+    };
+    let compare = |name: &str,
+                   inputs: &[(&[usize], u64, f32)],
+                   fused: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>,
+                   composed: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
+        let (a, ga) = run(inputs, fused);
+        let (b, gb) = run(inputs, composed);
+        close(name, a, b);
+        for (i, (x, y)) in ga.into_iter().zip(gb).enumerate() {
+            close(&format!("{name} gradient {i}"), x, y);
+        }
+    };
+    let (n, d) = (37, 40);
+    let nd: &[usize] = &[n, d];
+    let flat = |t: Tensor<2>| t.reshape([n * d]);
+    compare(
+        "rms_norm",
+        &[(nd, 1, 2.0), (&[d], 2, 1.0)],
+        &|v| {
+            flat(fused::rms_norm(
+                v[0].clone().reshape([n, d]),
+                v[1].clone(),
+                1e-5,
+            ))
+        },
+        &|v| {
+            flat(reference::rms_norm(
+                v[0].clone().reshape([n, d]),
+                v[1].clone(),
+                1e-5,
+            ))
+        },
+    );
+    compare(
+        "swiglu",
+        &[(nd, 3, 6.0), (nd, 4, 2.0)],
+        &|v| {
+            flat(fused::swiglu(
+                v[0].clone().reshape([n, d]),
+                v[1].clone().reshape([n, d]),
+            ))
+        },
+        &|v| {
+            flat(reference::swiglu(
+                v[0].clone().reshape([n, d]),
+                v[1].clone().reshape([n, d]),
+            ))
+        },
+    );
+    // Attention: per-sequence masks (packed rows) and one shared mask.
+    let (b, h, s) = (2, 3, 9);
+    for bias_batch in [1, b] {
+        let mask: Vec<f32> = (0..bias_batch * s * s)
+            .map(|i| {
+                let (q, k) = ((i / s) % s, i % s);
+                if k > q || (i / (s * s) == 1 && k + 3 < q) {
+                    -1e9
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [bias_batch, 1, s, s]), &dev);
+        let m2 = mask.clone();
+        compare(
+            &format!("softmax_bias ({bias_batch} masks)"),
+            &[(&[b, h, s, s], 5, 4.0)],
+            &move |v| {
+                fused::softmax_bias(v[0].clone().reshape([b, h, s, s]), mask.clone())
+                    .reshape([b * h * s * s])
+            },
+            &move |v| {
+                reference::softmax_bias(v[0].clone().reshape([b, h, s, s]), m2.clone())
+                    .reshape([b * h * s * s])
+            },
+        );
+    }
+    let hd = 8;
+    for table_batch in [1, b] {
+        let angles: Vec<f32> = (0..table_batch * s * hd)
+            .map(|i| ((i / hd) % s + i / (s * hd) * 2) as f32 / (1 + i % (hd / 2)) as f32)
+            .collect();
+        let table = |f: fn(f32) -> f32| {
+            let v: Vec<f32> = angles.iter().map(|a| f(*a)).collect();
+            Tensor::<3>::from_data(TensorData::new(v, [table_batch, s, hd]), &dev)
+        };
+        let (cos, sin) = (table(f32::cos), table(f32::sin));
+        let (c2, s2) = (cos.clone(), sin.clone());
+        compare(
+            &format!("rope ({table_batch} tables)"),
+            &[(&[b, s, h, hd], 6, 1.0)],
+            &move |v| {
+                fused::rope(
+                    v[0].clone().reshape([b, s, h, hd]),
+                    cos.clone(),
+                    sin.clone(),
+                )
+                .reshape([b * s * h * hd])
+            },
+            &move |v| {
+                reference::rope(v[0].clone().reshape([b, s, h, hd]), c2.clone(), s2.clone())
+                    .reshape([b * s * h * hd])
+            },
+        );
+    }
+    let (rows, vocab) = (11, 53);
+    let targets: Vec<i64> = (0..rows).map(|r| ((r * 17 + 3) % vocab) as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [rows]), &device.clone());
+    let weights: Vec<f32> = (0..rows)
+        .map(|r| if r % 4 == 2 { 0.0 } else { 1.0 })
+        .collect();
+    let weights = Tensor::<1>::from_data(TensorData::new(weights, [rows]), &device.clone());
+    let (t2, w2) = (targets.clone(), weights.clone());
+    compare(
+        "cross_entropy",
+        &[(&[rows, vocab], 7, 8.0)],
+        &move |v| {
+            fused::cross_entropy(
+                v[0].clone().reshape([rows, vocab]),
+                targets.clone(),
+                weights.clone(),
+            )
+        },
+        &move |v| {
+            reference::cross_entropy(v[0].clone().reshape([rows, vocab]), t2.clone(), w2.clone())
+        },
+    );
+}
+
+#[test]
+fn fused_ops_match_burn_compositions_in_values_and_gradients() {
+    check_fused_ops(&burn::tensor::Device::flex(), "cpu");
+    let software = kiln::train::device::list_adapters()
+        .into_iter()
+        .any(|a| a.software);
+    if !software {
+        eprintln!("SKIPPED the wgpu half: no software Vulkan adapter");
+        return;
+    }
+    let lavapipe = kiln::train::device::select(&kiln::config::BackendConfig {
+        kind: kiln::config::BackendKind::Wgpu,
+        adapter: kiln::config::AdapterChoice::Software,
+        ..Default::default()
+    })
+    .unwrap();
+    check_fused_ops(&lavapipe.device, "wgpu");
 }
 
 /// Loss and gradients of one micro-batch computed with `shape` (plain, chunked loss, block

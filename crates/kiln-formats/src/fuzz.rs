@@ -220,8 +220,16 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
+    /// The package directory: cargo's at run time (a build cache shared between checkouts may
+    /// hold a binary compiled elsewhere), the compile-time one otherwise.
+    fn package_dir() -> PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+    }
+
     fn seed(target: &str, name: &str) -> Vec<u8> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        let path = package_dir()
             .join("../../fuzz/seeds")
             .join(target)
             .join(name);
@@ -255,7 +263,7 @@ mod tests {
     /// Replays every kept input (crashes found and fixed, and the seed corpora) through its target.
     #[test]
     fn fuzz_inputs_replay_without_panics() {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+        let root = package_dir().join("../../fuzz");
         let mut replayed = 0;
         for (name, target) in TARGETS {
             for kind in ["regressions", "seeds"] {

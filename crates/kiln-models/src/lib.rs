@@ -2,6 +2,7 @@
 //! so that a safetensors key maps to a field by rule and checkpoints load in `transformers`.
 
 pub use kiln_formats::{fsutil, safetensors_io};
+pub mod fused;
 pub mod gguf;
 pub mod hf;
 pub mod llama;

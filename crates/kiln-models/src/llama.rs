@@ -1,11 +1,11 @@
 //! The Llama family: RMSNorm, rotary position embedding (rotate-half layout, as in HF), SwiGLU MLP,
 //! grouped-query attention, optionally tied embeddings. Field names are Hugging Face's.
 
+use crate::fused;
 use crate::lora::LoraAdapter;
 use crate::params::{ParamKind, ParamMapper, ParamVisitor};
 use crate::safetensors_io::HostTensor;
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu, softmax};
 use kiln_data::{Batch, Rng};
 use std::collections::BTreeMap;
 
@@ -82,8 +82,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let rms = (x.clone().square().mean_dim(1) + self.eps).sqrt();
-        (x / rms) * self.weight.clone().unsqueeze_dim(0)
+        fused::rms_norm(x, self.weight.clone(), self.eps)
     }
 }
 
@@ -161,8 +160,9 @@ pub struct KvCache {
 
 /// Per-forward constants: rotary tables and the causal mask for one sequence length.
 pub struct ForwardConsts {
-    cos: Tensor<4>,
-    sin: Tensor<4>,
+    /// Rotary tables `[1 or batch, seq, head_dim]`.
+    cos: Tensor<3>,
+    sin: Tensor<3>,
     causal_bias: Tensor<4>,
     /// Sequences in the batch.
     pub batch: usize,
@@ -421,21 +421,12 @@ impl LlamaModel {
             }
         }
         ForwardConsts {
-            cos: Tensor::from_data(TensorData::new(cos, [1, 1, n, hd]), &device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, 1, n, hd]), &device),
+            cos: Tensor::from_data(TensorData::new(cos, [1, n, hd]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [1, n, hd]), &device),
             causal_bias: Tensor::from_data(TensorData::new(bias, [1, 1, n, total]), &device),
             batch: 1,
             seq: n,
         }
-    }
-
-    fn rope(x: Tensor<4>, consts: &ForwardConsts) -> Tensor<4> {
-        let [_, _, _, hd] = x.dims();
-        let half = hd / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * consts.cos.clone() + rotated * consts.sin.clone()
     }
 
     fn attention(
@@ -450,10 +441,14 @@ impl LlamaModel {
         let c = &self.config;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim());
         let a = &layer.self_attn;
-        let heads = |t: Tensor<2>, n: usize| t.reshape([batch, seq, n, hd]).swap_dims(1, 2);
-        let q = Self::rope(heads(a.q_proj.forward(x.clone(), dropout), h), consts);
-        let k = Self::rope(heads(a.k_proj.forward(x.clone(), dropout), kvh), consts);
-        let v = heads(a.v_proj.forward(x, dropout), kvh);
+        // Rotated in the projections' own `[batch, seq, heads, hd]` layout, then viewed as
+        // `[batch, heads, seq, hd]`.
+        let heads = |t: Tensor<2>, n: usize| t.reshape([batch, seq, n, hd]);
+        let rotated =
+            |t: Tensor<4>| fused::rope(t, consts.cos.clone(), consts.sin.clone()).swap_dims(1, 2);
+        let q = rotated(heads(a.q_proj.forward(x.clone(), dropout), h));
+        let k = rotated(heads(a.k_proj.forward(x.clone(), dropout), kvh));
+        let v = heads(a.v_proj.forward(x, dropout), kvh).swap_dims(1, 2);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -480,8 +475,8 @@ impl LlamaModel {
         // The 1/sqrt(hd) scale goes on q, not on the b·h·s² scores: the same product, fewer
         // multiplications (and a cheaper forward to recompute).
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q * scale).matmul(k.swap_dims(2, 3)) + consts.causal_bias.clone();
-        let mut probs = softmax(scores, 3);
+        let scores = (q * scale).matmul(k.swap_dims(2, 3));
+        let mut probs = fused::softmax_bias(scores, consts.causal_bias.clone());
         if let Some(d) = dropout.as_mut() {
             probs = d.apply(probs);
         }
@@ -515,7 +510,10 @@ impl LlamaModel {
         let x = x + attn;
         let h = layer.post_attention_layernorm.forward(x.clone());
         let m = &layer.mlp;
-        let gated = silu(m.gate_proj.forward(h.clone(), dropout)) * m.up_proj.forward(h, dropout);
+        let gated = fused::swiglu(
+            m.gate_proj.forward(h.clone(), dropout),
+            m.up_proj.forward(h, dropout),
+        );
         let mut mlp = m.down_proj.forward(gated, dropout);
         if let Some(d) = dropout.as_mut() {
             mlp = d.apply(mlp);
@@ -575,40 +573,25 @@ impl LlamaModel {
     /// Mean next-token cross-entropy of `logits` `[n, vocab]` against `targets` (length n),
     /// over the positions where `mask` is 1 (all positions without a mask).
     pub fn cross_entropy(logits: Tensor<2>, targets: &[u32], mask: Option<&[f32]>) -> Tensor<1> {
-        match mask {
-            None => Self::target_log_probs(logits, targets).mean().neg(),
-            Some(m) => {
-                let count: f32 = m.iter().sum();
-                Self::cross_entropy_sum(logits, targets, mask).neg() / count.max(1.0) as f64
-            }
-        }
+        let count = mask.map_or(targets.len() as f32, |m| m.iter().sum());
+        Self::cross_entropy_sum(logits, targets, mask).neg() / count.max(1.0) as f64
     }
 
     /// Sum over positions of `mask ×` the log-probability of the target: the cross-entropy
     /// numerator of a chunk of positions, before the sign and the division by the batch's count.
+    /// Masked-out positions cost nothing (the fused kernel skips their rows).
     pub fn cross_entropy_sum(
         logits: Tensor<2>,
         targets: &[u32],
         mask: Option<&[f32]>,
     ) -> Tensor<1> {
         let device = logits.device().without_autodiff();
-        let picked = Self::target_log_probs(logits, targets);
-        match mask {
-            None => picked.sum(),
-            Some(m) => {
-                let w = Tensor::<1>::from_data(TensorData::new(m.to_vec(), [m.len()]), &device);
-                (picked * w).sum()
-            }
-        }
-    }
-
-    /// Log-probability of each position's target under `logits` `[n, vocab]`: `[n]`.
-    fn target_log_probs(logits: Tensor<2>, targets: &[u32]) -> Tensor<1> {
-        let device = logits.device().without_autodiff();
         let n = targets.len();
         let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-        let idx = Tensor::<2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-        log_softmax(logits, 1).gather(1, idx).reshape([n])
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
+        let weights = mask.map_or_else(|| vec![1.0; n], <[f32]>::to_vec);
+        let weights = Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
+        fused::cross_entropy(logits, idx, weights).sum().neg()
     }
 
     /// Rotary tables and masks for a batch's shape (packed rows included).
@@ -650,8 +633,8 @@ impl LlamaModel {
             }
         }
         ForwardConsts {
-            cos: Tensor::from_data(TensorData::new(cos, [batch, 1, seq, hd]), &device),
-            sin: Tensor::from_data(TensorData::new(sin, [batch, 1, seq, hd]), &device),
+            cos: Tensor::from_data(TensorData::new(cos, [batch, seq, hd]), &device),
+            sin: Tensor::from_data(TensorData::new(sin, [batch, seq, hd]), &device),
             causal_bias: Tensor::from_data(TensorData::new(bias, [batch, 1, seq, seq]), &device),
             batch,
             seq,

@@ -1,0 +1,767 @@
+//! Fused operations of the training step, as a Burn backend extension: RMSNorm, rotary position
+//! embedding, the attention softmax with its additive mask, SwiGLU and the weighted per-row
+//! cross-entropy, each with a hand-written backward.
+//!
+//! - On Flex (the CPU) each runs as one of `kiln_kernels`' kernels: one pass over memory, split
+//!   across cores, vectorised `exp`, instead of the several allocating passes of the composed
+//!   operations and their several more in backward.
+//! - On the CubeCL backends (wgpu: Metal, Vulkan) the trait's default bodies compose Burn's own
+//!   operations, which the fusion compiler then merges; the backward is the same formula.
+//! - Under autodiff the forward saves what its backward needs (often less than the composed
+//!   operations' tape held) and the backward calls the backend's fused backward.
+//!
+//! The model calls the functions at the bottom of this file; `reference` holds the same
+//! formulas written with the tensor API, which the tests compare against, values and gradients.
+
+use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
+use burn::backend::{
+    Backend, Cube, DType, Dispatch, Flex, Shape, Slice, TensorData, TensorMetadata,
+    backend_extension,
+};
+use burn::prelude::*;
+
+/// kiln's fused operations. Shapes: `x` rows are the last dimension; see each function below.
+#[backend_extension(Flex, Cube, Autodiff)]
+pub trait FusedOps: Backend {
+    /// RMSNorm of `x` `[n, d]` with weight `[d]`.
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        composed::rms_norm::<Self>(x, weight, eps)
+    }
+
+    /// Gradients of [`FusedOps::kiln_rms_norm`] for `x` and `weight`.
+    fn kiln_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed::rms_norm_backward::<Self>(x, weight, grad, eps)
+    }
+
+    /// `silu(gate) · up`, both `[n, f]`.
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed::swiglu::<Self>(gate, up)
+    }
+
+    /// Gradients of [`FusedOps::kiln_swiglu`] for `gate` and `up`.
+    fn kiln_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed::swiglu_backward::<Self>(gate, up, grad)
+    }
+
+    /// Softmax over the last dimension of `scores + bias`: scores `[b, h, s, t]`, bias
+    /// `[b or 1, 1, s, t]` (a constant: no gradient flows into it).
+    fn kiln_softmax_bias(scores: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed::softmax_bias::<Self>(scores, bias)
+    }
+
+    /// Gradient of a softmax over the last dimension from its output.
+    fn kiln_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composed::softmax_backward::<Self>(probs, grad)
+    }
+
+    /// Rotary embedding (rotate-half) of `x` `[b, s, h, d]` by tables `[b or 1, s, d]`; `inverse`
+    /// rotates by `-sin` (the backward).
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        composed::rope::<Self>(x, cos, sin, inverse)
+    }
+
+    /// Per-row `weight · (logsumexp(logits) − logits[target])`: logits `[n, v]`, targets and
+    /// weights `[n]` (constants). Gives `[n]`.
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composed::cross_entropy::<Self>(logits, targets, weights)
+    }
+
+    /// Gradient of [`FusedOps::kiln_cross_entropy`] for the logits, from the gradient `[n]` of
+    /// its output.
+    fn kiln_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        composed::cross_entropy_backward::<Self>(logits, targets, weights, grad)
+    }
+}
+
+/// The GPU backends: Burn's operations, merged by its fusion compiler.
+impl FusedOps for Cube {}
+
+/// The formulas on any backend's primitive operations (the GPU path, and the CPU's for other
+/// float types than f32).
+mod composed {
+    use super::*;
+
+    fn last(t: &impl TensorMetadata) -> usize {
+        t.shape().num_dims() - 1
+    }
+
+    fn row_vector<B: Backend>(w: FloatTensor<B>) -> FloatTensor<B> {
+        let d = w.shape().num_elements();
+        B::float_reshape(w, Shape::new([1, d]))
+    }
+
+    fn column<B: Backend>(v: FloatTensor<B>) -> FloatTensor<B> {
+        let n = v.shape().num_elements();
+        B::float_reshape(v, Shape::new([n, 1]))
+    }
+
+    /// `1 / sqrt(mean(x²) + eps)` per row, `[n, 1]`.
+    fn inv_rms<B: Backend>(x: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+        let ms = B::float_mean_dim(B::float_mul(x.clone(), x), 1);
+        B::float_recip(B::float_sqrt(B::float_add_scalar(ms, eps.into())))
+    }
+
+    pub fn rms_norm<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+        let inv = inv_rms::<B>(x.clone(), eps);
+        B::float_mul(B::float_mul(x, inv), row_vector::<B>(w))
+    }
+
+    pub fn rms_norm_backward<B: Backend>(
+        x: FloatTensor<B>,
+        w: FloatTensor<B>,
+        g: FloatTensor<B>,
+        eps: f64,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let w_shape = w.shape();
+        let inv = inv_rms::<B>(x.clone(), eps);
+        let n = B::float_mul(x, inv.clone());
+        let gw = B::float_mul(g.clone(), row_vector::<B>(w));
+        let c = B::float_mean_dim(B::float_mul(gw.clone(), n.clone()), 1);
+        let dx = B::float_mul(inv, B::float_sub(gw, B::float_mul(n.clone(), c)));
+        let dw = B::float_reshape(B::float_sum_dim(B::float_mul(g, n), 0), w_shape);
+        (dx, dw)
+    }
+
+    pub fn swiglu<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor<B> {
+        B::float_mul(B::float_mul(gate.clone(), B::sigmoid(gate)), up)
+    }
+
+    pub fn swiglu_backward<B: Backend>(
+        gate: FloatTensor<B>,
+        up: FloatTensor<B>,
+        g: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let s = B::sigmoid(gate.clone());
+        let gs = B::float_mul(g, s.clone());
+        let dup = B::float_mul(gs.clone(), gate.clone());
+        // d silu(a) / da = s · (1 + a · (1 − s))
+        let one_minus_s = B::float_add_scalar(B::float_neg(s), 1.0.into());
+        let slope = B::float_add_scalar(B::float_mul(gate, one_minus_s), 1.0.into());
+        let dgate = B::float_mul(B::float_mul(gs, up), slope);
+        (dgate, dup)
+    }
+
+    pub fn softmax_bias<B: Backend>(x: FloatTensor<B>, bias: FloatTensor<B>) -> FloatTensor<B> {
+        let dim = last(&x);
+        B::softmax(B::float_add(x, bias), dim)
+    }
+
+    pub fn softmax_backward<B: Backend>(y: FloatTensor<B>, g: FloatTensor<B>) -> FloatTensor<B> {
+        let dim = last(&y);
+        let d = B::float_sum_dim(B::float_mul(g.clone(), y.clone()), dim);
+        B::float_mul(y, B::float_sub(g, d))
+    }
+
+    pub fn rope<B: Backend>(
+        x: FloatTensor<B>,
+        cos: FloatTensor<B>,
+        sin: FloatTensor<B>,
+        inverse: bool,
+    ) -> FloatTensor<B> {
+        let [b, s, h, d] = x.shape().dims::<4>();
+        let table = |t: FloatTensor<B>| {
+            let tb = t.shape()[0];
+            B::float_reshape(t, Shape::new([tb, s, 1, d]))
+        };
+        let half = d / 2;
+        let part = |range: core::ops::Range<usize>| {
+            B::float_slice(
+                x.clone(),
+                &[
+                    Slice::from(0..b),
+                    Slice::from(0..s),
+                    Slice::from(0..h),
+                    Slice::from(range),
+                ],
+            )
+        };
+        let (x1, x2) = (part(0..half), part(half..d));
+        let rotated = B::float_cat(vec![B::float_neg(x2), x1], 3);
+        let sin = if inverse {
+            B::float_neg(table(sin))
+        } else {
+            table(sin)
+        };
+        B::float_add(B::float_mul(x, table(cos)), B::float_mul(rotated, sin))
+    }
+
+    fn target_index<B: Backend>(targets: IntTensor<B>) -> IntTensor<B> {
+        let n = targets.shape().num_elements();
+        B::int_reshape(targets, Shape::new([n, 1]))
+    }
+
+    pub fn cross_entropy<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        weights: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let n = logits.shape()[0];
+        let lsm = B::log_softmax(logits, 1);
+        let picked = B::float_gather(1, lsm, target_index::<B>(targets));
+        let picked = B::float_reshape(picked, Shape::new([n]));
+        B::float_neg(B::float_mul(picked, weights))
+    }
+
+    pub fn cross_entropy_backward<B: Backend>(
+        logits: FloatTensor<B>,
+        targets: IntTensor<B>,
+        weights: FloatTensor<B>,
+        g: FloatTensor<B>,
+    ) -> FloatTensor<B> {
+        let gw = column::<B>(B::float_mul(g, weights));
+        let p = B::float_mul(B::softmax(logits, 1), gw.clone());
+        B::float_scatter(
+            1,
+            p,
+            target_index::<B>(targets),
+            B::float_neg(gw),
+            IndexingUpdateOp::Add,
+        )
+    }
+}
+
+/// The CPU: `kiln_kernels` on the tensors' f32 storage.
+mod cpu {
+    use super::*;
+
+    /// The f32 values of `t` in row-major order, without a copy when it is contiguous.
+    pub fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+        match t.as_slice::<f32>() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(
+                t.to_contiguous()
+                    .as_slice::<f32>()
+                    .map(<[f32]>::to_vec)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// `t` as a tensor whose storage is exactly its values, row-major, owned by it alone: safe
+    /// to overwrite in place (copied only when shared or strided).
+    pub fn owned(t: FlexTensor) -> FlexTensor {
+        let exact = t.is_unique()
+            && t.layout().contiguous_offsets() == Some((0, t.layout().num_elements()))
+            && t.bytes().len() == t.layout().num_elements() * 4;
+        if exact {
+            t
+        } else {
+            tensor(values(&t).into_owned(), t.layout().shape().clone())
+        }
+    }
+
+    pub fn tensor(values: Vec<f32>, shape: Shape) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    pub fn targets(t: &FlexTensor) -> Vec<u32> {
+        let t = t.to_contiguous();
+        match t.dtype() {
+            DType::I64 => t.storage::<i64>().iter().map(|&v| v as u32).collect(),
+            DType::I32 => t.storage::<i32>().iter().map(|&v| v as u32).collect(),
+            DType::U32 => t.storage::<u32>().to_vec(),
+            DType::U64 => t.storage::<u64>().iter().map(|&v| v as u32).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn is_f32(ts: &[&FlexTensor]) -> bool {
+        ts.iter().all(|t| t.dtype() == DType::F32)
+    }
+}
+
+impl FusedOps for Flex {
+    fn kiln_rms_norm(x: FlexTensor, weight: FlexTensor, eps: f64) -> FlexTensor {
+        if !cpu::is_f32(&[&x, &weight]) {
+            return composed::rms_norm::<Self>(x, weight, eps);
+        }
+        let shape = x.layout().shape().clone();
+        let d = shape[shape.num_dims() - 1];
+        let mut out = vec![0f32; shape.num_elements()];
+        kiln_kernels::rms_norm(
+            &cpu::values(&x),
+            &cpu::values(&weight),
+            eps as f32,
+            &mut out,
+            d,
+        );
+        cpu::tensor(out, shape)
+    }
+
+    fn kiln_rms_norm_backward(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor) {
+        if !cpu::is_f32(&[&x, &weight, &grad]) {
+            return composed::rms_norm_backward::<Self>(x, weight, grad, eps);
+        }
+        let shape = x.layout().shape().clone();
+        let w_shape = weight.layout().shape().clone();
+        let d = shape[shape.num_dims() - 1];
+        let mut dx = vec![0f32; shape.num_elements()];
+        let dw = kiln_kernels::rms_norm_backward(
+            &cpu::values(&x),
+            &cpu::values(&weight),
+            &cpu::values(&grad),
+            eps as f32,
+            &mut dx,
+            d,
+        );
+        (cpu::tensor(dx, shape), cpu::tensor(dw, w_shape))
+    }
+
+    fn kiln_swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        if !cpu::is_f32(&[&gate, &up]) || gate.layout().shape() != up.layout().shape() {
+            return composed::swiglu::<Self>(gate, up);
+        }
+        let shape = gate.layout().shape().clone();
+        let mut out = vec![0f32; shape.num_elements()];
+        kiln_kernels::swiglu(&cpu::values(&gate), &cpu::values(&up), &mut out);
+        cpu::tensor(out, shape)
+    }
+
+    fn kiln_swiglu_backward(
+        gate: FlexTensor,
+        up: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let same = gate.layout().shape() == up.layout().shape()
+            && gate.layout().shape() == grad.layout().shape();
+        if !cpu::is_f32(&[&gate, &up, &grad]) || !same {
+            return composed::swiglu_backward::<Self>(gate, up, grad);
+        }
+        let shape = gate.layout().shape().clone();
+        let mut dgate = cpu::owned(grad);
+        let mut dup = vec![0f32; shape.num_elements()];
+        kiln_kernels::swiglu_backward(
+            &cpu::values(&gate),
+            &cpu::values(&up),
+            dgate.storage_mut::<f32>(),
+            &mut dup,
+        );
+        (dgate, cpu::tensor(dup, shape))
+    }
+
+    fn kiln_softmax_bias(scores: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let dims = scores.layout().shape().clone();
+        let bdims = bias.layout().shape().clone();
+        let fits = dims.num_dims() == 4
+            && bdims.num_dims() == 4
+            && (bdims[0] == 1 || bdims[0] == dims[0])
+            && bdims[1] == 1
+            && bdims[2] == dims[2]
+            && bdims[3] == dims[3];
+        if !cpu::is_f32(&[&scores, &bias]) || !fits {
+            return composed::softmax_bias::<Self>(scores, bias);
+        }
+        let mut y = cpu::owned(scores);
+        kiln_kernels::softmax_bias(
+            y.storage_mut::<f32>(),
+            &cpu::values(&bias),
+            dims[1],
+            dims[2],
+            dims[3],
+        );
+        y
+    }
+
+    fn kiln_softmax_backward(probs: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if !cpu::is_f32(&[&probs, &grad]) || probs.layout().shape() != grad.layout().shape() {
+            return composed::softmax_backward::<Self>(probs, grad);
+        }
+        let shape = probs.layout().shape().clone();
+        let len = shape[shape.num_dims() - 1];
+        let mut g = cpu::owned(grad);
+        kiln_kernels::softmax_backward(&cpu::values(&probs), g.storage_mut::<f32>(), len);
+        g
+    }
+
+    fn kiln_rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
+        let dims = x.layout().shape().clone();
+        let tdims = cos.layout().shape().clone();
+        let fits = dims.num_dims() == 4
+            && tdims.num_dims() == 3
+            && sin.layout().shape() == &tdims
+            && (tdims[0] == 1 || tdims[0] == dims[0])
+            && tdims[1] == dims[1]
+            && tdims[2] == dims[3]
+            && dims[3].is_multiple_of(2);
+        if !cpu::is_f32(&[&x, &cos, &sin]) || !fits {
+            return composed::rope::<Self>(x, cos, sin, inverse);
+        }
+        let mut out = vec![0f32; dims.num_elements()];
+        kiln_kernels::rope(
+            &cpu::values(&x),
+            &cpu::values(&cos),
+            &cpu::values(&sin),
+            &mut out,
+            dims[1],
+            dims[2],
+            dims[3],
+            inverse,
+        );
+        cpu::tensor(out, dims)
+    }
+
+    fn kiln_cross_entropy(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
+    ) -> FlexTensor {
+        let dims = logits.layout().shape().clone();
+        let n = dims[0];
+        let t = cpu::targets(&targets);
+        if !cpu::is_f32(&[&logits, &weights]) || dims.num_dims() != 2 || t.len() != n {
+            return composed::cross_entropy::<Self>(logits, targets, weights);
+        }
+        let mut loss = vec![0f32; n];
+        kiln_kernels::cross_entropy(
+            &cpu::values(&logits),
+            &t,
+            &cpu::values(&weights),
+            &mut loss,
+            dims[1],
+        );
+        cpu::tensor(loss, Shape::new([n]))
+    }
+
+    fn kiln_cross_entropy_backward(
+        logits: FlexTensor,
+        targets: FlexTensor,
+        weights: FlexTensor,
+        grad: FlexTensor,
+    ) -> FlexTensor {
+        let dims = logits.layout().shape().clone();
+        let n = dims[0];
+        let t = cpu::targets(&targets);
+        if !cpu::is_f32(&[&logits, &weights, &grad]) || dims.num_dims() != 2 || t.len() != n {
+            return composed::cross_entropy_backward::<Self>(logits, targets, weights, grad);
+        }
+        // The logits are written over with their gradient when nothing else holds them (the
+        // tape's copy is handed over here): no second [n, vocab] buffer.
+        let mut g = cpu::owned(logits);
+        kiln_kernels::cross_entropy_backward(
+            g.storage_mut::<f32>(),
+            &t,
+            &cpu::values(&weights),
+            &cpu::values(&grad),
+            dims[1],
+        );
+        g
+    }
+}
+
+/// Registers a gradient for a parent node when it is tracked.
+macro_rules! register {
+    ($grads:expr, $node:expr, $grad:expr) => {
+        if let Some(node) = $node {
+            $grads.register::<B>(node.id, $grad);
+        }
+    };
+}
+
+impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RmsNormBackward;
+        impl<B: Backend + FusedOps> Backward<B, 2> for RmsNormBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, f64);
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [nx, nw] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x, w, eps) = ops.state;
+                let (dx, dw) = B::kiln_rms_norm_backward(x, w, grad, eps);
+                register!(grads, nx, dx);
+                register!(grads, nw, dw);
+            }
+        }
+        let nodes = [x.node(), weight.node()];
+        let (x, w) = (x.into_primitive(), weight.into_primitive());
+        match RmsNormBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::kiln_rms_norm(x.clone(), w.clone(), eps);
+                prep.finish((x, w, eps), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_rms_norm(x, w, eps)),
+        }
+    }
+
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SwigluBackward;
+        impl<B: Backend + FusedOps> Backward<B, 2> for SwigluBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+            fn backward(
+                self,
+                ops: Ops<Self::State, 2>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [ng, nu] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (gate, up) = ops.state;
+                let (dg, du) = B::kiln_swiglu_backward(gate, up, grad);
+                register!(grads, ng, dg);
+                register!(grads, nu, du);
+            }
+        }
+        let nodes = [gate.node(), up.node()];
+        let (gate, up) = (gate.into_primitive(), up.into_primitive());
+        match SwigluBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::kiln_swiglu(gate.clone(), up.clone());
+                prep.finish((gate, up), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_swiglu(gate, up)),
+        }
+    }
+
+    fn kiln_softmax_bias(scores: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SoftmaxBackward;
+        impl<B: Backend + FusedOps> Backward<B, 1> for SoftmaxBackward {
+            type State = FloatTensor<B>;
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                register!(grads, node, B::kiln_softmax_backward(ops.state, grad));
+            }
+        }
+        let nodes = [scores.node()];
+        let (scores, bias) = (scores.into_primitive(), bias.into_primitive());
+        match SoftmaxBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::kiln_softmax_bias(scores, bias);
+                prep.finish(y.clone(), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_softmax_bias(scores, bias)),
+        }
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct RopeBackward;
+        impl<B: Backend + FusedOps> Backward<B, 1> for RopeBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, bool);
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (cos, sin, inverse) = ops.state;
+                register!(grads, node, B::kiln_rope(grad, cos, sin, !inverse));
+            }
+        }
+        let nodes = [x.node()];
+        let (x, cos, sin) = (
+            x.into_primitive(),
+            cos.into_primitive(),
+            sin.into_primitive(),
+        );
+        match RopeBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let y = B::kiln_rope(x, cos.clone(), sin.clone(), inverse);
+                prep.finish((cos, sin, inverse), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_rope(x, cos, sin, inverse)),
+        }
+    }
+
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CrossEntropyBackward;
+        impl<B: Backend + FusedOps> Backward<B, 1> for CrossEntropyBackward {
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (logits, targets, weights) = ops.state;
+                let g = B::kiln_cross_entropy_backward(logits, targets, weights, grad);
+                register!(grads, node, g);
+            }
+        }
+        let nodes = [logits.node()];
+        let (logits, weights) = (logits.into_primitive(), weights.into_primitive());
+        match CrossEntropyBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let loss = B::kiln_cross_entropy(logits.clone(), targets.clone(), weights.clone());
+                prep.finish((logits, targets, weights), loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::kiln_cross_entropy(logits, targets, weights))
+            }
+        }
+    }
+}
+
+/// RMSNorm of the rows of `x` `[n, d]`: `x / sqrt(mean(x²) + eps) · weight`.
+pub fn rms_norm(x: Tensor<2>, weight: Tensor<1>, eps: f64) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_rms_norm(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        eps,
+    ))
+}
+
+/// SwiGLU's gating: `silu(gate) · up`.
+pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_swiglu(
+        gate.into_dispatch(),
+        up.into_dispatch(),
+    ))
+}
+
+/// Attention probabilities: softmax over the keys of `scores + bias`; scores `[b, h, s, t]`,
+/// bias `[b or 1, 1, s, t]` (a constant mask).
+pub fn softmax_bias(scores: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_softmax_bias(
+        scores.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// Rotary position embedding (rotate-half) of `x` `[b, s, heads, d]` by tables `[b or 1, s, d]`.
+pub fn rope(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        false,
+    ))
+}
+
+/// Per-row weighted cross-entropy of `logits` `[n, v]` against `targets` `[n]`:
+/// `weights · (logsumexp(row) − row[target])`, `[n]`. Rows of weight 0 cost nothing.
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, weights: Tensor<1>) -> Tensor<1> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+        weights.into_dispatch(),
+    ))
+}
+
+/// The same formulas with Burn's tensor API (its autodiff derives the backward), for tests.
+pub mod reference {
+    use burn::prelude::*;
+    use burn::tensor::activation::{log_softmax, silu, softmax};
+
+    pub fn rms_norm(x: Tensor<2>, weight: Tensor<1>, eps: f64) -> Tensor<2> {
+        let rms = (x.clone().square().mean_dim(1) + eps).sqrt();
+        (x / rms) * weight.unsqueeze_dim(0)
+    }
+
+    pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+        silu(gate) * up
+    }
+
+    pub fn softmax_bias(scores: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+        softmax(scores + bias, 3)
+    }
+
+    pub fn rope(x: Tensor<4>, cos: Tensor<3>, sin: Tensor<3>) -> Tensor<4> {
+        let [_, _, _, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.unsqueeze_dim(2) + rotated * sin.unsqueeze_dim(2)
+    }
+
+    pub fn cross_entropy(
+        logits: Tensor<2>,
+        targets: Tensor<1, Int>,
+        weights: Tensor<1>,
+    ) -> Tensor<1> {
+        let n = targets.dims()[0];
+        log_softmax(logits, 1)
+            .gather(1, targets.reshape([n, 1]))
+            .reshape([n])
+            .neg()
+            * weights
+    }
+}
