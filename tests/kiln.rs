@@ -604,6 +604,56 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
             reference::cross_entropy(v[0].clone().reshape([rows, vocab]), t2.clone(), w2.clone())
         },
     );
+    // AdamW, applied and skipped (a non-finite step keeps parameter and moments).
+    let n = 1000;
+    let t1 = |seed: u64, scale: f32| {
+        Tensor::<1>::from_data(TensorData::new(noise(n, seed, scale), [n]), &device.clone())
+    };
+    let (p, m, g) = (t1(20, 1.0), t1(21, 0.1), t1(22, 1.0));
+    let v = t1(23, 0.01).abs();
+    let clip = Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &device.clone());
+    let h = fused::AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        decay: 0.9999,
+        bc1: 1.0 - 0.9f32.powi(3),
+        bc2: 1.0 - 0.95f32.powi(3),
+    };
+    let flag =
+        |b: bool| Tensor::<1, Bool>::from_data(TensorData::new(vec![b], [1]), &device.clone());
+    let (p1, m1, v1) = fused::adamw(
+        p.clone(),
+        (m.clone(), v.clone()),
+        g.clone(),
+        clip.clone(),
+        flag(true),
+        h,
+    );
+    let gc = g * clip.clone();
+    let wm = m.clone() * 0.9 + gc.clone() * 0.1;
+    let wv = v.clone() * 0.95 + gc.square() * 0.05;
+    let wp = p.clone() * 0.9999
+        - (wm.clone() / h.bc1 as f64) / ((wv.clone() / h.bc2 as f64).sqrt() + 1e-8) * 1e-3;
+    close("adamw p", p1, wp);
+    close("adamw m", m1, wm);
+    close("adamw v", v1, wv);
+    let (p2, m2, v2) = fused::adamw(
+        p.clone(),
+        (m.clone(), v.clone()),
+        t1(24, f32::NAN),
+        clip,
+        flag(false),
+        h,
+    );
+    for (name, a, b) in [("p", p2, p), ("m", m2, m), ("v", v2, v)] {
+        assert_eq!(
+            a.into_data(),
+            b.into_data(),
+            "{what} skipped adamw changed {name}"
+        );
+    }
 }
 
 #[test]

@@ -305,7 +305,8 @@ pub fn main() -> ExitCode {
         .try_init();
     let cli = Cli::parse();
     kiln_train::memory::tune_allocator();
-    let result = match cli.command {
+    // The command runs on a worker of the CPU kernels' thread pool (kiln_train::threads).
+    let result = kiln_train::threads::run_on_pool(|| match cli.command {
         Command::Train(args) => train(args),
         Command::Finetune(args) => finetune(args),
         Command::Generate(args) => generate(args),
@@ -314,7 +315,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Plan(args) => plan(args),
         Command::Fuse(args) => fuse(args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

@@ -427,16 +427,14 @@ fn for_chunks_pair(
         });
 }
 
-/// Rotary position embedding, rotate-half layout (as Hugging Face's Llama), of `x` laid out
-/// `[batch, seq, heads, dim]`, with `cos`/`sin` tables `[table_batch, seq, dim]` (`table_batch` 1,
-/// or `batch` for packed rows whose positions restart). `inverse` rotates the other way (by
-/// `-sin`), which is the backward of the forward rotation.
-#[allow(clippy::too_many_arguments)]
+/// Rotary position embedding, rotate-half layout (as Hugging Face's Llama), in place, of `x` laid
+/// out `[batch, seq, heads, dim]`, with `cos`/`sin` tables `[table_batch, seq, dim]`
+/// (`table_batch` 1, or `batch` for packed rows whose positions restart). `inverse` rotates the
+/// other way (by `-sin`), which is the backward of the forward rotation.
 pub fn rope(
-    x: &[f32],
+    x: &mut [f32],
     cos: &[f32],
     sin: &[f32],
-    out: &mut [f32],
     seq: usize,
     heads: usize,
     dim: usize,
@@ -447,26 +445,21 @@ pub fn rope(
     let half = dim / 2;
     let sign = if inverse { -1.0f32 } else { 1.0 };
     for_rows(
-        out,
+        x,
         row,
         #[inline(always)]
         |first, rows| {
-            let x = &x[first * row..][..rows.len()];
-            for (k, (orow, xrow)) in rows
-                .chunks_exact_mut(row)
-                .zip(x.chunks_exact(row))
-                .enumerate()
-            {
+            for (k, xrow) in rows.chunks_exact_mut(row).enumerate() {
                 let r = first + k;
                 let (b, s) = (r / seq, r % seq);
                 let t = (if table_batch == 1 { 0 } else { b } * seq + s) * dim;
                 let (c, sn) = (&cos[t..t + dim], &sin[t..t + dim]);
-                for (oh, xh) in orow.chunks_exact_mut(dim).zip(xrow.chunks_exact(dim)) {
-                    let (x1, x2) = xh.split_at(half);
-                    let (o1, o2) = oh.split_at_mut(half);
+                for xh in xrow.chunks_exact_mut(dim) {
+                    let (x1, x2) = xh.split_at_mut(half);
                     for j in 0..half {
-                        o1[j] = x1[j] * c[j] - sign * x2[j] * sn[j];
-                        o2[j] = x2[j] * c[half + j] + sign * x1[j] * sn[half + j];
+                        let (a, b) = (x1[j], x2[j]);
+                        x1[j] = a * c[j] - sign * b * sn[j];
+                        x2[j] = b * c[half + j] + sign * a * sn[half + j];
                     }
                 }
             }
@@ -556,6 +549,57 @@ pub fn cross_entropy_backward(
             }
         },
     );
+}
+
+/// One AdamW step's constants (PyTorch's `AdamW` formula, decoupled weight decay).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `1 − lr × weight_decay` (1 for parameters that don't decay).
+    pub decay: f32,
+    /// Bias corrections `1 − β^t`.
+    pub bc1: f32,
+    pub bc2: f32,
+}
+
+/// AdamW on one parameter, in place: with `g` scaled by `clip`,
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← decay·p − lr · (m / bc1) / (sqrt(v / bc2) + eps)`.
+pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], clip: f32, h: AdamW) {
+    let n = p.len().min(m.len()).min(v.len()).min(g.len());
+    let (p, m, v, g) = (&mut p[..n], &mut m[..n], &mut v[..n], &g[..n]);
+    #[inline(always)]
+    fn step(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], clip: f32, h: AdamW) {
+        for i in 0..p.len() {
+            let gi = g[i] * clip;
+            let mi = m[i] * h.beta1 + gi * (1.0 - h.beta1);
+            let vi = v[i] * h.beta2 + gi * gi * (1.0 - h.beta2);
+            let denom = (vi / h.bc2).sqrt() + h.eps;
+            p[i] = p[i] * h.decay - (mi / h.bc1) / denom * h.lr;
+            m[i] = mi;
+            v[i] = vi;
+        }
+    }
+    if n <= TASK_ELEMENTS {
+        simd(
+            #[inline(always)]
+            || step(p, m, v, g, clip, h),
+        );
+        return;
+    }
+    p.par_chunks_mut(TASK_ELEMENTS)
+        .zip(m.par_chunks_mut(TASK_ELEMENTS))
+        .zip(v.par_chunks_mut(TASK_ELEMENTS))
+        .zip(g.par_chunks(TASK_ELEMENTS))
+        .for_each(|(((p, m), v), g)| {
+            simd(
+                #[inline(always)]
+                || step(p, m, v, g, clip, h),
+            )
+        });
 }
 
 #[cfg(test)]

@@ -181,8 +181,8 @@ fn rope_rotates_and_inverse_rotation_undoes_it() {
                 }
             }
         }
-        let mut y = vec![0f32; n];
-        rope(&x, &cos, &sin, &mut y, seq, heads, dim, false);
+        let mut y = x.clone();
+        rope(&mut y, &cos, &sin, seq, heads, dim, false);
         let half = dim / 2;
         let mut want = Vec::new();
         for (r, row) in x.chunks(heads * dim).enumerate() {
@@ -196,8 +196,8 @@ fn rope_rotates_and_inverse_rotation_undoes_it() {
             }
         }
         assert_close(&y, &want, 1e-6, "rope");
-        let mut back = vec![0f32; n];
-        rope(&y, &cos, &sin, &mut back, seq, heads, dim, true);
+        let mut back = y.clone();
+        rope(&mut back, &cos, &sin, seq, heads, dim, true);
         let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
         assert_close(&back, &x64, 1e-5, "rope inverse");
     }
@@ -257,4 +257,36 @@ fn results_do_not_depend_on_the_thread_count() {
             })
     };
     assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn adamw_matches_the_formula() {
+    for n in [7, 40_000] {
+        let (p0, m0, g) = (values(n, 14, 1.0), values(n, 15, 0.1), values(n, 16, 1.0));
+        let v0: Vec<f32> = values(n, 17, 0.01).iter().map(|x| x.abs()).collect();
+        let h = AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            decay: 1.0 - 1e-3 * 0.1,
+            bc1: 1.0 - 0.9f32.powi(3),
+            bc2: 1.0 - 0.95f32.powi(3),
+        };
+        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+        adamw(&mut p, &mut m, &mut v, &g, 0.5, h);
+        let (mut wp, mut wm, mut wv) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let gi = g[i] as f64 * 0.5;
+            let mi = m0[i] as f64 * 0.9 + gi * 0.1;
+            let vi = v0[i] as f64 * 0.95 + gi * gi * 0.05;
+            let denom = (vi / h.bc2 as f64).sqrt() + 1e-8;
+            wp.push(p0[i] as f64 * h.decay as f64 - (mi / h.bc1 as f64) / denom * 1e-3);
+            wm.push(mi);
+            wv.push(vi);
+        }
+        assert_close(&p, &wp, 1e-6, "adamw p");
+        assert_close(&m, &wm, 1e-6, "adamw m");
+        assert_close(&v, &wv, 1e-6, "adamw v");
+    }
 }

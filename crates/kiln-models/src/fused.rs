@@ -19,7 +19,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
+use burn::backend::tensor::{BoolTensor, FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{
     Backend, Cube, DType, Dispatch, Flex, Shape, Slice, TensorData, TensorMetadata,
     backend_extension,
@@ -107,7 +107,25 @@ pub trait FusedOps: Backend {
     ) -> FloatTensor<Self> {
         composed::cross_entropy_backward::<Self>(logits, targets, weights, grad)
     }
+
+    /// One AdamW update (`kiln_kernels::adamw`'s formula) of a flat parameter `p` with moments
+    /// `m`, `v` and gradient `g` (all `[n]`); `clip` `[1]` scales the gradient; where `apply`
+    /// `[1]` is false, `p`, `m` and `v` come back unchanged. Gives the new `(p, m, v)`.
+    #[allow(clippy::too_many_arguments)]
+    fn kiln_adamw(
+        p: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        apply: BoolTensor<Self>,
+        hyper: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed::adamw::<Self>(p, m, v, g, clip, apply, hyper)
+    }
 }
+
+pub use kiln_kernels::AdamW as AdamWStep;
 
 /// The GPU backends: Burn's operations, merged by its fusion compiler.
 impl FusedOps for Cube {}
@@ -219,6 +237,44 @@ mod composed {
             table(sin)
         };
         B::float_add(B::float_mul(x, table(cos)), B::float_mul(rotated, sin))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw<B: Backend>(
+        p: FloatTensor<B>,
+        m: FloatTensor<B>,
+        v: FloatTensor<B>,
+        g: FloatTensor<B>,
+        clip: FloatTensor<B>,
+        apply: BoolTensor<B>,
+        h: AdamWStep,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let n = p.shape().num_elements();
+        let scalar = |x: f32| -> burn::backend::Scalar { (x as f64).into() };
+        let g = B::float_mul(g, clip);
+        let m1 = B::float_add(
+            B::float_mul_scalar(m.clone(), scalar(h.beta1)),
+            B::float_mul_scalar(g.clone(), scalar(1.0 - h.beta1)),
+        );
+        let v1 = B::float_add(
+            B::float_mul_scalar(v.clone(), scalar(h.beta2)),
+            B::float_mul_scalar(B::float_mul(g.clone(), g), scalar(1.0 - h.beta2)),
+        );
+        let denom = B::float_add_scalar(
+            B::float_sqrt(B::float_div_scalar(v1.clone(), scalar(h.bc2))),
+            scalar(h.eps),
+        );
+        let step = B::float_mul_scalar(
+            B::float_div(B::float_div_scalar(m1.clone(), scalar(h.bc1)), denom),
+            scalar(h.lr),
+        );
+        let p1 = B::float_sub(B::float_mul_scalar(p.clone(), scalar(h.decay)), step);
+        let skip = B::bool_expand(B::bool_not(apply), Shape::new([n]));
+        (
+            B::float_mask_where(p1, skip.clone(), p),
+            B::float_mask_where(m1, skip.clone(), m),
+            B::float_mask_where(v1, skip, v),
+        )
     }
 
     fn target_index<B: Backend>(targets: IntTensor<B>) -> IntTensor<B> {
@@ -427,18 +483,17 @@ impl FusedOps for Flex {
         if !cpu::is_f32(&[&x, &cos, &sin]) || !fits {
             return composed::rope::<Self>(x, cos, sin, inverse);
         }
-        let mut out = vec![0f32; dims.num_elements()];
+        let mut y = cpu::owned(x);
         kiln_kernels::rope(
-            &cpu::values(&x),
+            y.storage_mut::<f32>(),
             &cpu::values(&cos),
             &cpu::values(&sin),
-            &mut out,
             dims[1],
             dims[2],
             dims[3],
             inverse,
         );
-        cpu::tensor(out, dims)
+        y
     }
 
     fn kiln_cross_entropy(
@@ -487,6 +542,54 @@ impl FusedOps for Flex {
         );
         g
     }
+
+    fn kiln_adamw(
+        p: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        g: FlexTensor,
+        clip: FlexTensor,
+        apply: FlexTensor,
+        hyper: AdamWStep,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        flex_adamw(p, m, v, g, clip, apply, hyper)
+    }
+}
+
+/// [`FusedOps::kiln_adamw`] on Flex.
+fn flex_adamw(
+    p: FlexTensor,
+    m: FlexTensor,
+    v: FlexTensor,
+    g: FlexTensor,
+    clip: FlexTensor,
+    apply: FlexTensor,
+    hyper: AdamWStep,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let n = p.layout().num_elements();
+    let fits = cpu::is_f32(&[&p, &m, &v, &g, &clip])
+        && [&m, &v, &g].iter().all(|t| t.layout().num_elements() == n)
+        && clip.layout().num_elements() == 1
+        && apply.layout().num_elements() == 1
+        && matches!(apply.dtype(), DType::Bool(_));
+    if !fits {
+        return composed::adamw::<Flex>(p, m, v, g, clip, apply, hyper);
+    }
+    // The flag and the clip factor are on the host already: reading them costs nothing.
+    if apply.to_contiguous().bytes().first().copied().unwrap_or(0) == 0 {
+        return (p, m, v);
+    }
+    let clip = cpu::values(&clip)[0];
+    let (mut p, mut m, mut v) = (cpu::owned(p), cpu::owned(m), cpu::owned(v));
+    kiln_kernels::adamw(
+        p.storage_mut::<f32>(),
+        m.storage_mut::<f32>(),
+        v.storage_mut::<f32>(),
+        &cpu::values(&g),
+        clip,
+        hyper,
+    );
+    (p, m, v)
 }
 
 /// Registers a gradient for a parent node when it is tracked.
@@ -723,6 +826,32 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, weights: Tensor
         targets.into_dispatch(),
         weights.into_dispatch(),
     ))
+}
+
+/// One AdamW update of the flat parameter `p` (see [`FusedOps::kiln_adamw`]): the new
+/// `(p, m, v)`. Where `apply` is false they come back unchanged.
+pub fn adamw(
+    p: Tensor<1>,
+    (m, v): (Tensor<1>, Tensor<1>),
+    g: Tensor<1>,
+    clip: Tensor<1>,
+    apply: Tensor<1, Bool>,
+    hyper: AdamWStep,
+) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
+    let (p, m, v) = <Dispatch as FusedOps>::kiln_adamw(
+        p.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        g.into_dispatch(),
+        clip.into_dispatch(),
+        apply.into_dispatch(),
+        hyper,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
 }
 
 /// The same formulas with Burn's tensor API (its autodiff derives the backward), for tests.

@@ -14,6 +14,7 @@ mod progress;
 pub mod setup;
 pub mod signals;
 pub mod step;
+pub mod threads;
 pub mod trainer;
 
 pub use error::TrainError;

@@ -5,6 +5,7 @@
 
 use burn::prelude::*;
 use kiln_config::{OptimConfig, ScheduleKind};
+use kiln_models::fused::{self, AdamWStep};
 use kiln_models::safetensors_io::HostTensor;
 use kiln_models::{LlamaModel, ParamKind, ParamMapper, ParamVisitor};
 use std::collections::{BTreeMap, HashMap};
@@ -127,8 +128,9 @@ impl AdamW {
             opt: &'a mut AdamW,
             grads: HashMap<String, Tensor<1>>,
             lr: f64,
-            clip: Option<Tensor<1>>,
-            skip: Tensor<1, Bool>,
+            /// The gradients' factor (1 without clipping).
+            clip: Tensor<1>,
+            apply: Tensor<1, Bool>,
         }
         impl ParamMapper for Update<'_> {
             fn map<const D: usize>(
@@ -144,32 +146,34 @@ impl AdamW {
                 let autodiff = p.is_autodiff();
                 let n = shape.num_elements();
                 let flat = p.detach().without_autodiff().reshape([n]);
-                let g = match &self.clip {
-                    Some(c) => g * c.clone(),
-                    None => g,
-                };
                 let o = &mut *self.opt;
                 let (m, v) = match o.state.remove(name) {
                     Some(mv) => mv,
                     None => (g.zeros_like(), g.zeros_like()),
                 };
-                // What a skipped update leaves in place.
-                let (p0, m0, v0) = (flat.clone(), m.clone(), v.clone());
-                let m = m * o.beta1 + g.clone() * (1.0 - o.beta1);
-                let v = v * o.beta2 + g.square() * (1.0 - o.beta2);
-                let bc1 = 1.0 - o.beta1.powi(o.t as i32);
-                let bc2 = 1.0 - o.beta2.powi(o.t as i32);
-                let denom = (v.clone() / bc2).sqrt() + o.eps;
-                let decayed = if kind.decays() && o.weight_decay > 0.0 {
-                    flat * (1.0 - self.lr * o.weight_decay)
+                let decay = if kind.decays() && o.weight_decay > 0.0 {
+                    1.0 - self.lr * o.weight_decay
                 } else {
-                    flat
+                    1.0
                 };
-                let skip = self.skip.clone().expand([n]);
-                let updated =
-                    (decayed - (m.clone() / bc1) / denom * self.lr).mask_where(skip.clone(), p0);
-                let m = m.mask_where(skip.clone(), m0);
-                let v = v.mask_where(skip, v0);
+                let hyper = AdamWStep {
+                    lr: self.lr as f32,
+                    beta1: o.beta1 as f32,
+                    beta2: o.beta2 as f32,
+                    eps: o.eps as f32,
+                    decay: decay as f32,
+                    bc1: (1.0 - o.beta1.powi(o.t as i32)) as f32,
+                    bc2: (1.0 - o.beta2.powi(o.t as i32)) as f32,
+                };
+                // One fused pass; a skipped update leaves all three as they were.
+                let (updated, m, v) = fused::adamw(
+                    flat,
+                    (m, v),
+                    g,
+                    self.clip.clone(),
+                    self.apply.clone(),
+                    hyper,
+                );
                 o.state.insert(name.to_string(), (m, v));
                 let p = updated.reshape(shape);
                 if autodiff {
@@ -183,8 +187,9 @@ impl AdamW {
             opt: self,
             grads: grads.grads,
             lr,
-            clip: clip_coef,
-            skip: apply.bool_not(),
+            clip: clip_coef
+                .unwrap_or_else(|| Tensor::ones([1], &model.device().without_autodiff())),
+            apply,
         };
         model.map_params(&mut update)
     }
