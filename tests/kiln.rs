@@ -884,7 +884,7 @@ fn parse_printed_size(text: &str) -> f64 {
 fn auto_checkpointing_fits_a_budget_below_the_no_recompute_need() {
     let (dir, corpus) = scratch("budget");
     let out = dir.path().join("runs");
-    let budget = 160u64 << 20;
+    let budget = 120u64 << 20;
     let overrides = [
         "model.hidden_size=128",
         "model.num_hidden_layers=6",
@@ -896,7 +896,7 @@ fn auto_checkpointing_fits_a_budget_below_the_no_recompute_need() {
         "train.save_every=0",
         "logging.log_every=1",
         "memory.checkpointing=auto",
-        "memory.budget=160MiB",
+        "memory.budget=120MiB",
     ];
     let config = write_tiny_config(dir.path(), &out, &corpus, "budget", &overrides);
     let plan = kiln(&[

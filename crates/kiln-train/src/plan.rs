@@ -40,17 +40,21 @@ pub struct Estimate {
 }
 
 /// f32 elements the tape keeps per token of one block, per unit of each width, and per attention
-/// score (softmax output and the buffers of its backward), fitted to Flex's measured peaks.
+/// score, fitted to Flex's measured peaks with kiln's fused operations (`kiln_models::fused`):
+/// per block the two RMSNorms' inputs and outputs and the residual gradient in flight (hidden),
+/// the scaled queries and the attention output (q), the rotated keys and the values (kv), the
+/// SwiGLU's gate, up and product (ffn), the softmax output (score; its backward works in place).
 const PER_HIDDEN: f64 = 5.0;
-const PER_Q: f64 = 4.0;
+const PER_Q: f64 = 2.0;
 const PER_KV: f64 = 2.0;
-const PER_FFN: f64 = 4.0;
-const PER_SCORE: f64 = 3.0;
+const PER_FFN: f64 = 3.0;
+const PER_SCORE: f64 = 1.0;
 /// With dropout: the masks of the attention probabilities and of the residual branches.
 const PER_SCORE_DROPOUT: f64 = 1.0;
 const PER_HIDDEN_DROPOUT: f64 = 1.0;
-/// Logit-sized f32 buffers alive at once in a loss chunk (logits, log-softmax, their gradient).
-const PER_LOGIT: f64 = 3.0;
+/// Logit-sized f32 buffers alive at once in a loss chunk: the logits, whose gradient the fused
+/// cross-entropy writes in place, and the output projection's transients.
+const PER_LOGIT: f64 = 1.5;
 /// What a process holds besides tensors: the program, its libraries, the allocator's slack.
 pub const CPU_OVERHEAD: u64 = 32 << 20;
 /// On GPUs the measure is the memory pool's reserved bytes: page slack over the tensors came to
