@@ -42,7 +42,8 @@ for name, v in (("data: batches, RoPE tables and masks", data), ("forward (taped
     print(f"  {100 * v / max(step, 1e-9):5.1f}%  {name}")
 kinds = [
     ("matmul (gemm micro-kernels and packing)", r"^gemm|gemm_common|gemm_f32"),
-    ("exp (libm: softmax, SiLU, log-softmax)", r"expf|xflowf|__exp"),
+    ("exp from libm (scalar)", r"expf|xflowf|__exp"),
+    ("kiln fused kernels (RMSNorm, RoPE, softmax, SwiGLU, cross-entropy, AdamW)", r"^kiln_kernels"),
     ("other element-wise kernels (Flex, SIMD)", r"^burn_flex::(ops|zip|simd)|macerator"),
     ("memory copies and fills", r"memmove|memcpy|memset|copy_2d|copy_nd"),
     ("allocator and page faults", r"malloc|free|_int_|clear_page|page_fault|do_anonymous|mmap|munmap"),
