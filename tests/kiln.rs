@@ -675,6 +675,65 @@ fn fused_ops_match_burn_compositions_in_values_and_gradients() {
     check_fused_ops(&lavapipe.device, "wgpu");
 }
 
+/// Training in bf16 and f16 (f32 master weights) follows f32 training closely, writes f32
+/// checkpoints, and a device without the type refuses it by name (bf16 in WGSL); f16 trains on
+/// lavapipe too.
+#[test]
+fn half_precision_training_follows_f32_with_f32_master_weights() {
+    let (dir, corpus) = scratch("dtype");
+    let out = dir.path().join("runs");
+    let run = |name: &str, extra: &[&str]| {
+        let mut o = vec![
+            "train.max_steps=6",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "logging.histograms_every=0",
+        ];
+        o.extend_from_slice(extra);
+        train(&tiny_config(&out, &corpus, name, &o), &quiet())
+    };
+    let f32_run = run("f32", &[]).unwrap();
+    let reference = f32_run.final_train_loss.unwrap();
+    for dtype in ["bf16", "f16"] {
+        let r = run(dtype, &[&format!("train.dtype={dtype}")]).unwrap();
+        let loss = r.final_train_loss.unwrap();
+        assert!(
+            (loss - reference).abs() <= 0.02 * reference,
+            "{dtype}: loss {loss} against f32 {reference}"
+        );
+        let weights = r.last_checkpoint.unwrap().join("model.safetensors");
+        let bytes = std::fs::read(&weights).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        for (name, t) in header.as_object().unwrap() {
+            if name != "__metadata__" {
+                assert_eq!(
+                    t["dtype"],
+                    "F32",
+                    "{dtype}: {name} in {}",
+                    weights.display()
+                );
+            }
+        }
+    }
+    let software = kiln::train::device::list_adapters()
+        .into_iter()
+        .any(|a| a.software);
+    if !software {
+        eprintln!("SKIPPED the wgpu half: no software Vulkan adapter");
+        return;
+    }
+    let wgpu = ["backend.kind=wgpu", "backend.adapter=software"];
+    let err = run("bf16-wgpu", &[wgpu[0], wgpu[1], "train.dtype=bf16"]).unwrap_err();
+    assert!(err.to_string().contains("train.dtype: bf16"), "{err}");
+    let r = run(
+        "f16-wgpu",
+        &[wgpu[0], wgpu[1], "train.dtype=f16", "train.max_steps=2"],
+    )
+    .unwrap();
+    assert!(r.final_train_loss.unwrap().is_finite());
+}
+
 /// Loss and gradients of one micro-batch computed with `shape` (plain, chunked loss, block
 /// recompute), with dropout `p` on blocks and `lora_p` on LoRA inputs.
 fn grads_with(
@@ -784,6 +843,7 @@ fn check_recompute_gradients(
     let plain = StepShape {
         recompute_every: None,
         loss_chunk: usize::MAX,
+        dtype: burn::tensor::FloatDType::F32,
     };
     for &packed in packed_rows {
         let batch = random_batch(61, 3, 12, packed);
@@ -792,6 +852,7 @@ fn check_recompute_gradients(
             let shape = StepShape {
                 recompute_every: every,
                 loss_chunk: chunk,
+                dtype: burn::tensor::FloatDType::F32,
             };
             let got = grads_with(&model, &batch, 0.1, 0.0, shape);
             assert_grads_close(
@@ -844,6 +905,7 @@ fn check_recompute_gradients(
         let shape = StepShape {
             recompute_every: every,
             loss_chunk: chunk,
+            dtype: burn::tensor::FloatDType::F32,
         };
         let got = grads_with(&model, &batch, 0.1, 0.1, shape);
         assert_grads_close(&format!("LoRA {shape:?}"), &reference, &got, 1e-5);

@@ -6,10 +6,29 @@ use crate::lora::LoraAdapter;
 use crate::params::{ParamKind, ParamMapper, ParamVisitor};
 use crate::safetensors_io::HostTensor;
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 use kiln_data::{Batch, Rng};
 use std::collections::BTreeMap;
 
 pub use kiln_formats::config::{Llama3RopeScaling, LlamaConfig};
+
+/// `t` as `dtype` (no operation when it already is).
+pub fn to_dtype<const D: usize>(t: Tensor<D>, dtype: FloatDType) -> Tensor<D> {
+    if FloatDType::from(t.dtype()) == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
+/// The float type of `t`.
+pub fn float_dtype<const D: usize>(t: &Tensor<D>) -> FloatDType {
+    match t.dtype() {
+        DType::BF16 => FloatDType::BF16,
+        DType::F16 => FloatDType::F16,
+        _ => FloatDType::F32,
+    }
+}
 
 /// `x W + b` with `W` held as `[in, out]`.
 #[derive(Debug, Clone)]
@@ -82,7 +101,13 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        fused::rms_norm(x, self.weight.clone(), self.eps)
+        // In half precision the statistics are taken in f32 (as transformers does).
+        let dtype = float_dtype(&x);
+        if dtype == FloatDType::F32 {
+            return fused::rms_norm(x, self.weight.clone(), self.eps);
+        }
+        let w = to_dtype(self.weight.clone(), FloatDType::F32);
+        to_dtype(fused::rms_norm(x.cast(FloatDType::F32), w, self.eps), dtype)
     }
 }
 
@@ -143,7 +168,8 @@ impl Dropout {
             })
             .collect();
         let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &x.device());
-        x * mask
+        let dtype = float_dtype(&x);
+        x * to_dtype(mask, dtype)
     }
 }
 
@@ -385,6 +411,12 @@ impl LlamaModel {
         }
     }
 
+    /// A rotary table in the model's float type.
+    fn table(&self, values: Vec<f32>, shape: [usize; 3], device: &Device) -> Tensor<3> {
+        let t = Tensor::from_data(TensorData::new(values, shape), device);
+        to_dtype(t, float_dtype(&self.embed_tokens))
+    }
+
     pub fn device(&self) -> Device {
         self.embed_tokens.device()
     }
@@ -421,8 +453,8 @@ impl LlamaModel {
             }
         }
         ForwardConsts {
-            cos: Tensor::from_data(TensorData::new(cos, [1, n, hd]), &device),
-            sin: Tensor::from_data(TensorData::new(sin, [1, n, hd]), &device),
+            cos: self.table(cos, [1, n, hd], &device),
+            sin: self.table(sin, [1, n, hd], &device),
             causal_bias: Tensor::from_data(TensorData::new(bias, [1, 1, n, total]), &device),
             batch: 1,
             seq: n,
@@ -476,7 +508,13 @@ impl LlamaModel {
         // multiplications (and a cheaper forward to recompute).
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q * scale).matmul(k.swap_dims(2, 3));
-        let mut probs = fused::softmax_bias(scores, consts.causal_bias.clone());
+        // The softmax (and its mask) in f32 whatever the compute type, as transformers does.
+        let dtype = float_dtype(&scores);
+        let scores = to_dtype(scores, FloatDType::F32);
+        let mut probs = to_dtype(
+            fused::softmax_bias(scores, consts.causal_bias.clone()),
+            dtype,
+        );
         if let Some(d) = dropout.as_mut() {
             probs = d.apply(probs);
         }
@@ -591,6 +629,8 @@ impl LlamaModel {
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
         let weights = mask.map_or_else(|| vec![1.0; n], <[f32]>::to_vec);
         let weights = Tensor::<1>::from_data(TensorData::new(weights, [n]), &device);
+        // The loss in f32 whatever the compute type.
+        let logits = to_dtype(logits, FloatDType::F32);
         fused::cross_entropy(logits, idx, weights).sum().neg()
     }
 
@@ -633,8 +673,8 @@ impl LlamaModel {
             }
         }
         ForwardConsts {
-            cos: Tensor::from_data(TensorData::new(cos, [batch, seq, hd]), &device),
-            sin: Tensor::from_data(TensorData::new(sin, [batch, seq, hd]), &device),
+            cos: self.table(cos, [batch, seq, hd], &device),
+            sin: self.table(sin, [batch, seq, hd], &device),
             causal_bias: Tensor::from_data(TensorData::new(bias, [batch, 1, seq, seq]), &device),
             batch,
             seq,

@@ -42,6 +42,7 @@ pub struct BenchReport {
 pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport, TrainError> {
     let start = Instant::now();
     let selected = device::select(&config.backend)?;
+    device::check_dtype(&selected, config.train.dtype)?;
     let (base, setup) = crate::setup::setup(
         config,
         &selected.device,

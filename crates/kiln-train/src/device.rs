@@ -287,3 +287,30 @@ pub fn device_memory_reserved(device: &Device) -> Option<u64> {
 pub fn device_memory_in_use(device: &Device) -> Option<u64> {
     device.memory_pool_usage().map(|u| u.bytes_in_use)
 }
+
+/// Refuses a `train.dtype` the device can't compute in (bf16 in WGSL, for one).
+pub fn check_dtype(
+    selected: &SelectedDevice,
+    dtype: kiln_config::ComputeDtype,
+) -> Result<(), TrainError> {
+    let float = crate::trainer::compute_dtype(dtype);
+    if float == burn::tensor::FloatDType::F32 {
+        return Ok(());
+    }
+    let name = match dtype {
+        kiln_config::ComputeDtype::Bf16 => "bf16",
+        _ => "f16",
+    };
+    if selected
+        .device
+        .supports_dtype(burn::tensor::DType::from(float))
+    {
+        Ok(())
+    } else {
+        Err(TrainError::Device(format!(
+            "train.dtype: {name} is not supported on {} (use f32{})",
+            selected.description,
+            if name == "bf16" { ", or f16" } else { "" }
+        )))
+    }
+}

@@ -16,9 +16,11 @@
 use crate::inference::inference_view;
 use crate::optim::GradAccumulator;
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use kiln_data::Batch;
-use kiln_models::LlamaModel;
 use kiln_models::llama::Dropout;
+use kiln_models::llama::to_dtype;
+use kiln_models::{LlamaModel, ParamKind, ParamMapper};
 
 /// How one micro-batch is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +29,8 @@ pub struct StepShape {
     pub recompute_every: Option<usize>,
     /// Positions per chunk of the output projection and loss.
     pub loss_chunk: usize,
+    /// The float type of the forward and backward (`train.dtype`); parameters stay as they are.
+    pub dtype: FloatDType,
 }
 
 /// Logit elements one loss chunk may hold when `memory.loss_chunk` is 0 (32 Mi: 128 MiB in f32).
@@ -41,6 +45,7 @@ impl StepShape {
         Self {
             recompute_every,
             loss_chunk,
+            dtype: FloatDType::F32,
         }
     }
 }
@@ -48,18 +53,29 @@ impl StepShape {
 /// Forward and backward of `batch`: adds `scale ×` the gradients into `grads` and returns the
 /// batch's mean loss (detached, off the tape).
 pub fn forward_backward(
-    model: &LlamaModel,
+    master: &LlamaModel,
     batch: &Batch,
     dropout: &mut Option<Dropout>,
     shape: StepShape,
     grads: &mut GradAccumulator,
     scale: f64,
 ) -> Tensor<1> {
+    // In half precision the step runs on a cast of the (f32) parameters; the casts are on the
+    // tape, so gradients arrive at the f32 leaves. f16 scales the loss before backward so that
+    // small gradients don't flush to zero, and the accumulator unscales them in f32.
+    let compute = compute_view(master, shape.dtype);
+    let model = &compute;
+    let loss_scale = loss_scale(shape.dtype);
+    let head = HeadScale {
+        loss: loss_scale,
+        grads: scale / loss_scale,
+    };
+    let scale = head.grads;
     let rows = batch.batch_size * batch.seq_len;
     if shape.recompute_every.is_none() && rows <= shape.loss_chunk {
         let loss = model.loss(batch, dropout);
-        let g = loss.backward();
-        grads.add(model, &g, scale);
+        let g = (loss.clone() * head.loss).backward();
+        grads.add(master, &g, scale);
         return loss.detach().without_autodiff();
     }
     let consts = model.consts_for(batch);
@@ -70,8 +86,9 @@ pub fn forward_backward(
             for i in 0..model.layers.len() {
                 h = model.block(i, h, &consts, dropout, None);
             }
-            let (loss, grad_h) = head_backward(model, &h, batch, shape.loss_chunk, grads, scale);
-            backprop_into(h, grad_h, model, grads, scale);
+            let (loss, grad_h) =
+                head_backward(model, master, &h, batch, shape.loss_chunk, grads, head);
+            backprop_into(h, grad_h, master, grads, scale);
             loss
         }
         Some(k) => {
@@ -98,8 +115,8 @@ pub fn forward_backward(
                 out = model.block(i, out, &consts, dropout, None);
             }
             let (loss, grad_out) =
-                head_backward(model, &out, batch, shape.loss_chunk, grads, scale);
-            let mut grad_h = span_backward(out, grad_out, &last_input, model, grads, scale);
+                head_backward(model, master, &out, batch, shape.loss_chunk, grads, head);
+            let mut grad_h = span_backward(out, grad_out, &last_input, master, grads, scale);
             for &(a, b) in rest.iter().rev() {
                 let (input, mut replay) = saved.pop().expect("one saved input per span");
                 let input = input.autodiff().require_grad();
@@ -107,11 +124,44 @@ pub fn forward_backward(
                 for i in a..b {
                     out = model.block(i, out, &consts, &mut replay, None);
                 }
-                grad_h = span_backward(out, grad_h, &input, model, grads, scale);
+                grad_h = span_backward(out, grad_h, &input, master, grads, scale);
             }
-            backprop_into(x0, grad_h, model, grads, scale);
+            backprop_into(x0, grad_h, master, grads, scale);
             loss
         }
+    }
+}
+
+/// The factor on the loss before backward, and the one on the gradients it gives.
+#[derive(Debug, Clone, Copy)]
+struct HeadScale {
+    loss: f64,
+    grads: f64,
+}
+
+/// The factor on the loss before backward in `dtype`: 1024 for f16 (whose smallest normal is
+/// 6e-5, under many gradients), 1 otherwise (bf16 has f32's exponent range).
+pub fn loss_scale(dtype: FloatDType) -> f64 {
+    if dtype == FloatDType::F16 {
+        1024.0
+    } else {
+        1.0
+    }
+}
+
+/// `model`'s parameters cast to `dtype` (on the tape, for tracked ones), or `model` itself in
+/// its own type.
+pub fn compute_view(model: &LlamaModel, dtype: FloatDType) -> LlamaModel {
+    struct Cast(FloatDType);
+    impl ParamMapper for Cast {
+        fn map<const D: usize>(&mut self, _: &str, _: ParamKind, p: Tensor<D>) -> Tensor<D> {
+            to_dtype(p, self.0)
+        }
+    }
+    if dtype == FloatDType::F32 {
+        model.clone()
+    } else {
+        model.clone().map_params(&mut Cast(dtype))
     }
 }
 
@@ -151,11 +201,12 @@ fn backprop_into(
 /// the gradient of the loss with respect to `h` (both off the tape).
 fn head_backward(
     model: &LlamaModel,
+    master: &LlamaModel,
     h: &Tensor<2>,
     batch: &Batch,
     chunk: usize,
     grads: &mut GradAccumulator,
-    scale: f64,
+    scale: HeadScale,
 ) -> (Tensor<1>, Tensor<2>) {
     let h = h.clone().without_autodiff();
     let [rows, _] = h.dims();
@@ -179,8 +230,8 @@ fn head_backward(
             mask.map(|m| &m[start..end]),
         );
         let l = sum.div_scalar(count as f64).neg();
-        let g = l.backward();
-        grads.add(model, &g, scale);
+        let g = (l.clone() * scale.loss).backward();
+        grads.add(master, &g, scale.grads);
         grad_parts.push(
             part.grad(&g)
                 .unwrap_or_else(|| part.clone().without_autodiff().zeros_like()),

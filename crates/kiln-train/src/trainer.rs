@@ -175,11 +175,24 @@ impl SkipCounter {
 
 /// How micro-batches are computed under a memory plan.
 pub fn step_shape(config: &Config, model: &LlamaModel, plan: &Plan) -> StepShape {
-    StepShape::new(
-        plan.recompute_every,
-        config.memory.loss_chunk,
-        model.config.vocab_size,
-    )
+    StepShape {
+        dtype: compute_dtype(config.train.dtype),
+        ..StepShape::new(
+            plan.recompute_every,
+            config.memory.loss_chunk,
+            model.config.vocab_size,
+        )
+    }
+}
+
+/// Burn's float type for `train.dtype`.
+pub fn compute_dtype(dtype: kiln_config::ComputeDtype) -> burn::tensor::FloatDType {
+    use burn::tensor::FloatDType;
+    match dtype {
+        kiln_config::ComputeDtype::F32 => FloatDType::F32,
+        kiln_config::ComputeDtype::Bf16 => FloatDType::BF16,
+        kiln_config::ComputeDtype::F16 => FloatDType::F16,
+    }
 }
 
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
@@ -295,6 +308,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     };
 
     let selected: SelectedDevice = device::select(&config.backend)?;
+    device::check_dtype(&selected, config.train.dtype)?;
     let progress_quiet = options.quiet;
     let say = |line: &str| {
         if !progress_quiet {
