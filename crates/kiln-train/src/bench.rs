@@ -53,6 +53,9 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
+    if lora_only {
+        model = crate::step::frozen_to(model, crate::trainer::compute_dtype(config.train.dtype));
+    }
     let plan = crate::plan::plan_run(config, &selected, &model, Default::default())?;
     let resolved = crate::plan::resolve(config, &plan);
     let config = &resolved;

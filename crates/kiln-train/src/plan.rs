@@ -106,8 +106,14 @@ pub fn estimate(m: &LlamaConfig, w: &Workload, every: Option<usize>, overhead: u
     };
     let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
     let logits = (4.0 * PER_LOGIT * rows * m.vocab_size as f64) as u64;
-    // In half precision each step casts the f32 weights: a half-size copy during the step.
-    let weights = 4 * w.total + if w.half { 2 * w.total } else { 0 };
+    // In half precision each step casts the f32 trainable weights (a half-size copy during the
+    // step), and frozen weights (a LoRA base model) are held in the half type.
+    let frozen = w.total.saturating_sub(w.trainable);
+    let weights = if w.half {
+        6 * w.trainable + 2 * frozen
+    } else {
+        4 * w.total
+    };
     let gradients = 2 * 4 * w.trainable;
     let optimizer = 2 * 4 * w.trainable;
     Estimate {

@@ -165,6 +165,26 @@ pub fn compute_view(model: &LlamaModel, dtype: FloatDType) -> LlamaModel {
     }
 }
 
+/// `model` with its frozen parameters (all but LoRA's adapters) held in `dtype`: a LoRA run in
+/// half precision keeps its base model in the half type, as mlx-lm does, instead of an f32 copy
+/// cast at every step. A no-op in f32.
+pub fn frozen_to(model: LlamaModel, dtype: FloatDType) -> LlamaModel {
+    struct Frozen(FloatDType);
+    impl ParamMapper for Frozen {
+        fn map<const D: usize>(&mut self, _: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
+            match kind {
+                ParamKind::LoraA | ParamKind::LoraB => p,
+                _ => to_dtype(p, self.0),
+            }
+        }
+    }
+    if dtype == FloatDType::F32 {
+        model
+    } else {
+        model.map_params(&mut Frozen(dtype))
+    }
+}
+
 /// Backpropagates `grad_out` through a taped span from `input` to `out`: adds the span's parameter
 /// gradients and returns the gradient with respect to `input`.
 fn span_backward(

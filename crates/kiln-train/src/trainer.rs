@@ -327,6 +327,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     )?;
     let lora_only = matches!(setup.method, Method::Lora { .. });
     let mut model = lora::set_trainable(base, &train_device, lora_only);
+    if lora_only {
+        model = step::frozen_to(model, compute_dtype(config.train.dtype));
+    }
     // A resumed run keeps the micro-batch it started with (the data order depends on it).
     let resumed = match &resume_from {
         Some(dir) => {
@@ -618,7 +621,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             && interrupted.is_none();
         let mut new_best = false;
         if eval_due {
-            let view = inference::inference_view(&model);
+            // In the compute type: a LoRA base model may be held in it.
+            let view = step::compute_view(&inference::inference_view(&model), shape.dtype);
             let val = inference::mean_loss(
                 &view,
                 setup
