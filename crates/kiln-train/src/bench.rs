@@ -61,6 +61,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let config = &resolved;
     let shape = crate::trainer::step_shape(config, &model, &plan);
     let mut optimizer = AdamW::new(&config.optim);
+    let mut prefetch = crate::trainer::Prefetched::default();
     memory::release_free_memory();
     let rss_before_steps = memory::current_rss();
     let peak_setup = memory::peak_rss();
@@ -89,6 +90,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
             step as u64 * accum,
             lr,
             shape,
+            &mut prefetch,
         );
         model = next;
         let tokens = out.tokens;

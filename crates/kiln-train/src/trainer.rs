@@ -195,8 +195,34 @@ pub fn compute_dtype(dtype: kiln_config::ComputeDtype) -> burn::tensor::FloatDTy
     }
 }
 
+/// The next micro-batch, built while the previous one was computed.
+#[derive(Default)]
+pub struct Prefetched(Option<(u64, kiln_data::Batch)>);
+
+impl Prefetched {
+    /// Micro-batch `index`: the one built ahead if it is that one, else built now.
+    fn take(
+        &mut self,
+        data: &TrainData,
+        seed: u64,
+        index: u64,
+        bs: usize,
+        seq: usize,
+    ) -> kiln_data::Batch {
+        match self.0.take() {
+            Some((i, batch)) if i == index => batch,
+            _ => data.train_batch(seed, index, bs, seq),
+        }
+    }
+}
+
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
 /// gradients averaged, clipped to the global norm, one AdamW update at `lr`.
+///
+/// Each micro-batch's forward and backward runs while the next micro-batch (of this step or the
+/// next) is built beside it on the thread pool, kept in `prefetch`: data preparation is off the
+/// critical path. Batches are a function of their index, so this changes no result.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: LlamaModel,
     optimizer: &mut AdamW,
@@ -205,6 +231,7 @@ pub fn train_step(
     first_micro: u64,
     lr: f64,
     shape: StepShape,
+    prefetch: &mut Prefetched,
 ) -> (LlamaModel, StepOutput) {
     let (bs, seq, accum) = (
         config.train.batch_size.get(),
@@ -223,21 +250,27 @@ pub fn train_step(
     let mut loss_sum: Option<Tensor<1>> = None;
     let mut tokens = 0;
     for index in first_micro..first_micro + accum as u64 {
-        let batch = data.train_batch(seed, index, bs, seq);
+        let batch = prefetch.take(data, seed, index, bs, seq);
         tokens += batch.batch_size * batch.seq_len;
         let mut dropout = (dropout_p > 0.0 || lora_p > 0.0).then(|| Dropout {
             p: dropout_p,
             lora_p,
             rng: Rng::stream(seed, DROPOUT_PURPOSE, index),
         });
-        let l = step::forward_backward(
-            &model,
-            &batch,
-            &mut dropout,
-            shape,
-            &mut grads,
-            1.0 / accum as f64,
+        let (l, next) = rayon::join(
+            || {
+                step::forward_backward(
+                    &model,
+                    &batch,
+                    &mut dropout,
+                    shape,
+                    &mut grads,
+                    1.0 / accum as f64,
+                )
+            },
+            || data.train_batch(seed, index + 1, bs, seq),
         );
+        prefetch.0 = Some((index + 1, next));
         loss_sum = Some(match loss_sum {
             Some(s) => s + l,
             None => l,
@@ -481,6 +514,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     memory::reset_peak();
     let mut first_step_secs = None;
     let mut skips = SkipCounter::new(&device);
+    let mut prefetch = Prefetched::default();
     let (mut skips_reported, mut checked_through) = (0usize, state.step);
     while state.step < last_step {
         let step = state.step + 1;
@@ -493,6 +527,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             state.micro_batches,
             lr,
             shape,
+            &mut prefetch,
         );
         model = next;
         state.micro_batches += accum as u64;
