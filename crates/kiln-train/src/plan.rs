@@ -60,7 +60,8 @@ const PER_LOGIT: f64 = 1.5;
 /// Bytes per taped element in half precision (see [`block_activation_bytes`]): per token element,
 /// and per attention score (the softmax runs in f32; its output is kept in f32 and in the half
 /// type). Fitted on Flex in bf16: the small and the 12-block shapes of `bench/memory.sh` came to
-/// -3.4% and -1.3% of their measured peaks.
+/// -2.2% and -1.3% of their measured peaks (LoRA on SmolLM2-135M in bf16: -11%, see
+/// docs/PERFORMANCE.md).
 const HALF_TOKEN_BYTES: f64 = 2.0;
 const HALF_SCORE_BYTES: f64 = 5.0;
 /// What a process holds besides tensors: the program, its libraries, the allocator's slack.
@@ -105,7 +106,14 @@ pub fn estimate(m: &LlamaConfig, w: &Workload, every: Option<usize>, overhead: u
         }
     };
     let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
-    let logits = (4.0 * PER_LOGIT * rows * m.vocab_size as f64) as u64;
+    let mut logits = (4.0 * PER_LOGIT * rows * m.vocab_size as f64) as u64;
+    if w.half {
+        // The half-type logits beside their f32 copy, and the output projection's weight widened
+        // to f32 for the matmul where the backend multiplies half precision through f32 (Flex):
+        // without these a LoRA run in bf16 measured 18% over the estimate.
+        logits +=
+            (2.0 * rows * m.vocab_size as f64) as u64 + 4 * (m.vocab_size * m.hidden_size) as u64;
+    }
     // In half precision each step casts the f32 trainable weights (a half-size copy during the
     // step), and frozen weights (a LoRA base model) are held in the half type.
     let frozen = w.total.saturating_sub(w.trainable);
