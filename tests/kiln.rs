@@ -377,15 +377,33 @@ fn tensorboard_reader_finds_every_logged_scalar() {
     assert!(ckpt.join("tokenizer.json").is_file() && tokenizer.vocab_size() <= 300);
 }
 
-#[test]
-fn wgpu_on_lavapipe_matches_cpu() {
-    let software = kiln::train::device::list_adapters()
+/// Whether a software Vulkan adapter (lavapipe) is present; prints why `what` is skipped if not.
+fn software_vulkan(what: &str) -> bool {
+    let found = kiln::train::device::list_adapters()
         .into_iter()
         .any(|a| a.software);
-    if !software {
+    if !found {
         eprintln!(
-            "SKIPPED wgpu_on_lavapipe_matches_cpu: no software Vulkan adapter (apt-get install mesa-vulkan-drivers)"
+            "SKIPPED {what}: no software Vulkan adapter (apt-get install mesa-vulkan-drivers)"
         );
+    }
+    found
+}
+
+/// The wgpu device on the software Vulkan adapter.
+fn lavapipe() -> burn::tensor::Device {
+    kiln::train::device::select(&kiln::config::BackendConfig {
+        kind: kiln::config::BackendKind::Wgpu,
+        adapter: kiln::config::AdapterChoice::Software,
+        ..Default::default()
+    })
+    .unwrap()
+    .device
+}
+
+#[test]
+fn wgpu_on_lavapipe_matches_cpu() {
+    if !software_vulkan("wgpu_on_lavapipe_matches_cpu") {
         return;
     }
     let (dir, corpus) = scratch("wgpu");
@@ -416,13 +434,7 @@ fn wgpu_on_lavapipe_matches_cpu() {
         "cpu val {c} vs wgpu val {g}"
     );
     // Block recompute with dropout, and with LoRA, on the wgpu backend.
-    let lavapipe = kiln::train::device::select(&kiln::config::BackendConfig {
-        kind: kiln::config::BackendKind::Wgpu,
-        adapter: kiln::config::AdapterChoice::Software,
-        ..Default::default()
-    })
-    .unwrap();
-    check_recompute_gradients(&lavapipe.device, &[(Some(2), 7)], &[false]);
+    check_recompute_gradients(&lavapipe(), &[(Some(2), 7)], &[false]);
 }
 
 /// Values of `n` pseudo-random floats in [-scale, scale).
@@ -659,20 +671,10 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
 #[test]
 fn fused_ops_match_burn_compositions_in_values_and_gradients() {
     check_fused_ops(&burn::tensor::Device::flex(), "cpu");
-    let software = kiln::train::device::list_adapters()
-        .into_iter()
-        .any(|a| a.software);
-    if !software {
-        eprintln!("SKIPPED the wgpu half: no software Vulkan adapter");
+    if !software_vulkan("the wgpu half") {
         return;
     }
-    let lavapipe = kiln::train::device::select(&kiln::config::BackendConfig {
-        kind: kiln::config::BackendKind::Wgpu,
-        adapter: kiln::config::AdapterChoice::Software,
-        ..Default::default()
-    })
-    .unwrap();
-    check_fused_ops(&lavapipe.device, "wgpu");
+    check_fused_ops(&lavapipe(), "wgpu");
 }
 
 /// Training in bf16 and f16 (f32 master weights) follows f32 training closely, writes f32
@@ -716,11 +718,7 @@ fn half_precision_training_follows_f32_with_f32_master_weights() {
             }
         }
     }
-    let software = kiln::train::device::list_adapters()
-        .into_iter()
-        .any(|a| a.software);
-    if !software {
-        eprintln!("SKIPPED the wgpu half: no software Vulkan adapter");
+    if !software_vulkan("the wgpu half") {
         return;
     }
     let wgpu = ["backend.kind=wgpu", "backend.adapter=software"];

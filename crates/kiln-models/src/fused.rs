@@ -320,10 +320,11 @@ mod cpu {
     pub fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
         match t.as_slice::<f32>() {
             Some(s) => std::borrow::Cow::Borrowed(s),
+            // One copy into row-major order, handed over without a second.
             None => std::borrow::Cow::Owned(
                 t.to_contiguous()
-                    .as_slice::<f32>()
-                    .map(<[f32]>::to_vec)
+                    .into_data()
+                    .try_into_vec::<f32>()
                     .unwrap_or_default(),
             ),
         }
