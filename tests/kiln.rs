@@ -735,13 +735,13 @@ fn half_precision_training_follows_f32_with_f32_master_weights() {
 /// Loss and gradients of one micro-batch computed with `shape` (plain, chunked loss, block
 /// recompute), with dropout `p` on blocks and `lora_p` on LoRA inputs.
 fn grads_with(
-    model: &kiln::models::LlamaModel,
+    model: &kiln::models::Model,
     batch: &kiln::data::Batch,
     p: f64,
     lora_p: f64,
     shape: kiln::train::step::StepShape,
 ) -> (f32, std::collections::BTreeMap<String, Vec<f32>>) {
-    let mut dropout = Some(kiln::models::llama::Dropout {
+    let mut dropout = Some(kiln::models::Dropout {
         p,
         lora_p,
         rng: kiln::data::Rng::stream(3, 11, 0),
@@ -818,25 +818,20 @@ fn check_recompute_gradients(
 ) {
     use kiln::train::step::StepShape;
     let device = device.clone().autodiff();
-    let config = kiln::models::LlamaConfig {
-        model_type: "llama".into(),
-        vocab_size: 61,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_hidden_layers: 5,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: 8,
-        max_position_embeddings: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-    };
-    let model = kiln::models::LlamaModel::init(config, 0.02, 1, &device);
+    let config = kiln::models::family::config_from_hf(
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "tie_word_embeddings": true,
+        })
+        .as_object()
+        .unwrap(),
+    )
+    .unwrap()
+    .declare()
+    .unwrap();
+    let model = kiln::models::Model::init(config, 0.02, 1, &device);
     let model = kiln::models::lora::set_trainable(model, &device, false);
     let plain = StepShape {
         recompute_every: None,
@@ -865,16 +860,13 @@ fn check_recompute_gradients(
     // LoRA on every linear of a loaded model, B non-zero so that A gets gradients too.
     let dir = repo().join("tests/fixtures/parity/llama-gqa-tied");
     let base = kiln::models::hf::load_model(&dir, &device.clone().without_autodiff()).unwrap();
-    let vocab = base.config.vocab_size;
+    let vocab = base.config().vocab_size;
     let spec = kiln::models::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
         rslora: false,
-        targets: kiln::models::lora::LoraSpec::ALL_LINEAR
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        layers: (0..base.config.num_hidden_layers).collect(),
+        targets: base.arch().block_modules(),
+        layers: (0..base.config().num_hidden_layers).collect(),
     };
     let model = kiln::models::lora::attach(base, &spec, 9);
     struct NonZeroB;
@@ -920,8 +912,8 @@ fn check_recompute_gradients(
         }
         let frozen = kiln::train::step::frozen_to(model.clone(), half);
         assert_ne!(
-            frozen.embed_tokens.dtype(),
-            DType::F32,
+            frozen.dtype(),
+            FloatDType::F32,
             "the base is held in {half:?}"
         );
         let shape = StepShape {
@@ -1018,6 +1010,43 @@ fn auto_checkpointing_fits_a_budget_below_the_no_recompute_need() {
     assert!(measured < budget as f64, "{line}");
 }
 
+/// The inputs a parity fixture recorded: row-major ids, batch, seq.
+fn parity_inputs(dir: &Path) -> (Vec<u32>, usize, usize) {
+    let inputs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap()).unwrap();
+    let rows = inputs["input_ids"].as_array().unwrap();
+    let (batch, seq) = (rows.len(), rows[0].as_array().unwrap().len());
+    let ids = rows
+        .iter()
+        .flat_map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+        })
+        .collect();
+    (ids, batch, seq)
+}
+
+/// The largest |kiln − transformers| over the logits of `dir`'s inputs, against `expected`.
+fn logit_difference(model: &kiln::models::Model, dir: &Path, expected: &str) -> f32 {
+    let (ids, batch, seq) = parity_inputs(dir);
+    let logits = model
+        .forward(&ids, batch, seq, &mut None)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let expected = kiln::models::safetensors_io::read_all(&dir.join(expected)).unwrap();
+    let expected = &expected["logits"];
+    assert_eq!(expected.shape, vec![batch, seq, model.config().vocab_size]);
+    logits
+        .iter()
+        .zip(&expected.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 /// Logits of tiny random models that `transformers` built and recorded
 /// (tests/fixtures/make_parity.py): Llama with GQA and tied embeddings; Llama 3 RoPE scaling,
 /// untied, bf16 in shards; Mistral without sliding window; Qwen2 with q/k/v biases in f16.
@@ -1032,38 +1061,34 @@ fn hf_models_match_transformers_logits() {
         let dir = repo().join("tests/fixtures/parity").join(name);
         let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let inputs: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("inputs.json")).unwrap())
-                .unwrap();
-        let rows = inputs["input_ids"].as_array().unwrap();
-        let (batch, seq) = (rows.len(), rows[0].as_array().unwrap().len());
-        let ids: Vec<u32> = rows
-            .iter()
-            .flat_map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_u64().unwrap() as u32)
-            })
-            .collect();
-        let logits = model
-            .forward(&ids, batch, seq, &mut None)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap();
-        let expected =
-            kiln::models::safetensors_io::read_all(&dir.join("expected.safetensors")).unwrap();
-        let expected = &expected["logits"];
-        assert_eq!(expected.shape, vec![batch, seq, model.config.vocab_size]);
-        let max_diff = logits
-            .iter()
-            .zip(&expected.data)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let scale = expected.data.iter().fold(0f32, |m, v| m.max(v.abs()));
-        eprintln!("{name}: max |kiln - transformers| = {max_diff:.2e} (logits up to {scale:.2})");
+        let max_diff = logit_difference(&model, &dir, "expected.safetensors");
+        eprintln!("{name}: max |kiln - transformers| = {max_diff:.2e}");
         assert!(max_diff <= 1e-4, "{name}: logits differ by {max_diff}");
+    }
+}
+
+/// Qwen3, Gemma 3 and Phi-3, each from its Hugging Face directory and from GGUF
+/// (tests/fixtures/make_families.py: tiny random models built by transformers, the GGUF under
+/// llama.cpp's names and conventions with f16 matrices), against transformers' logits.
+#[test]
+fn model_families_match_transformers_logits_from_hf_and_gguf() {
+    let device = burn::tensor::Device::flex();
+    for name in ["qwen3", "gemma3", "phi3"] {
+        let dir = repo().join("tests/fixtures/families").join(name);
+        let hf = kiln::models::hf::load_model(&dir, &device)
+            .unwrap_or_else(|e| panic!("{name} (HF): {e}"));
+        let hf_diff = logit_difference(&hf, &dir, "expected.safetensors");
+        let file = kiln::models::gguf::GgufFile::read(&dir.join("model.gguf")).unwrap();
+        let gguf = kiln::models::gguf::load_model(&file, &device)
+            .unwrap_or_else(|e| panic!("{name} (GGUF): {e}"));
+        assert_eq!(gguf.config().family, hf.config().family);
+        let gguf_diff = logit_difference(&gguf, &dir, "expected-gguf.safetensors");
+        eprintln!("{name}: max |kiln - transformers| = {hf_diff:.2e} (HF), {gguf_diff:.2e} (GGUF)");
+        assert!(hf_diff <= 1e-4, "{name}: HF logits differ by {hf_diff}");
+        assert!(
+            gguf_diff <= 1e-4,
+            "{name}: GGUF logits differ by {gguf_diff}"
+        );
     }
 }
 
@@ -1126,30 +1151,45 @@ fn smollm2_gguf_answers_and_scores_english() {
     assert!((2.0..40.0).contains(&ppl), "perplexity {ppl}");
 }
 
+/// Decoding with the KV cache gives the logits of a full forward: Llama 3, and the families with
+/// sliding windows (Gemma 3's window of 5 keeps a trimmed cache), partial RoPE and NoPE layers.
+/// 16 positions stay within Phi-3's original context (LongRoPE switches factors past it, in
+/// transformers as here).
 #[test]
 fn kv_cache_generation_matches_full_forward() {
-    let dir = repo().join("tests/fixtures/parity/llama3-untied-bf16-sharded");
-    let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex()).unwrap();
-    let ids: Vec<u32> = (0..20).map(|i| (i * 7 % 96) as u32).collect();
-    let rows = |t: burn::tensor::Tensor<2>| {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap()
-    };
-    let full = rows(model.forward(&ids, 1, ids.len(), &mut None));
-    let mut cache = kiln::models::llama::KvCache::default();
-    let mut cached = rows(model.forward_cached(&ids[..12], &mut cache));
-    for &id in &ids[12..] {
-        cached.extend(rows(model.forward_cached(&[id], &mut cache)));
+    for dir in [
+        "parity/llama3-untied-bf16-sharded",
+        "families/qwen3",
+        "families/gemma3",
+        "families/phi3",
+    ] {
+        let dir = repo().join("tests/fixtures").join(dir);
+        let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex()).unwrap();
+        let ids: Vec<u32> = (0..16).map(|i| (i * 7 % 96) as u32).collect();
+        let rows = |t: burn::tensor::Tensor<2>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let full = rows(model.forward(&ids, 1, ids.len(), &mut None));
+        let mut cache = kiln::models::KvCache::default();
+        let mut cached = rows(model.forward_cached(&ids[..9], &mut cache));
+        for &id in &ids[9..] {
+            cached.extend(rows(model.forward_cached(&[id], &mut cache)));
+        }
+        let diff = full
+            .iter()
+            .zip(&cached)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(full.len(), cached.len());
+        assert!(
+            diff < 1e-5,
+            "{}: cached logits differ by {diff}",
+            dir.display()
+        );
     }
-    let diff = full
-        .iter()
-        .zip(&cached)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert_eq!(full.len(), cached.len());
-    assert!(diff < 1e-5, "cached logits differ by {diff}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -1209,7 +1249,45 @@ fn bad_models_and_data_fail_with_located_errors() {
         cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel"),
     )
     .unwrap();
-    eval_fails(&gpt2, &["config.json", "GPT2LMHeadModel"]);
+    // ... names itself and what kiln reads instead.
+    eval_fails(
+        &gpt2,
+        &[
+            "config.json",
+            "GPT2LMHeadModel",
+            "Qwen3ForCausalLM",
+            "Gemma3ForCausalLM",
+        ],
+    );
+
+    // GGUF files whose metadata lacks a key, or names an architecture kiln does not read
+    // (bytes patched in place: same lengths, so the file stays well-formed).
+    let gguf_fixture =
+        std::fs::read(repo().join("tests/fixtures/families/qwen3/model.gguf")).unwrap();
+    let patched = |from: &str, to: &str, name: &str| {
+        let (from, to) = (from.as_bytes(), to.as_bytes());
+        let at = gguf_fixture
+            .windows(from.len())
+            .position(|w| w == from)
+            .unwrap_or_else(|| panic!("{} not in the fixture", String::from_utf8_lossy(from)));
+        let mut bytes = gguf_fixture.clone();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        let path = d.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    eval_fails(
+        &patched("qwen3.block_count", "qwen3.block_cxunt", "no-blocks.gguf"),
+        &["no-blocks.gguf", "qwen3.block_count"],
+    );
+    eval_fails(
+        &patched(
+            "\x05\0\0\0\0\0\0\0qwen3",
+            "\x05\0\0\0\0\0\0\0qwxn3",
+            "unknown-arch.gguf",
+        ),
+        &["unknown-arch.gguf", "qwxn3", "gemma3", "phi3"],
+    );
 
     // A config that disagrees with the weights' shapes.
     let wide = d.join("wide");
@@ -1590,6 +1668,41 @@ fn gguf_quant_types_dequantize_like_llama_cpp() {
         diff < 1e-4,
         "GGUF logits differ from transformers on the de-quantized weights by {diff}"
     );
+}
+
+/// The model-level halves of the `hf_json` and `gguf` fuzz targets (`kiln_models::fuzz`: what the
+/// families make of a hostile file) replay every kept input without a panic; the container
+/// halves replay in kiln-formats' unit tests.
+#[test]
+fn fuzz_inputs_replay_through_the_model_families() {
+    let root = repo().join("fuzz");
+    let mut replayed = 0;
+    type Target = fn(&[u8]);
+    let targets: [(&str, Target); 2] = [
+        ("hf_json", kiln::models::fuzz::hf_json),
+        ("gguf", kiln::models::fuzz::gguf),
+    ];
+    for (name, target) in targets {
+        for kind in ["regressions", "seeds"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join(name)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let bytes = std::fs::read(entry.path()).unwrap();
+                let outcome = std::panic::catch_unwind(|| target(&bytes));
+                assert!(outcome.is_ok(), "{} panics", entry.path().display());
+                replayed += 1;
+            }
+        }
+    }
+    // Every family's fixture config.json and GGUF go through the same checks.
+    for family in ["qwen3", "gemma3", "phi3"] {
+        let dir = repo().join("tests/fixtures/families").join(family);
+        kiln::models::fuzz::hf_json(&std::fs::read(dir.join("config.json")).unwrap());
+        kiln::models::fuzz::gguf(&std::fs::read(dir.join("model.gguf")).unwrap());
+        replayed += 2;
+    }
+    assert!(replayed > 8, "only {replayed} inputs replayed");
 }
 
 /// Starts `kiln train` and returns it once it has printed a log line for step `after` or later.

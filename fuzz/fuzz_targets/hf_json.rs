@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_formats::fuzz::hf_json(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_models::fuzz::hf_json(data));

@@ -580,7 +580,7 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
         )));
     }
     let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
-    let max = p.model.config.max_position_embeddings;
+    let max = p.model.config().max_position_embeddings;
     let seq_len = match args.seq_len {
         Some(s) => s,
         None => Config::load(&p.path.join(checkpoint::KILN_CONFIG_FILE), &[])
@@ -692,8 +692,8 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
     println!(
         "wrote {} ({} {:.1}M parameters, f32)",
         args.out.display(),
-        model.config.model_type,
-        model.config.num_params() as f64 / 1e6
+        model.config().model_type,
+        model.arch().num_params() as f64 / 1e6
     );
     Ok(())
 }

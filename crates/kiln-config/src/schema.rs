@@ -89,15 +89,6 @@ pub struct BackendConfig {
     pub dtype: DType,
 }
 
-/// Model family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    /// Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention.
-    #[default]
-    Llama,
-}
-
 /// `model`: a decoder-only transformer. Keys follow Hugging Face's `config.json` names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -105,8 +96,9 @@ pub struct ModelConfig {
     /// A pretrained model to fine-tune: a Hugging Face directory or a GGUF file. When set, its own
     /// config decides the architecture and the size fields below are ignored. Default `null`.
     pub pretrained: Option<PathBuf>,
-    /// Default `llama`.
-    pub architecture: Architecture,
+    /// The model family to build from scratch, by its name in kiln's registry (`llama`, `qwen3`,
+    /// ..., as the README's table of families lists them). Default `llama`.
+    pub architecture: String,
     /// Vocabulary size; `null` takes the tokenizer's. Default `null`.
     pub vocab_size: Option<usize>,
     /// Model width. Default 128.
@@ -137,7 +129,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             pretrained: None,
-            architecture: Architecture::Llama,
+            architecture: "llama".into(),
             vocab_size: None,
             hidden_size: 128,
             num_hidden_layers: 4,
@@ -260,16 +252,8 @@ pub enum FinetuneMethod {
     Full,
 }
 
-/// The seven linear projections of a Llama-family block, by their Hugging Face names.
-pub const ALL_LINEAR_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// `target_modules: all-linear`: every linear module of the adapted blocks, as PEFT means it.
+pub const ALL_LINEAR: &str = "all-linear";
 
 /// Which projections get adapters: a list of HF module names, or `all-linear`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -318,15 +302,18 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
-    /// Target module names, with `all-linear` expanded.
+    /// Target module names as written (`all-linear` stays a name: its meaning is the model's
+    /// own linear modules, known once the model is).
     pub fn targets(&self) -> Vec<String> {
         match &self.target_modules {
-            TargetModules::Named(n) if n == "all-linear" => {
-                ALL_LINEAR_MODULES.iter().map(|s| s.to_string()).collect()
-            }
             TargetModules::Named(n) => vec![n.clone()],
             TargetModules::List(l) => l.clone(),
         }
+    }
+
+    /// Every linear module of each adapted block (`all-linear`).
+    pub fn all_linear(&self) -> bool {
+        matches!(&self.target_modules, TargetModules::Named(n) if n == ALL_LINEAR)
     }
 
     /// Indices of the adapted blocks of a model with `n_layers` blocks.
@@ -875,16 +862,26 @@ impl Config {
         if !(0.0..1.0).contains(&l.dropout) {
             return Err(("finetune.lora.dropout".into(), "must be in [0, 1)".into()));
         }
-        if let Some(bad) = l
-            .targets()
-            .iter()
-            .find(|t| !ALL_LINEAR_MODULES.contains(&t.as_str()))
-        {
+        // Which names exist is the model's to say (setup checks them against its modules);
+        // here only their form.
+        let targets = l.targets();
+        if targets.is_empty() {
+            return Err((
+                "finetune.lora.target_modules".into(),
+                "names no module".into(),
+            ));
+        }
+        if let Some(bad) = targets.iter().find(|t| {
+            t.is_empty()
+                || !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                || (t.as_str() == ALL_LINEAR && !l.all_linear())
+        }) {
             return Err((
                 "finetune.lora.target_modules".into(),
                 format!(
-                    "unknown module `{bad}` (expected all-linear or some of {})",
-                    ALL_LINEAR_MODULES.join(", ")
+                    "`{bad}` is not a module name (expected {ALL_LINEAR} or module names like q_proj)"
                 ),
             ));
         }

@@ -53,51 +53,12 @@ pub fn safetensors(data: &[u8]) {
     }
 }
 
-/// `config.json` and `model.safetensors.index.json` of a Hugging Face model directory.
+/// `model.safetensors.index.json` of a Hugging Face model directory (what `config.json` means is
+/// the model families', fuzzed through `kiln_models::fuzz::hf_json`).
 pub fn hf_json(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(config) = hf::parse_config(text, Path::new("config.json")) {
-        // What kiln writes back (fused models, checkpoints) must read back the same.
-        let written = config.to_hf_json().to_string();
-        let again = hf::parse_config(&written, Path::new("written.json"))
-            .unwrap_or_else(|e| panic!("kiln's own config.json does not read back: {e}"));
-        // kiln writes the shortest exact decimal (ryu); serde_json's default float parser may
-        // land one ulp off for exponents beyond its exact fast path (e.g. 1e-45; found by this
-        // target). Real configs (1e-5, 1e-6, 10000, 500000) read back exactly.
-        let ulp_close = |a: f64, b: f64| a == b || (a - b).abs() <= a.abs().max(b.abs()) * 4e-16;
-        assert!(
-            ulp_close(again.rms_norm_eps, config.rms_norm_eps)
-                && ulp_close(again.rope_theta, config.rope_theta),
-            "float fields changed on a write/read round trip: {again:?} vs {config:?}"
-        );
-        let exact = |c: &crate::LlamaConfig| crate::LlamaConfig {
-            rms_norm_eps: 0.0,
-            rope_theta: 0.0,
-            rope_scaling: None,
-            ..c.clone()
-        };
-        assert_eq!(
-            exact(&again),
-            exact(&config),
-            "config changed on a write/read round trip"
-        );
-        if let (Some(a), Some(b)) = (&again.rope_scaling, &config.rope_scaling) {
-            assert!(
-                ulp_close(a.factor, b.factor) && ulp_close(a.low_freq_factor, b.low_freq_factor)
-            );
-            assert!(ulp_close(a.high_freq_factor, b.high_freq_factor));
-            assert_eq!(
-                a.original_max_position_embeddings,
-                b.original_max_position_embeddings
-            );
-        } else {
-            assert_eq!(again.rope_scaling.is_some(), config.rope_scaling.is_some());
-        }
-        let _ = config.num_params();
-        let _ = config.inv_freq();
-    }
     if let Ok(files) = hf::parse_index(text, Path::new("model.safetensors.index.json")) {
         for f in files {
             assert!(
@@ -120,14 +81,6 @@ pub fn gguf(data: &[u8]) {
             "tensor {} lies past the end",
             t.name
         );
-    }
-    if let Ok(config) = file.config()
-        && let Ok(tensors) = file.hf_tensors(&config)
-    {
-        for (name, t) in &tensors {
-            let n: usize = t.shape.iter().product();
-            assert_eq!(n, t.data.len(), "tensor {name}: shape and data disagree");
-        }
     }
     if let Ok(json) = file.tokenizer_json()
         && let Ok(tok) = Tokenizer::from_hf_json(&json.to_string(), Path::new("fuzz.gguf"))
@@ -240,16 +193,13 @@ mod tests {
     #[test]
     fn seeds_are_accepted_by_the_readers() {
         let g = GgufFile::parse(seed("gguf", "tokenizer.gguf"), Path::new("t.gguf")).unwrap();
-        let config = g.config().unwrap();
-        assert_eq!(g.hf_tensors(&config).unwrap().len(), 11);
+        assert_eq!(g.tensors.len(), 11);
         let json = g.tokenizer_json().unwrap().to_string();
         let tok = Tokenizer::from_hf_json(&json, Path::new("t.gguf")).unwrap();
         assert_eq!(tok.encode("Hi").unwrap(), vec![5]);
         assert!(g.chat_template().is_some());
         let st = safetensors_io::parse(&seed("safetensors", "f32.safetensors"), Path::new("s"));
         assert_eq!(st.unwrap()["a"].shape, vec![2, 3]);
-        let text = String::from_utf8(seed("hf_json", "qwen2-f16-config.json")).unwrap();
-        assert!(hf::parse_config(&text, Path::new("c")).unwrap().qkv_bias);
         let text = String::from_utf8(seed("hf_json", "index.json")).unwrap();
         assert_eq!(hf::parse_index(&text, Path::new("i")).unwrap().len(), 3);
         let text = String::from_utf8(seed("tokenizer_json", "bpe.json")).unwrap();

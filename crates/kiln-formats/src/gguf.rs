@@ -1,14 +1,12 @@
-//! GGUF files (llama.cpp's format) of the `llama` architecture: metadata, tensor infos, and
-//! de-quantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32 in Hugging Face's layout and
-//! names (the Q/K row permutation llama.cpp applies is undone). The tokenizer is rebuilt from the
-//! `tokenizer.ggml.*` metadata as a Hugging Face `tokenizer.json`.
+//! GGUF files (llama.cpp's format), the container: metadata, tensor infos, and de-quantisation
+//! of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32 in GGUF element order. What the tensors mean
+//! (names, layouts, the config) is each model family's (`kiln_models::families`). The tokenizer
+//! is rebuilt from the `tokenizer.ggml.*` metadata as a Hugging Face `tokenizer.json`.
 //!
 //! Every count and size read from the file is checked against the bytes that remain before
 //! anything is allocated, so a truncated or hostile file gives an error, not a panic or an OOM.
 
 use crate::ModelError;
-use crate::config::LlamaConfig;
-use crate::safetensors_io::HostTensor;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -306,96 +304,12 @@ impl GgufFile {
         })
     }
 
-    fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
-        self.meta(key)?.as_u64().ok_or_else(|| ModelError::File {
-            path: self.path.clone(),
-            message: format!("metadata `{key}` is not an integer"),
-        })
-    }
-
-    /// The model's shape from `llama.*` metadata.
-    pub fn config(&self) -> Result<LlamaConfig, ModelError> {
-        let arch = self.meta("general.architecture")?.as_str().unwrap_or("");
-        if arch != "llama" {
-            return Err(ModelError::File {
-                path: self.path.clone(),
-                message: format!("unsupported GGUF architecture `{arch}` (kiln reads `llama`)"),
-            });
-        }
-        let heads = self.meta_u64("llama.attention.head_count")? as usize;
-        let hidden = self.meta_u64("llama.embedding_length")? as usize;
-        let vocab = match self
-            .metadata
-            .get("llama.vocab_size")
-            .and_then(Value::as_u64)
-        {
-            Some(v) => v as usize,
-            None => self
-                .meta("tokenizer.ggml.tokens")?
-                .as_array()
-                .map(|a| a.len())
-                .unwrap_or(0),
-        };
-        if heads == 0 || !hidden.is_multiple_of(heads) {
-            return Err(ModelError::File {
-                path: self.path.clone(),
-                message: format!(
-                    "embedding_length {hidden} is not divisible by head_count {heads}"
-                ),
-            });
-        }
-        let kv = self
-            .metadata
-            .get("llama.attention.head_count_kv")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(heads);
-        let head_dim = self
-            .metadata
-            .get("llama.rope.dimension_count")
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .unwrap_or(hidden / heads);
-        let config = LlamaConfig {
-            model_type: "llama".into(),
-            vocab_size: vocab,
-            hidden_size: hidden,
-            intermediate_size: self.meta_u64("llama.feed_forward_length")? as usize,
-            num_hidden_layers: self.meta_u64("llama.block_count")? as usize,
-            num_attention_heads: heads,
-            num_key_value_heads: kv,
-            head_dim,
-            max_position_embeddings: self
-                .metadata
-                .get("llama.context_length")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
-            rms_norm_eps: self
-                .metadata
-                .get("llama.attention.layer_norm_rms_epsilon")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-5),
-            rope_theta: self
-                .metadata
-                .get("llama.rope.freq_base")
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
-            rope_scaling: None,
-            tie_word_embeddings: !self.tensors.iter().any(|t| t.name == "output.weight"),
-            qkv_bias: self.tensors.iter().any(|t| t.name.ends_with("attn_q.bias")),
-            o_bias: self
-                .tensors
-                .iter()
-                .any(|t| t.name.ends_with("attn_output.bias")),
-            mlp_bias: false,
-        };
-        config
-            .validate()
-            .map_err(|(field, message)| ModelError::File {
-                path: self.path.clone(),
-                message: format!("metadata gives `{field}` {message}"),
-            })?;
-        Ok(config)
+    /// `general.architecture` (empty when absent or not a string).
+    pub fn architecture(&self) -> &str {
+        self.metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     /// De-quantises one tensor to f32 in GGUF element order.
@@ -441,31 +355,6 @@ impl GgufFile {
                 .collect(),
             _ => Vec::new(),
         }
-    }
-
-    /// Every tensor de-quantised, renamed to Hugging Face's names, in HF layout (`[out, in]`),
-    /// with llama.cpp's Q/K row permutation undone.
-    pub fn hf_tensors(
-        &self,
-        config: &LlamaConfig,
-    ) -> Result<BTreeMap<String, HostTensor>, ModelError> {
-        let mut out = BTreeMap::new();
-        for info in &self.tensors {
-            let name = hf_name(&info.name).ok_or_else(|| ModelError::Tensor {
-                path: self.path.clone(),
-                name: info.name.clone(),
-                message: "not a tensor of the llama architecture".into(),
-            })?;
-            let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-            let mut data = self.dequantize(info);
-            if name.ends_with("self_attn.q_proj.weight") {
-                data = unpermute(&data, &shape, config.num_attention_heads);
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                data = unpermute(&data, &shape, config.num_key_value_heads);
-            }
-            out.insert(name, HostTensor { shape, data });
-        }
-        Ok(out)
     }
 
     /// Rebuilds the tokenizer as a Hugging Face `tokenizer.json` document.
@@ -561,93 +450,9 @@ impl GgufFile {
     }
 }
 
-/// GGUF tensor name to Hugging Face's.
-pub fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
-/// Undoes llama.cpp's Q/K permutation: `w.reshape(h, rows/h/2, 2, cols).swapaxes(1, 2)`.
-fn unpermute(data: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
-    let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
-    if heads == 0 || rows % (heads * 2) != 0 {
-        return data.to_vec();
-    }
-    let half = rows / heads / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                // source row (h, i, j) in the permuted layout goes to (h, j, i)
-                let src = (h * half * 2 + i * 2 + j) * cols;
-                let dst = (h * half * 2 + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_to_hugging_face() {
-        assert_eq!(
-            hf_name("blk.3.attn_output.weight").unwrap(),
-            "model.layers.3.self_attn.o_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.ffn_norm.weight").unwrap(),
-            "model.layers.0.post_attention_layernorm.weight"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
-        assert!(hf_name("blk.x.attn_q.weight").is_none());
-    }
-
-    #[test]
-    fn unpermute_inverts_llama_cpp_permute() {
-        // llama.cpp: w.reshape(h, 2, rows/h/2, cols).swapaxes(1, 2); rows = 8, h = 2, cols = 1.
-        let hf: Vec<f32> = (0..8).map(|x| x as f32).collect();
-        let (h, half) = (2, 2);
-        let mut permuted = vec![0f32; 8];
-        for a in 0..h {
-            for j in 0..2 {
-                for i in 0..half {
-                    permuted[a * 4 + i * 2 + j] = hf[a * 4 + j * half + i];
-                }
-            }
-        }
-        assert_eq!(unpermute(&permuted, &[8, 1], 2), hf);
-    }
 
     #[test]
     fn truncated_and_hostile_headers_are_errors() {

@@ -1,16 +1,13 @@
 //! kiln's readers and writers of model files, kept free of any tensor library so that they can be
-//! fuzzed (`fuzz/`) and tested quickly: safetensors, Hugging Face `config.json` and
-//! `model.safetensors.index.json`, GGUF. Every size or count read from a file is checked against
+//! fuzzed (`fuzz/`) and tested quickly: safetensors, Hugging Face model directories
+//! (`model.safetensors.index.json`), GGUF containers. Every size or count read from a file is checked against
 //! the file's length before anything is allocated.
 
-pub mod config;
 pub mod fsutil;
 pub mod fuzz;
 pub mod gguf;
 pub mod hf;
 pub mod safetensors_io;
-
-pub use config::{Llama3RopeScaling, LlamaConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,16 +1,34 @@
-//! Decoder-only transformers for kiln, their parameters named exactly as Hugging Face names them,
-//! so that a safetensors key maps to a field by rule and checkpoints load in `transformers`.
+//! Decoder-only transformers for kiln, family by family, their parameters named exactly as
+//! Hugging Face names them, so that a safetensors key maps to a parameter by rule and
+//! checkpoints load in `transformers`.
+//!
+//! The flow: a family ([`family::Family`], one folder under `families/`, listed in
+//! [`registry`]) reads a config and declares an [`arch::Architecture`] from the shared
+//! [`layers`]; a [`Model`] is that declaration with its weights.
 
 pub use kiln_formats::{fsutil, safetensors_io};
+pub mod arch;
+pub mod config;
+pub mod dtype;
+pub mod families;
+pub mod family;
 pub mod fused;
+pub mod fuzz;
 pub mod gguf;
 pub mod hf;
-pub mod llama;
+pub mod layers;
 pub mod lora;
+pub mod model;
 pub mod params;
+pub mod plan;
 pub mod pretrained;
+pub mod registry;
 
-pub use llama::{LlamaConfig, LlamaModel};
+pub use arch::Architecture;
+pub use config::ModelConfig;
+pub use family::Family;
+pub use layers::Dropout;
+pub use model::{KvCache, Model};
 pub use params::{ParamKind, ParamMapper, ParamVisitor};
 
 pub use kiln_formats::ModelError;

@@ -1,3 +1,7 @@
+//! A model's parameters: one flat list of named tensors, declared once by the family
+//! ([`crate::arch::ArchBuilder`]). Layers hold handles into the list, so visiting, mapping,
+//! loading, saving and counting are loops over it, the same for every family.
+
 use burn::Tensor;
 
 /// What a parameter is, which decides its Hugging Face layout and whether weight decay applies.
@@ -33,6 +37,49 @@ impl ParamKind {
             ParamKind::LinearWeight | ParamKind::LoraA | ParamKind::LoraB
         )
     }
+
+    /// A LoRA adapter matrix.
+    pub fn is_lora(self) -> bool {
+        matches!(self, ParamKind::LoraA | ParamKind::LoraB)
+    }
+}
+
+/// One declared parameter: its Hugging Face name, kind, and shape in kiln's layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamInfo {
+    pub name: String,
+    pub kind: ParamKind,
+    pub shape: Vec<usize>,
+}
+
+impl ParamInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The shape in HF/PEFT files (matrices transposed).
+    pub fn hf_shape(&self) -> Vec<usize> {
+        let mut s = self.shape.clone();
+        if self.kind.transposed() {
+            s.reverse();
+        }
+        s
+    }
+}
+
+/// Handle of a vector parameter (norm scale, bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P1(pub(crate) usize);
+
+/// Handle of a matrix parameter (linear weight, embedding, LoRA matrix).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2(pub(crate) usize);
+
+/// A parameter's tensor: vectors and matrices are the only ranks a decoder has.
+#[derive(Debug, Clone)]
+pub enum ParamTensor {
+    Vector(Tensor<1>),
+    Matrix(Tensor<2>),
 }
 
 /// Visits every trainable tensor with its Hugging Face name.
@@ -45,15 +92,45 @@ pub trait ParamMapper {
     fn map<const D: usize>(&mut self, name: &str, kind: ParamKind, param: Tensor<D>) -> Tensor<D>;
 }
 
-/// The names of every parameter of `model`.
-pub fn names(model: &crate::LlamaModel) -> Vec<String> {
-    struct Names(Vec<String>);
-    impl ParamVisitor for Names {
-        fn visit<const D: usize>(&mut self, name: &str, _: ParamKind, _: &Tensor<D>) {
-            self.0.push(name.to_string());
+/// Gives a parameter's values from its name, kind and shape (kiln's layout).
+pub type ParamSource<'a> = dyn FnMut(&str, ParamKind, &[usize]) -> Vec<f32> + 'a;
+
+/// FNV-1a: a stable per-parameter stream index from its name.
+pub fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`.
+pub fn transpose_host(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
         }
     }
-    let mut n = Names(Vec::new());
-    model.visit_params(&mut n);
-    n.0
+    out
+}
+
+/// The tensors of a model, in the order of its declared [`ParamInfo`]s.
+#[derive(Debug, Clone, Default)]
+pub struct Weights(pub Vec<ParamTensor>);
+
+impl Weights {
+    /// The matrix behind `p`.
+    pub fn matrix(&self, p: P2) -> Tensor<2> {
+        match &self.0[p.0] {
+            ParamTensor::Matrix(t) => t.clone(),
+            ParamTensor::Vector(_) => unreachable!("a matrix handle points at a vector"),
+        }
+    }
+
+    /// The vector behind `p`.
+    pub fn vector(&self, p: P1) -> Tensor<1> {
+        match &self.0[p.0] {
+            ParamTensor::Vector(t) => t.clone(),
+            ParamTensor::Matrix(_) => unreachable!("a vector handle points at a matrix"),
+        }
+    }
 }

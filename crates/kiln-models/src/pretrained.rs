@@ -2,7 +2,7 @@
 //! From a Hugging Face directory (also kiln's own checkpoints) or a GGUF file.
 
 use crate::gguf::GgufFile;
-use crate::{LlamaModel, ModelError, hf};
+use crate::{Model, ModelError, hf};
 use burn::prelude::Device;
 use kiln_data::{ChatTemplate, Tokenizer};
 use serde_json::Value;
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 pub struct Pretrained {
     pub path: PathBuf,
-    pub model: LlamaModel,
+    pub model: Model,
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// Ids that end a generated answer (EOS and end-of-turn tokens).
@@ -117,6 +117,8 @@ impl Pretrained {
     pub fn from_gguf(file: GgufFile, device: &Device) -> Result<Self, ModelError> {
         let path = file.path.clone();
         let path = path.as_path();
+        // The architecture and config first: they decide whether the file is usable at all.
+        crate::gguf::read_config(&file)?;
         let json = file.tokenizer_json()?;
         let tokenizer = Tokenizer::from_hf_json(&json.to_string(), path)
             .map_err(|e| file_err(path, e.to_string()))?;

@@ -49,7 +49,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         None,
         &crate::plan::shape_check(config, &selected),
     )?;
-    let parameters = base.config.num_params();
+    let parameters = base.config().num_params().unwrap_or(0);
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);

@@ -16,7 +16,7 @@ use kiln_models::ParamKind;
 use kiln_models::fsutil::{atomic_write, sync_dir};
 use kiln_models::lora::LoraSpec;
 use kiln_models::safetensors_io::{self, HostTensor};
-use kiln_models::{LlamaConfig, LlamaModel};
+use kiln_models::{Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,7 +79,7 @@ pub fn step_dir_name(step: usize) -> String {
 pub fn save(
     run_dir: &Path,
     config: &Config,
-    model: &LlamaModel,
+    model: &Model,
     optimizer_state: &BTreeMap<String, HostTensor>,
     state: &TrainerState,
     setup: &Setup,
@@ -135,7 +135,7 @@ pub fn save(
 /// pretrained model, its tokenizer_config.json / generation_config.json).
 pub fn write_model_dir(
     dir: &Path,
-    model: &LlamaModel,
+    model: &Model,
     tokenizer: &Tokenizer,
     tokenizer_json: Option<&serde_json::Value>,
     chat_template: Option<&ChatTemplate>,
@@ -144,7 +144,7 @@ pub fn write_model_dir(
     let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
     let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
     safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
-    let hf = serde_json::to_vec_pretty(&model.config.to_hf_json())
+    let hf = serde_json::to_vec_pretty(&model.config().to_hf_json())
         .map_err(|e| ckpt_err(dir, e.to_string()))?;
     atomic_write(&dir.join(CONFIG_FILE), &hf).map_err(|e| io(dir, e))?;
     match tokenizer_json {
@@ -183,12 +183,12 @@ pub fn write_model_dir(
 /// `lora_b` `[r, out]`) and `adapter_config.json` with an absolute `scale`.
 pub fn write_mlx_adapter(
     dir: &Path,
-    model: &LlamaModel,
+    model: &Model,
     spec: &LoraSpec,
     dropout: f64,
 ) -> Result<(), TrainError> {
     let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
-    let n = model.config.num_hidden_layers;
+    let n = model.config().num_hidden_layers;
     let suffix: Vec<usize> = (n - spec.layers.len().min(n)..n).collect();
     let mut sorted = spec.layers.clone();
     sorted.sort_unstable();
@@ -211,7 +211,7 @@ pub fn write_mlx_adapter(
                     "lora_b",
                 ),
             };
-            let data = kiln_models::llama::transpose_host(&t.data, t.shape[0], t.shape[1]);
+            let data = kiln_models::params::transpose_host(&t.data, t.shape[0], t.shape[1]);
             (
                 format!("{stem}.{mlx}"),
                 HostTensor {
@@ -222,17 +222,14 @@ pub fn write_mlx_adapter(
         })
         .collect();
     safetensors_io::write_f32(&dir.join("adapters.safetensors"), &tensors, &[])?;
-    let keys: Vec<String> = spec
-        .targets
-        .iter()
-        .map(|t| {
-            if t.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str()) {
-                format!("mlp.{t}")
-            } else {
-                format!("self_attn.{t}")
-            }
-        })
-        .collect();
+    // mlx-lm names a key by its path inside the block (`self_attn.q_proj`).
+    let mut keys: Vec<String> = Vec::new();
+    for (path, _, _) in spec.selected(model.arch()) {
+        let key = path.splitn(4, '.').nth(3).unwrap_or(&path).to_string();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
     let cfg = serde_json::json!({
         "fine_tune_type": "lora",
         "num_layers": spec.layers.len(),
@@ -245,7 +242,7 @@ pub fn write_mlx_adapter(
 /// A PEFT LoRA adapter directory: `adapter_model.safetensors` + `adapter_config.json`.
 pub fn write_adapter(
     dir: &Path,
-    model: &LlamaModel,
+    model: &Model,
     spec: &LoraSpec,
     base: &Path,
     dropout: f64,
@@ -257,7 +254,7 @@ pub fn write_adapter(
         .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t))
         .collect();
     safetensors_io::write_f32(&dir.join(ADAPTER_FILE), &tensors, &[])?;
-    let all_layers = spec.layers.len() == model.config.num_hidden_layers;
+    let all_layers = spec.layers.len() == model.config().num_hidden_layers;
     let cfg = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -416,12 +413,12 @@ pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
     serde_json::from_str(&text).map_err(|e| ckpt_err(&path, e.to_string()))
 }
 
-/// Reads a checkpoint's (or any HF Llama directory's) `config.json`.
-pub fn read_model_config(dir: &Path) -> Result<LlamaConfig, TrainError> {
+/// Reads a checkpoint's (or any HF model directory's) `config.json`.
+pub fn read_model_config(dir: &Path) -> Result<ModelConfig, TrainError> {
     Ok(kiln_models::hf::read_config(dir)?)
 }
 
 /// Loads a checkpoint's (or any HF directory's) weights onto `device`.
-pub fn load_model(dir: &Path, device: &burn::tensor::Device) -> Result<LlamaModel, TrainError> {
+pub fn load_model(dir: &Path, device: &burn::tensor::Device) -> Result<Model, TrainError> {
     Ok(kiln_models::hf::load_model(dir, device)?)
 }

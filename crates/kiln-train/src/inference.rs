@@ -2,11 +2,11 @@
 
 use burn::prelude::*;
 use kiln_data::{Batch, Rng, sequential_windows};
-use kiln_models::llama::KvCache;
-use kiln_models::{LlamaModel, ParamKind, ParamMapper};
+use kiln_models::KvCache;
+use kiln_models::{Model, ParamKind, ParamMapper};
 
 /// The same weights without autodiff: no tape is recorded, nothing is retained for backward.
-pub fn inference_view(model: &LlamaModel) -> LlamaModel {
+pub fn inference_view(model: &Model) -> Model {
     struct Plain;
     impl ParamMapper for Plain {
         fn map<const D: usize>(&mut self, _: &str, _: ParamKind, p: Tensor<D>) -> Tensor<D> {
@@ -17,7 +17,7 @@ pub fn inference_view(model: &LlamaModel) -> LlamaModel {
 }
 
 /// Mean loss over batches, weighting each by its token count.
-pub fn mean_loss(model: &LlamaModel, batches: impl Iterator<Item = Batch>) -> f64 {
+pub fn mean_loss(model: &Model, batches: impl Iterator<Item = Batch>) -> f64 {
     let (mut sum, mut count) = (0.0f64, 0usize);
     for b in batches {
         let n = match &b.loss_mask {
@@ -39,7 +39,7 @@ pub fn mean_loss(model: &LlamaModel, batches: impl Iterator<Item = Batch>) -> f6
 }
 
 /// Loss over a whole token stream in consecutive windows of `seq_len`: (mean loss, tokens scored).
-pub fn evaluate_tokens(model: &LlamaModel, tokens: &[u32], seq_len: usize) -> (f64, usize) {
+pub fn evaluate_tokens(model: &Model, tokens: &[u32], seq_len: usize) -> (f64, usize) {
     let windows = sequential_windows(tokens, seq_len);
     let scored = windows.iter().map(|w| w.targets.len()).sum();
     (mean_loss(model, windows.into_iter()), scored)
@@ -103,15 +103,15 @@ pub fn sample(logits: &[f32], options: &SampleOptions, rng: &mut Rng) -> u32 {
 
 /// Continues `prompt` token by token; calls `on_token` with each new id as it is produced.
 pub fn generate(
-    model: &LlamaModel,
+    model: &Model,
     prompt: &[u32],
     options: &SampleOptions,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
     let mut rng = Rng::new(options.seed);
     let mut tokens = prompt.to_vec();
-    let window = model.config.max_position_embeddings;
-    let vocab = model.config.vocab_size;
+    let window = model.config().max_position_embeddings;
+    let vocab = model.config().vocab_size;
     let mut cache = KvCache::default();
     // Feed the prompt (or the tail of it that fits), then one token at a time from the cache.
     let mut pending: Vec<u32> = tokens[tokens.len().saturating_sub(window)..].to_vec();

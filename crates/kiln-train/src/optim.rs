@@ -7,7 +7,7 @@ use burn::prelude::*;
 use kiln_config::{OptimConfig, ScheduleKind};
 use kiln_models::fused::{self, AdamWStep};
 use kiln_models::safetensors_io::HostTensor;
-use kiln_models::{LlamaModel, ParamKind, ParamMapper, ParamVisitor};
+use kiln_models::{Model, ParamKind, ParamMapper, ParamVisitor};
 use std::collections::{BTreeMap, HashMap};
 
 /// Learning rate at optimizer step `step` (1-based) of `total`.
@@ -36,7 +36,7 @@ pub struct GradAccumulator {
 
 impl GradAccumulator {
     /// Adds `scale ×` the gradients of `model`'s parameters found in `grads`.
-    pub fn add(&mut self, model: &LlamaModel, grads: &burn::tensor::Gradients, scale: f64) {
+    pub fn add(&mut self, model: &Model, grads: &burn::tensor::Gradients, scale: f64) {
         struct Collect<'a> {
             acc: &'a mut HashMap<String, Tensor<1>>,
             grads: &'a burn::tensor::Gradients,
@@ -117,12 +117,12 @@ impl AdamW {
     /// `t` advances either way.
     pub fn step(
         &mut self,
-        model: LlamaModel,
+        model: Model,
         grads: GradAccumulator,
         lr: f64,
         clip_coef: Option<Tensor<1>>,
         apply: Tensor<1, Bool>,
-    ) -> LlamaModel {
+    ) -> Model {
         self.t += 1;
         struct Update<'a> {
             opt: &'a mut AdamW,

@@ -9,7 +9,8 @@
 //! once on Burn's Flex backend (docs/PERFORMANCE.md) and are what kiln's forward keeps.
 
 use kiln_config::{BatchSize, Budget, Checkpointing, Config};
-use kiln_models::LlamaConfig;
+use kiln_models::plan::BlockProfile;
+use kiln_models::{Architecture, ModelConfig};
 use serde::Serialize;
 
 /// The shape of what one step computes.
@@ -41,19 +42,6 @@ pub struct Estimate {
     pub total: u64,
 }
 
-/// f32 elements the tape keeps per token of one block, per unit of each width, and per attention
-/// score, fitted to Flex's measured peaks with kiln's fused operations (`kiln_models::fused`):
-/// per block the two RMSNorms' inputs and outputs and the residual gradient in flight (hidden),
-/// the scaled queries and the attention output (q), the rotated keys and the values (kv), the
-/// SwiGLU's gate, up and product (ffn), the softmax output (score; its backward works in place).
-const PER_HIDDEN: f64 = 5.0;
-const PER_Q: f64 = 2.0;
-const PER_KV: f64 = 2.0;
-const PER_FFN: f64 = 3.0;
-const PER_SCORE: f64 = 1.0;
-/// With dropout: the masks of the attention probabilities and of the residual branches.
-const PER_SCORE_DROPOUT: f64 = 1.0;
-const PER_HIDDEN_DROPOUT: f64 = 1.0;
 /// Logit-sized f32 buffers alive at once in a loss chunk: the logits, whose gradient the fused
 /// cross-entropy writes in place, and the output projection's transients.
 const PER_LOGIT: f64 = 1.5;
@@ -71,18 +59,16 @@ pub const CPU_OVERHEAD: u64 = 32 << 20;
 /// hardware GPU, where the 10% margin covers the driver's own allocations.
 pub const GPU_OVERHEAD: u64 = 16 << 20;
 
-/// Bytes the tape keeps for one block.
-pub fn block_activation_bytes(m: &LlamaConfig, w: &Workload) -> u64 {
+/// Bytes the tape keeps for one block, from its family's profile (`kiln_models::plan`).
+pub fn block_activation_bytes(b: &BlockProfile, w: &Workload) -> u64 {
     let tokens = (w.batch * w.seq) as f64;
-    let q = (m.num_attention_heads * m.head_dim) as f64;
-    let kv = (m.num_key_value_heads * m.head_dim) as f64;
-    let per_hidden = PER_HIDDEN + if w.dropout { PER_HIDDEN_DROPOUT } else { 0.0 };
-    let per_token = per_hidden * m.hidden_size as f64
-        + PER_Q * q
-        + PER_KV * kv
-        + PER_FFN * m.intermediate_size as f64;
-    let scores = (w.batch * m.num_attention_heads) as f64 * (w.seq * w.seq) as f64;
-    let per_score = PER_SCORE + if w.dropout { PER_SCORE_DROPOUT } else { 0.0 };
+    let per_token = if w.dropout {
+        b.per_token_dropout
+    } else {
+        b.per_token
+    };
+    let scores = (w.batch * b.heads) as f64 * (w.seq * w.seq) as f64;
+    let per_score = b.per_score + if w.dropout { b.per_score_dropout } else { 0.0 };
     if w.half {
         (HALF_TOKEN_BYTES * tokens * per_token + HALF_SCORE_BYTES * scores * per_score) as u64
     } else {
@@ -91,13 +77,19 @@ pub fn block_activation_bytes(m: &LlamaConfig, w: &Workload) -> u64 {
 }
 
 /// The estimate for a model, a workload and a checkpointing choice (`every`: recompute spans).
-pub fn estimate(m: &LlamaConfig, w: &Workload, every: Option<usize>, overhead: u64) -> Estimate {
-    let layers = m.num_hidden_layers as u64;
+pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: u64) -> Estimate {
+    let layers = m.blocks.len() as u64;
     let elem = if w.half { 2 } else { 4 };
-    let hidden_state = elem * (w.batch * w.seq * m.hidden_size) as u64;
-    let block = block_activation_bytes(m, w);
+    let hidden_state = elem * (w.batch * w.seq * m.config.hidden_size) as u64;
+    let blocks: Vec<u64> = m
+        .memory_profile()
+        .iter()
+        .map(|b| block_activation_bytes(b, w))
+        .collect();
+    // A recomputed span is as large as its largest blocks (they differ where layers do).
+    let block = blocks.iter().copied().max().unwrap_or(0);
     let activations = match every {
-        None => layers * block + hidden_state,
+        None => blocks.iter().sum::<u64>() + hidden_state,
         Some(k) => {
             let k = (k.max(1) as u64).min(layers.max(1));
             // Span inputs kept through the step, one span taped in backward, and the gradient
@@ -106,13 +98,13 @@ pub fn estimate(m: &LlamaConfig, w: &Workload, every: Option<usize>, overhead: u
         }
     };
     let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
-    let mut logits = (4.0 * PER_LOGIT * rows * m.vocab_size as f64) as u64;
+    let vocab = m.config.vocab_size;
+    let mut logits = (4.0 * PER_LOGIT * rows * vocab as f64) as u64;
     if w.half {
         // The half-type logits beside their f32 copy, and the output projection's weight widened
         // to f32 for the matmul where the backend multiplies half precision through f32 (Flex):
         // without these a LoRA run in bf16 measured 18% over the estimate.
-        logits +=
-            (2.0 * rows * m.vocab_size as f64) as u64 + 4 * (m.vocab_size * m.hidden_size) as u64;
+        logits += (2.0 * rows * vocab as f64) as u64 + 4 * (vocab * m.config.hidden_size) as u64;
     }
     // In half precision each step casts the f32 trainable weights (a half-size copy during the
     // step), and frozen weights (a LoRA base model) are held in the half type.
@@ -235,14 +227,14 @@ pub fn resolve_budget(
 /// as asked (and refused when they cannot fit); `auto` keeps every activation when that fits, else
 /// recomputes, with the span length that needs the least memory.
 pub fn choose(
-    m: &LlamaConfig,
+    m: &Architecture,
     w: &Workload,
     checkpointing: Checkpointing,
     budget: (u64, String),
     overhead: u64,
 ) -> Result<Plan, NothingFits> {
     let usable = (budget.0 as f64 * (1.0 - SAFETY_MARGIN)) as u64;
-    let layers = m.num_hidden_layers.max(1);
+    let layers = m.blocks.len().max(1);
     let candidates: Vec<Option<usize>> = match checkpointing {
         Checkpointing::None => vec![None],
         Checkpointing::Every(k) => vec![Some(k)],
@@ -289,7 +281,7 @@ pub fn choose(
 /// recompute (when `checkpointing` allows it), then with, and accumulates over the rest.
 #[allow(clippy::too_many_arguments)]
 pub fn choose_run(
-    m: &LlamaConfig,
+    m: &Architecture,
     w: &Workload,
     batch: BatchSize,
     effective: usize,
@@ -336,7 +328,7 @@ pub fn resolve(config: &Config, plan: &Plan) -> Config {
 }
 
 /// The workload a config describes, for a model of shape `m` with these parameter counts.
-pub fn workload(config: &Config, m: &LlamaConfig, trainable: u64, total: u64) -> Workload {
+pub fn workload(config: &Config, m: &Architecture, trainable: u64, total: u64) -> Workload {
     let lora = config.model.pretrained.is_some()
         && config.finetune.method == kiln_config::FinetuneMethod::Lora;
     Workload {
@@ -345,8 +337,12 @@ pub fn workload(config: &Config, m: &LlamaConfig, trainable: u64, total: u64) ->
         trainable,
         total,
         dropout: config.model.dropout > 0.0 || (lora && config.finetune.lora.dropout > 0.0),
-        loss_chunk: crate::step::StepShape::new(None, config.memory.loss_chunk, m.vocab_size)
-            .loss_chunk,
+        loss_chunk: crate::step::StepShape::new(
+            None,
+            config.memory.loss_chunk,
+            m.config.vocab_size,
+        )
+        .loss_chunk,
         half: config.train.dtype != kiln_config::ComputeDtype::F32,
     }
 }
@@ -374,7 +370,7 @@ pub struct Resumed {
 fn plan_shape(
     config: &Config,
     selected: &crate::device::SelectedDevice,
-    m: &LlamaConfig,
+    m: &Architecture,
     trainable: u64,
     total: u64,
     resumed: Resumed,
@@ -411,14 +407,14 @@ fn plan_shape(
 pub fn plan_run(
     config: &Config,
     selected: &crate::device::SelectedDevice,
-    model: &kiln_models::LlamaModel,
+    model: &kiln_models::Model,
     resumed: Resumed,
 ) -> Result<Plan, crate::TrainError> {
     let (trainable, total) = crate::trainer::count_params(model);
     plan_shape(
         config,
         selected,
-        &model.config,
+        model.arch(),
         trainable as u64,
         total as u64,
         resumed,
@@ -431,81 +427,63 @@ pub fn plan_run(
 pub fn shape_check(
     config: &Config,
     selected: &crate::device::SelectedDevice,
-) -> impl Fn(&LlamaConfig, u64, u64) -> Result<(), crate::TrainError> {
+) -> impl Fn(&Architecture, u64, u64) -> Result<(), crate::TrainError> {
     move |m, trainable, total| {
-        m.validate().map_err(|(field, message)| {
-            crate::TrainError::Other(format!("model.{field}: {message}"))
-        })?;
         plan_shape(config, selected, m, trainable, total, Resumed::default())
             .map(|_| ())
             .map_err(|e| crate::TrainError::Other(e.to_string()))
     }
 }
 
-/// A model's shape and parameter counts (trainable, total), read without loading its weights:
-/// `config.json` or GGUF metadata for pretrained models, the tokenizer for models from scratch.
-pub fn model_shape(config: &Config) -> Result<(LlamaConfig, u64, u64), crate::TrainError> {
+/// The decoder a config declares (its family refusing it names the field).
+pub fn declare(m: &ModelConfig) -> Result<Architecture, crate::TrainError> {
+    m.declare()
+        .map_err(|(field, message)| crate::TrainError::Other(format!("model.{field}: {message}")))
+}
+
+/// A model's declaration and parameter counts (trainable, total), read without loading its
+/// weights: `config.json` or GGUF metadata for pretrained models, the tokenizer for models from
+/// scratch.
+pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64), crate::TrainError> {
     match &config.model.pretrained {
         Some(base) => pretrained_shape(config, base),
         None => {
             let (tokenizer, _) = crate::setup::load_data(config, None, None, &[])?;
-            let m = crate::setup::scratch_shape(config, tokenizer.vocab_size())?;
+            let m = declare(&crate::setup::scratch_shape(
+                config,
+                tokenizer.vocab_size(),
+            )?)?;
             let n = m.num_params() as u64;
             Ok((m, n, n))
         }
     }
 }
 
-/// A pretrained model's shape from its `config.json` or GGUF metadata, and the parameter counts
-/// the config's fine-tuning method gives it (LoRA adapters counted from the spec).
+/// A pretrained model's declaration from its `config.json` or GGUF metadata, and the parameter
+/// counts the config's fine-tuning method gives it (LoRA adapters counted from the spec).
 pub fn pretrained_shape(
     config: &Config,
     base: &std::path::Path,
-) -> Result<(LlamaConfig, u64, u64), crate::TrainError> {
+) -> Result<(Architecture, u64, u64), crate::TrainError> {
     let m = if kiln_models::pretrained::is_gguf(base) {
-        kiln_models::gguf::GgufFile::read(base)?.config()?
+        kiln_models::gguf::read_config(&kiln_models::gguf::GgufFile::read(base)?)?.1
     } else {
         kiln_models::hf::read_config(base)?
     };
-    let (trainable, total) = param_counts(config, &m);
-    Ok((m, trainable, total))
+    let arch = declare(&m)?;
+    let (trainable, total) = param_counts(config, &arch)?;
+    Ok((arch, trainable, total))
 }
 
-/// (trainable, total) parameters of a pretrained model of shape `m` under the config's
+/// (trainable, total) parameters of a pretrained model declared as `m` under the config's
 /// fine-tuning method (LoRA adapters counted from the spec).
-pub fn param_counts(config: &Config, m: &LlamaConfig) -> (u64, u64) {
+pub fn param_counts(config: &Config, m: &Architecture) -> Result<(u64, u64), crate::TrainError> {
     let base_params = m.num_params() as u64;
     if config.finetune.method == kiln_config::FinetuneMethod::Full {
-        return (base_params, base_params);
+        return Ok((base_params, base_params));
     }
-    let spec = crate::setup::lora_spec(config, m.num_hidden_layers);
-    let (d, ff) = (m.hidden_size, m.intermediate_size);
-    let (q, kv) = (
-        m.num_attention_heads * m.head_dim,
-        m.num_key_value_heads * m.head_dim,
-    );
-    let per_layer: usize = spec
-        .targets
-        .iter()
-        .map(|t| {
-            let (din, dout) = match t.as_str() {
-                "q_proj" => (d, q),
-                "k_proj" | "v_proj" => (d, kv),
-                "o_proj" => (q, d),
-                "gate_proj" | "up_proj" => (d, ff),
-                "down_proj" => (ff, d),
-                _ => (0, 0),
-            };
-            spec.rank * (din + dout)
-        })
-        .sum();
-    let lora = (per_layer
-        * spec
-            .layers
-            .iter()
-            .filter(|&&i| i < m.num_hidden_layers)
-            .count()) as u64;
-    (lora, base_params + lora)
+    let lora = crate::setup::lora_spec(config, m)?.num_params(m) as u64;
+    Ok((lora, base_params + lora))
 }
 
 /// What `kiln plan` shows: the plan, and the estimate of every checkpointing option.
@@ -540,7 +518,7 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
     };
     let mut options = vec![("none".to_string(), estimate(&m, &w, None, overhead))];
     let chosen = plan.as_ref().ok().and_then(|p| p.recompute_every);
-    for k in 1..=m.num_hidden_layers {
+    for k in 1..=m.blocks.len() {
         if [1, 2, 3, 4, 6, 8, 12, 16].contains(&k) || Some(k) == chosen {
             options.push((format!("every: {k}"), estimate(&m, &w, Some(k), overhead)));
         }
@@ -549,13 +527,13 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
         device: selected.description,
         model: format!(
             "{} {} layers, width {}, {} heads ({} kv), FFN {}, vocab {}",
-            m.model_type,
-            m.num_hidden_layers,
-            m.hidden_size,
-            m.num_attention_heads,
-            m.num_key_value_heads,
-            m.intermediate_size,
-            m.vocab_size
+            m.config.model_type,
+            m.blocks.len(),
+            m.config.hidden_size,
+            m.config.num_attention_heads,
+            m.config.num_key_value_heads,
+            m.config.intermediate_size,
+            m.config.vocab_size
         ),
         trainable_params: trainable,
         total_params: total,
@@ -574,59 +552,54 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
 mod tests {
     use super::*;
 
-    fn llama3_8b() -> LlamaConfig {
-        LlamaConfig {
-            model_type: "llama".into(),
-            vocab_size: 128_256,
-            hidden_size: 4096,
-            intermediate_size: 14_336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: 8,
-            head_dim: 128,
-            max_position_embeddings: 8192,
-            rms_norm_eps: 1e-5,
-            rope_theta: 500_000.0,
-            rope_scaling: None,
-            tie_word_embeddings: false,
-            qkv_bias: false,
-            o_bias: false,
-            mlp_bias: false,
+    /// A Llama-family declaration from `config.json` fields.
+    fn llama(fields: serde_json::Value) -> Architecture {
+        let mut hf =
+            serde_json::json!({"model_type": "llama", "architectures": ["LlamaForCausalLM"]});
+        for (k, v) in fields.as_object().unwrap() {
+            hf[k] = v.clone();
         }
+        kiln_models::family::config_from_hf(hf.as_object().unwrap())
+            .unwrap()
+            .declare()
+            .unwrap()
     }
 
-    fn smollm2_135m() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 49_152,
-            hidden_size: 576,
-            intermediate_size: 1536,
-            num_hidden_layers: 30,
-            num_attention_heads: 9,
-            num_key_value_heads: 3,
-            head_dim: 64,
-            max_position_embeddings: 8192,
-            rope_theta: 100_000.0,
-            tie_word_embeddings: true,
-            ..llama3_8b()
-        }
+    fn llama3_8b() -> Architecture {
+        llama(serde_json::json!({
+            "vocab_size": 128_256, "hidden_size": 4096, "intermediate_size": 14_336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+            "rope_theta": 500_000.0, "tie_word_embeddings": false,
+        }))
+    }
+
+    fn smollm2_135m() -> Architecture {
+        llama(serde_json::json!({
+            "vocab_size": 49_152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+            "rope_theta": 100_000.0, "tie_word_embeddings": true,
+        }))
     }
 
     /// LoRA r = 16 on all seven projections of every block.
-    fn lora_workload(m: &LlamaConfig, batch: usize, seq: usize) -> Workload {
-        let (d, ff) = (m.hidden_size, m.intermediate_size);
-        let (q, kv) = (
-            m.num_attention_heads * m.head_dim,
-            m.num_key_value_heads * m.head_dim,
-        );
-        let per_layer = 16 * ((d + q) * 2 + (d + kv) * 2 + (d + ff) * 3);
-        let trainable = (per_layer * m.num_hidden_layers) as u64;
+    fn lora_workload(m: &Architecture, batch: usize, seq: usize) -> Workload {
+        let spec = kiln_models::lora::LoraSpec {
+            rank: 16,
+            alpha: 32.0,
+            rslora: false,
+            targets: m.block_modules(),
+            layers: (0..m.blocks.len()).collect(),
+        };
+        let trainable = spec.num_params(m) as u64;
         Workload {
             batch,
             seq,
             trainable,
             total: m.num_params() as u64 + trainable,
             dropout: false,
-            loss_chunk: crate::step::StepShape::new(None, 0, m.vocab_size).loss_chunk,
+            loss_chunk: crate::step::StepShape::new(None, 0, m.config.vocab_size).loss_chunk,
             half: false,
         }
     }

@@ -11,7 +11,7 @@ use kiln_data::{Batch, ChatTemplate, Corpus, Tokenizer};
 use kiln_models::lora::{self, LoraSpec};
 use kiln_models::pretrained::Pretrained;
 use kiln_models::safetensors_io;
-use kiln_models::{LlamaConfig, LlamaModel};
+use kiln_models::{Architecture, Model, ModelConfig};
 use std::path::{Path, PathBuf};
 
 /// How the weights are trained.
@@ -162,21 +162,40 @@ pub(crate) fn load_data(
     Ok((tokenizer, TrainData::Text(corpus)))
 }
 
-/// The LoRA spec the config asks for, for a model of `n_layers` blocks.
-pub fn lora_spec(config: &Config, n_layers: usize) -> LoraSpec {
+/// The LoRA spec the config asks for, for a model declared as `arch`: `all-linear` is every
+/// linear module of its blocks; other names must be modules it has.
+pub fn lora_spec(config: &Config, arch: &Architecture) -> Result<LoraSpec, TrainError> {
     let l = &config.finetune.lora;
-    LoraSpec {
+    let spec = LoraSpec {
         rank: l.rank,
         alpha: l.alpha,
         rslora: l.rslora,
-        targets: l.targets(),
-        layers: l.layer_indices(n_layers),
+        targets: if l.all_linear() {
+            arch.block_modules()
+        } else {
+            l.targets()
+        },
+        layers: l.layer_indices(arch.blocks.len()),
+    };
+    if let Some((bad, modules)) = spec.unknown_target(arch) {
+        return Err(TrainError::Other(format!(
+            "finetune.lora.target_modules: `{bad}` is not a module of this {} model (its linear modules: {}, or all-linear)",
+            arch.config.model_type,
+            modules.join(", ")
+        )));
     }
+    let n_layers = arch.blocks.len();
+    if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
+        return Err(TrainError::Other(format!(
+            "finetune.lora.layers: block {bad} does not exist (the model has {n_layers})"
+        )));
+    }
+    Ok(spec)
 }
 
 /// What `setup` asks before it builds or loads any weights, given the model's shape and its
 /// (trainable, total) parameter counts: `plan::shape_check` refuses a run that cannot fit.
-pub type ShapeCheck<'a> = &'a dyn Fn(&LlamaConfig, u64, u64) -> Result<(), TrainError>;
+pub type ShapeCheck<'a> = &'a dyn Fn(&Architecture, u64, u64) -> Result<(), TrainError>;
 
 /// The model (on the plain, non-autodiff device) and the rest of the run's setup. `check` sees
 /// the model's shape first, so an impossible run stops before anything is allocated.
@@ -185,7 +204,7 @@ pub fn setup(
     device: &Device,
     resume: Option<&Path>,
     check: ShapeCheck<'_>,
-) -> Result<(LlamaModel, Setup), TrainError> {
+) -> Result<(Model, Setup), TrainError> {
     let Some(base) = &config.model.pretrained else {
         return setup_scratch(config, device, resume, check);
     };
@@ -195,16 +214,16 @@ pub fn setup(
         false => None,
     };
     let shape = match &gguf {
-        Some(file) => file.config()?,
+        Some(file) => kiln_models::gguf::read_config(file)?.1,
         None => kiln_models::hf::read_config(base)?,
     };
-    let (trainable, total) = crate::plan::param_counts(config, &shape);
-    check(&shape, trainable, total)?;
+    let arch = crate::plan::declare(&shape)?;
+    let (trainable, total) = crate::plan::param_counts(config, &arch)?;
+    check(&arch, trainable, total)?;
     let p = match gguf {
         Some(file) => Pretrained::from_gguf(file, device)?,
         None => Pretrained::load(base, device)?,
     };
-    let n_layers = p.model.config.num_hidden_layers;
     let (tokenizer, data) = load_data(
         config,
         Some(p.tokenizer.clone()),
@@ -220,13 +239,7 @@ pub fn setup(
             (model, Method::Full { base: base.clone() })
         }
         FinetuneMethod::Lora => {
-            let spec = lora_spec(config, n_layers);
-            if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
-                return Err(TrainError::Other(format!(
-                    "finetune.lora.layers: block {bad} does not exist ({} has {n_layers})",
-                    base.display()
-                )));
-            }
+            let spec = lora_spec(config, p.model.arch())?;
             let mut model = lora::attach(p.model, &spec, config.run.seed);
             if let Some(dir) = resume {
                 model = load_adapter(model, &dir.join(checkpoint::ADAPTER_FILE))?;
@@ -253,7 +266,7 @@ pub fn setup(
 }
 
 /// The shape of a model trained from scratch on a tokenizer of `vocab` tokens.
-pub(crate) fn scratch_shape(config: &Config, vocab: usize) -> Result<LlamaConfig, TrainError> {
+pub(crate) fn scratch_shape(config: &Config, vocab: usize) -> Result<ModelConfig, TrainError> {
     if let Some(v) = config.model.vocab_size
         && v < vocab
     {
@@ -261,7 +274,8 @@ pub(crate) fn scratch_shape(config: &Config, vocab: usize) -> Result<LlamaConfig
             "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
         )));
     }
-    Ok(LlamaConfig::from_model_config(&config.model, vocab))
+    kiln_models::family::config_from_scratch(&config.model, vocab)
+        .map_err(|(field, message)| TrainError::Other(format!("model.{field}: {message}")))
 }
 
 fn setup_scratch(
@@ -269,19 +283,20 @@ fn setup_scratch(
     device: &Device,
     resume: Option<&Path>,
     check: ShapeCheck<'_>,
-) -> Result<(LlamaModel, Setup), TrainError> {
+) -> Result<(Model, Setup), TrainError> {
     let saved_tokenizer = match resume {
         Some(dir) => Some(Tokenizer::load_dir(dir)?),
         None => None,
     };
     let (tokenizer, data) = load_data(config, saved_tokenizer, None, &[])?;
     let model_config = scratch_shape(config, tokenizer.vocab_size())?;
-    let n = model_config.num_params() as u64;
-    check(&model_config, n, n)?;
+    let arch = crate::plan::declare(&model_config)?;
+    let n = arch.num_params() as u64;
+    check(&arch, n, n)?;
     let model = match resume {
         Some(dir) => {
             let saved = checkpoint::read_model_config(dir)?;
-            if saved != model_config {
+            if saved.to_hf_json() != model_config.to_hf_json() {
                 return Err(TrainError::Checkpoint {
                     path: dir.to_path_buf(),
                     message: "its model shape differs from this config's `model` section".into(),
@@ -289,8 +304,8 @@ fn setup_scratch(
             }
             checkpoint::load_model(dir, device)?
         }
-        None => LlamaModel::init(
-            model_config,
+        None => Model::init(
+            arch,
             config.model.initializer_range,
             config.run.seed,
             device,
@@ -309,7 +324,7 @@ fn setup_scratch(
 }
 
 /// Replaces the adapter matrices of `model` with those of a PEFT `adapter_model.safetensors`.
-pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainError> {
+pub fn load_adapter(model: Model, path: &Path) -> Result<Model, TrainError> {
     use kiln_models::{ParamKind, ParamMapper};
     let tensors = safetensors_io::read_all(path)?;
     struct Load<'a> {
@@ -336,7 +351,7 @@ pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainE
                 return p;
             }
             self.used += 1;
-            let values = kiln_models::llama::transpose_host(&t.data, t.shape[0], t.shape[1]);
+            let values = kiln_models::params::transpose_host(&t.data, t.shape[0], t.shape[1]);
             Tensor::from_data(TensorData::new(values, p.shape()), &p.device())
         }
     }
@@ -365,8 +380,9 @@ pub fn load_adapter(model: LlamaModel, path: &Path) -> Result<LlamaModel, TrainE
     Ok(model)
 }
 
-/// The LoRA spec a PEFT `adapter_config.json` describes, for a model of `n_layers` blocks.
-pub fn read_adapter_spec(dir: &Path, n_layers: usize) -> Result<LoraSpec, TrainError> {
+/// The LoRA spec a PEFT `adapter_config.json` describes, for a model declared as `arch`.
+pub fn read_adapter_spec(dir: &Path, arch: &Architecture) -> Result<LoraSpec, TrainError> {
+    let n_layers = arch.blocks.len();
     let path = dir.join(checkpoint::ADAPTER_CONFIG_FILE);
     let err = |message: String| TrainError::Checkpoint {
         path: path.clone(),
@@ -390,9 +406,7 @@ pub fn read_adapter_spec(dir: &Path, n_layers: usize) -> Result<LoraSpec, TrainE
             .iter()
             .filter_map(|t| t.as_str().map(str::to_string))
             .collect(),
-        Some(serde_json::Value::String(s)) if s == "all-linear" => {
-            LoraSpec::ALL_LINEAR.iter().map(|s| s.to_string()).collect()
-        }
+        Some(serde_json::Value::String(s)) if s == kiln_config::ALL_LINEAR => arch.block_modules(),
         _ => return Err(err("`target_modules` must be a list of module names".into())),
     };
     let layers = match v.get("layers_to_transform") {
@@ -403,7 +417,7 @@ pub fn read_adapter_spec(dir: &Path, n_layers: usize) -> Result<LoraSpec, TrainE
         Some(serde_json::Value::Number(n)) => vec![n.as_u64().unwrap_or(0) as usize],
         _ => (0..n_layers).collect(),
     };
-    Ok(LoraSpec {
+    let spec = LoraSpec {
         rank,
         alpha,
         rslora: v
@@ -412,12 +426,19 @@ pub fn read_adapter_spec(dir: &Path, n_layers: usize) -> Result<LoraSpec, TrainE
             .unwrap_or(false),
         targets,
         layers,
-    })
+    };
+    if let Some((bad, modules)) = spec.unknown_target(arch) {
+        return Err(err(format!(
+            "target module `{bad}` is not in this model (its linear modules: {})",
+            modules.join(", ")
+        )));
+    }
+    Ok(spec)
 }
 
 /// Attaches the PEFT adapter in `dir` to `model`.
-pub fn apply_adapter_dir(model: LlamaModel, dir: &Path) -> Result<LlamaModel, TrainError> {
-    let spec = read_adapter_spec(dir, model.config.num_hidden_layers)?;
+pub fn apply_adapter_dir(model: Model, dir: &Path) -> Result<Model, TrainError> {
+    let spec = read_adapter_spec(dir, model.arch())?;
     let model = lora::attach(model, &spec, 0);
     load_adapter(model, &dir.join(checkpoint::ADAPTER_FILE))
 }

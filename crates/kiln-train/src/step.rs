@@ -18,9 +18,9 @@ use crate::optim::GradAccumulator;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kiln_data::Batch;
-use kiln_models::llama::Dropout;
-use kiln_models::llama::to_dtype;
-use kiln_models::{LlamaModel, ParamKind, ParamMapper};
+use kiln_models::Dropout;
+use kiln_models::dtype::to_dtype;
+use kiln_models::{Model, ParamKind, ParamMapper};
 
 /// How one micro-batch is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl StepShape {
 /// Forward and backward of `batch`: adds `scale ×` the gradients into `grads` and returns the
 /// batch's mean loss (detached, off the tape).
 pub fn forward_backward(
-    master: &LlamaModel,
+    master: &Model,
     batch: &Batch,
     dropout: &mut Option<Dropout>,
     shape: StepShape,
@@ -83,7 +83,7 @@ pub fn forward_backward(
     match shape.recompute_every {
         None => {
             let mut h = x0;
-            for i in 0..model.layers.len() {
+            for i in 0..model.num_layers() {
                 h = model.block(i, h, &consts, dropout, None);
             }
             let (loss, grad_h) =
@@ -93,7 +93,7 @@ pub fn forward_backward(
         }
         Some(k) => {
             let view = inference_view(model);
-            let n = model.layers.len();
+            let n = model.num_layers();
             let spans: Vec<(usize, usize)> = (0..n)
                 .step_by(k.max(1))
                 .map(|a| (a, (a + k).min(n)))
@@ -151,7 +151,7 @@ pub fn loss_scale(dtype: FloatDType) -> f64 {
 
 /// `model`'s parameters cast to `dtype` (on the tape, for tracked ones), or `model` itself in
 /// its own type.
-pub fn compute_view(model: &LlamaModel, dtype: FloatDType) -> LlamaModel {
+pub fn compute_view(model: &Model, dtype: FloatDType) -> Model {
     struct Cast(FloatDType);
     impl ParamMapper for Cast {
         fn map<const D: usize>(&mut self, _: &str, _: ParamKind, p: Tensor<D>) -> Tensor<D> {
@@ -168,7 +168,7 @@ pub fn compute_view(model: &LlamaModel, dtype: FloatDType) -> LlamaModel {
 /// `model` with its frozen parameters (all but LoRA's adapters) held in `dtype`: a LoRA run in
 /// half precision keeps its base model in the half type, as mlx-lm does, instead of an f32 copy
 /// cast at every step. A no-op in f32.
-pub fn frozen_to(model: LlamaModel, dtype: FloatDType) -> LlamaModel {
+pub fn frozen_to(model: Model, dtype: FloatDType) -> Model {
     struct Frozen(FloatDType);
     impl ParamMapper for Frozen {
         fn map<const D: usize>(&mut self, _: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
@@ -191,7 +191,7 @@ fn span_backward(
     out: Tensor<2>,
     grad_out: Tensor<2>,
     input: &Tensor<2>,
-    model: &LlamaModel,
+    model: &Model,
     grads: &mut GradAccumulator,
     scale: f64,
 ) -> Tensor<2> {
@@ -206,7 +206,7 @@ fn span_backward(
 fn backprop_into(
     y: Tensor<2>,
     grad: Tensor<2>,
-    model: &LlamaModel,
+    model: &Model,
     grads: &mut GradAccumulator,
     scale: f64,
 ) {
@@ -220,8 +220,8 @@ fn backprop_into(
 /// hidden state `h`, each chunk taped and backpropagated on its own. Returns the mean loss and
 /// the gradient of the loss with respect to `h` (both off the tape).
 fn head_backward(
-    model: &LlamaModel,
-    master: &LlamaModel,
+    model: &Model,
+    master: &Model,
     h: &Tensor<2>,
     batch: &Batch,
     chunk: usize,
@@ -244,7 +244,7 @@ fn head_backward(
         };
         let part = part.autodiff().require_grad();
         let logits = model.head(part.clone());
-        let sum = LlamaModel::cross_entropy_sum(
+        let sum = Model::cross_entropy_sum(
             logits,
             &batch.targets[start..end],
             mask.map(|m| &m[start..end]),

@@ -13,10 +13,10 @@ use crate::{TrainError, inference};
 use burn::prelude::*;
 use kiln_config::Config;
 use kiln_data::Rng;
-use kiln_models::llama::Dropout;
+use kiln_models::Dropout;
 use kiln_models::lora;
 use kiln_models::safetensors_io;
-use kiln_models::{LlamaModel, ParamKind, ParamVisitor};
+use kiln_models::{Model, ParamKind, ParamVisitor};
 use kiln_tensorboard::EventWriter;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -103,7 +103,7 @@ pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
 }
 
 /// (trainable, total) parameter counts.
-pub fn count_params(model: &LlamaModel) -> (usize, usize) {
+pub fn count_params(model: &Model) -> (usize, usize) {
     struct Count(usize, usize);
     impl ParamVisitor for Count {
         fn visit<const D: usize>(&mut self, _: &str, _: ParamKind, p: &Tensor<D>) {
@@ -174,13 +174,13 @@ impl SkipCounter {
 }
 
 /// How micro-batches are computed under a memory plan.
-pub fn step_shape(config: &Config, model: &LlamaModel, plan: &Plan) -> StepShape {
+pub fn step_shape(config: &Config, model: &Model, plan: &Plan) -> StepShape {
     StepShape {
         dtype: compute_dtype(config.train.dtype),
         ..StepShape::new(
             plan.recompute_every,
             config.memory.loss_chunk,
-            model.config.vocab_size,
+            model.config().vocab_size,
         )
     }
 }
@@ -224,7 +224,7 @@ impl Prefetched {
 /// critical path. Batches are a function of their index, so this changes no result.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
-    model: LlamaModel,
+    model: Model,
     optimizer: &mut AdamW,
     data: &TrainData,
     config: &Config,
@@ -232,7 +232,7 @@ pub fn train_step(
     lr: f64,
     shape: StepShape,
     prefetch: &mut Prefetched,
-) -> (LlamaModel, StepOutput) {
+) -> (Model, StepOutput) {
     let (bs, seq, accum) = (
         config.train.batch_size.get(),
         config.data.seq_len,
@@ -416,7 +416,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         },
     };
     let (n_trainable, n_total) = count_params(&model);
-    let mc = &model.config;
+    let mc = model.config();
     let what = match &setup.method {
         Method::Scratch => "from scratch".to_string(),
         Method::Full { base } => format!("full fine-tune of {}", base.display()),

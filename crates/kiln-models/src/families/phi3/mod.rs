@@ -1,0 +1,120 @@
+//! Phi-3, Phi-3.5 and Phi-4-mini (`Phi3ForCausalLM`): Llama's pre-norm block with the q/k/v
+//! projections fused into `qkv_proj` (rows `[q | k | v]`) and gate/up into `gate_up_proj`
+//! (`[gate | up]`), LongRoPE, RoPE over the first `partial_rotary_factor` of each head, and an
+//! optional sliding window. LoRA targets are the fused names, as PEFT sees them.
+
+mod gguf;
+
+use crate::arch::{ArchBuilder, Architecture};
+use crate::config::{FieldError, ModelConfig, opt_usize};
+use crate::family::{Family, GgufNames};
+use crate::gguf::GgufFile;
+use crate::layers::rope::rope_params;
+use crate::layers::{Activation, Attention, Block, GateUpProjection, Mlp, QkvProjection, Rope};
+use serde_json::{Map, Value};
+
+pub struct Phi3;
+
+impl Family for Phi3 {
+    fn name(&self) -> &'static str {
+        "phi3"
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["phi3"]
+    }
+
+    fn hf_architectures(&self) -> &'static [&'static str] {
+        &["Phi3ForCausalLM"]
+    }
+
+    fn gguf_architectures(&self) -> &'static [&'static str] {
+        &["phi3"]
+    }
+
+    fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError> {
+        super::require_act(hf, "hidden_act", &["silu"])?;
+        let config = ModelConfig::from_hf(self.name(), "phi3", hf, false)?;
+        self.declare(&config)?;
+        Ok(config)
+    }
+
+    fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
+        let rope = Rope::from_hf(config, rope_params(&config.hf), 10000.0)?;
+        let window = opt_usize(&config.hf, "sliding_window")?;
+        let (d, q, kv, ff) = (
+            config.hidden_size,
+            config.q_width(),
+            config.kv_width(),
+            config.intermediate_size,
+        );
+        let eps = config.rms_norm_eps;
+        let mut b = ArchBuilder::default();
+        let embed = b.embedding(config);
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let qkv = QkvProjection::Fused(b.linear(
+                format!("{p}.self_attn.qkv_proj"),
+                d,
+                q + 2 * kv,
+                false,
+            ));
+            let o_proj = b.linear(format!("{p}.self_attn.o_proj"), q, d, false);
+            let gate_up = GateUpProjection::Fused(b.linear(
+                format!("{p}.mlp.gate_up_proj"),
+                d,
+                2 * ff,
+                false,
+            ));
+            let down_proj = b.linear(format!("{p}.mlp.down_proj"), ff, d, false);
+            let attn_norm = b.norm(format!("{p}.input_layernorm"), d, eps, false);
+            let mlp_norm = b.norm(format!("{p}.post_attention_layernorm"), d, eps, false);
+            blocks.push(Block {
+                attn_norm,
+                attn: Attention {
+                    qkv,
+                    o_proj,
+                    q_norm: None,
+                    k_norm: None,
+                    heads: config.num_attention_heads,
+                    kv_heads: config.num_key_value_heads,
+                    head_dim: config.head_dim,
+                    scale: 1.0 / (config.head_dim as f64).sqrt(),
+                    rope: Some(0),
+                    window,
+                    softcap: None,
+                },
+                attn_out_norm: None,
+                mlp_norm,
+                mlp: Mlp {
+                    gate_up,
+                    down_proj,
+                    activation: Activation::Silu,
+                    width: ff,
+                },
+                mlp_out_norm: None,
+            });
+        }
+        Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
+    }
+
+    fn hf_json(&self, config: &ModelConfig) -> Value {
+        let mut m = config.common_json();
+        super::set_identity(&mut m, "phi3", "Phi3ForCausalLM");
+        m.entry("hidden_act").or_insert("silu".into());
+        Value::Object(m)
+    }
+
+    fn gguf_config(&self, file: &GgufFile) -> Result<Map<String, Value>, String> {
+        gguf::config(file)
+    }
+
+    fn gguf_names(&self) -> GgufNames {
+        gguf::NAMES
+    }
+
+    fn gguf_ignored(&self, gguf_name: &str) -> bool {
+        gguf_name.starts_with("rope_factors_")
+    }
+}

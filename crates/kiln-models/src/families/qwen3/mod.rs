@@ -1,0 +1,103 @@
+//! Qwen3 dense (`Qwen3ForCausalLM`): Llama's block with an RMSNorm over each head's queries
+//! and keys before RoPE, `head_dim` from the config, no biases unless `attention_bias`, and
+//! sliding-window layers where `layer_types` says so.
+
+use crate::arch::{ArchBuilder, Architecture, PreNormBlock, pre_norm_block};
+use crate::config::{FieldError, ModelConfig, opt_bool};
+use crate::family::{Family, GGUF_GLOBAL, GgufNames, gguf_common_config};
+use crate::gguf::GgufFile;
+use crate::layers::Rope;
+use crate::layers::rope::rope_params;
+use serde_json::{Map, Value};
+
+pub struct Qwen3;
+
+const NAMES: GgufNames = GgufNames {
+    global: GGUF_GLOBAL,
+    block: &[
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("attn_q_norm", "self_attn.q_norm"),
+        ("attn_k_norm", "self_attn.k_norm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+        ("attn_norm", "input_layernorm"),
+        ("ffn_norm", "post_attention_layernorm"),
+    ],
+};
+
+impl Family for Qwen3 {
+    fn name(&self) -> &'static str {
+        "qwen3"
+    }
+
+    fn model_types(&self) -> &'static [&'static str] {
+        &["qwen3"]
+    }
+
+    fn hf_architectures(&self) -> &'static [&'static str] {
+        &["Qwen3ForCausalLM"]
+    }
+
+    fn gguf_architectures(&self) -> &'static [&'static str] {
+        &["qwen3"]
+    }
+
+    fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError> {
+        super::require_act(hf, "hidden_act", &["silu"])?;
+        let config = ModelConfig::from_hf(self.name(), "qwen3", hf, false)?;
+        self.declare(&config)?;
+        Ok(config)
+    }
+
+    fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
+        let rope = Rope::from_hf(config, rope_params(&config.hf), 1_000_000.0)?;
+        let bias = opt_bool(&config.hf, "attention_bias")?.unwrap_or(false);
+        let mut b = ArchBuilder::default();
+        let embed = b.embedding(config);
+        let blocks = super::layer_windows(config)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, window)| {
+                let block = PreNormBlock {
+                    qkv_bias: bias,
+                    o_bias: bias,
+                    mlp_bias: false,
+                    qk_norm: true,
+                    rope: Some(0),
+                    window,
+                };
+                pre_norm_block(&mut b, config, i, block)
+            })
+            .collect();
+        Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
+    }
+
+    fn hf_json(&self, config: &ModelConfig) -> Value {
+        let mut m = config.common_json();
+        super::set_identity(&mut m, "qwen3", "Qwen3ForCausalLM");
+        m.entry("hidden_act").or_insert("silu".into());
+        Value::Object(m)
+    }
+
+    fn gguf_config(&self, file: &GgufFile) -> Result<Map<String, Value>, String> {
+        let mut m = gguf_common_config(file, "qwen3", true)?;
+        super::set_identity(&mut m, "qwen3", "Qwen3ForCausalLM");
+        m.insert("hidden_act".into(), "silu".into());
+        m.insert(
+            "attention_bias".into(),
+            file.tensors
+                .iter()
+                .any(|t| t.name.ends_with("attn_q.bias"))
+                .into(),
+        );
+        Ok(m)
+    }
+
+    fn gguf_names(&self) -> GgufNames {
+        NAMES
+    }
+}
