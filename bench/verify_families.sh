@@ -4,7 +4,7 @@
 # then bench/verify_peft.py: PEFT loads the adapter with kiln's logits, and transformers loads
 # `kiln fuse`'s model with kiln's logits. Not a test: it prints figures for the issue notes.
 #
-#   bench/verify_families.sh [FAMILY ...]      (default: qwen3 gemma3 phi3)
+#   bench/verify_families.sh [FAMILY ...]      (default: qwen3 gemma3 phi3 smollm3)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
@@ -23,7 +23,7 @@ for name, part in (("train", lines[:400]), ("valid", lines[400:440])):
             f.write(json.dumps({"text": "\n".join(part[i:i + 4])}) + "\n")
 PY
 status=0
-for family in "${@:-qwen3 gemma3 phi3}"; do
+for family in "${@:-qwen3 gemma3 phi3 smollm3}"; do
   for f in $family; do
     "$CARGO_TARGET_DIR/debug/kiln" finetune --model "tests/fixtures/families/$f" --data "$work/data" \
       --targets all-linear --rank 4 --alpha 8 --iters 30 --lr 1e-2 --batch-size 2 --seq-len 48 \

@@ -1067,13 +1067,13 @@ fn hf_models_match_transformers_logits() {
     }
 }
 
-/// Qwen3, Gemma 3 and Phi-3, each from its Hugging Face directory and from GGUF
+/// Qwen3, Gemma 3, Phi-3 and SmolLM3, each from its Hugging Face directory and from GGUF
 /// (tests/fixtures/make_families.py: tiny random models built by transformers, the GGUF under
 /// llama.cpp's names and conventions with f16 matrices), against transformers' logits.
 #[test]
 fn model_families_match_transformers_logits_from_hf_and_gguf() {
     let device = burn::tensor::Device::flex();
-    for name in ["qwen3", "gemma3", "phi3"] {
+    for name in ["qwen3", "gemma3", "phi3", "smollm3"] {
         let dir = repo().join("tests/fixtures/families").join(name);
         let hf = kiln::models::hf::load_model(&dir, &device)
             .unwrap_or_else(|e| panic!("{name} (HF): {e}"));
@@ -1162,6 +1162,7 @@ fn kv_cache_generation_matches_full_forward() {
         "families/qwen3",
         "families/gemma3",
         "families/phi3",
+        "families/smollm3",
     ] {
         let dir = repo().join("tests/fixtures").join(dir);
         let model = kiln::models::hf::load_model(&dir, &burn::tensor::Device::flex()).unwrap();
@@ -1696,7 +1697,7 @@ fn fuzz_inputs_replay_through_the_model_families() {
         }
     }
     // Every family's fixture config.json and GGUF go through the same checks.
-    for family in ["qwen3", "gemma3", "phi3"] {
+    for family in ["qwen3", "gemma3", "phi3", "smollm3"] {
         let dir = repo().join("tests/fixtures/families").join(family);
         kiln::models::fuzz::hf_json(&std::fs::read(dir.join("config.json")).unwrap());
         kiln::models::fuzz::gguf(&std::fs::read(dir.join("model.gguf")).unwrap());

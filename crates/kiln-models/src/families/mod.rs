@@ -6,6 +6,7 @@ pub mod gemma3;
 pub mod llama;
 pub mod phi3;
 pub mod qwen3;
+pub mod smollm3;
 
 use crate::config::FieldError;
 use crate::family::Family;
@@ -18,6 +19,7 @@ pub static FAMILIES: &[&dyn Family] = &[
     &qwen3::Qwen3,
     &gemma3::Gemma3,
     &phi3::Phi3,
+    &smollm3::SmolLm3,
 ];
 
 /// `model_type`, then the class name in `architectures`, in a config document.
