@@ -264,46 +264,55 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
 fn resume_reproduces_an_uninterrupted_run_bit_for_bit_on_cpu() {
     let (dir, corpus) = scratch("resume");
     let out = dir.path().join("runs");
-    // Dropout and accumulation on, so both must replay exactly.
-    let common = [
-        "model.dropout=0.1",
-        "train.grad_accum=2",
-        "train.max_steps=12",
-        "train.save_every=0",
-    ];
-    let full = tiny_config(&out, &corpus, "full", &common);
-    let a = train(&full, &quiet()).unwrap();
-    assert_eq!(a.steps, 12);
+    // Every family, from scratch: its config.json, parameters and optimizer state round-trip.
+    for arch in ["llama", "qwen3", "gemma3", "phi3", "smollm3"] {
+        let architecture = format!("model.architecture={arch}");
+        // Dropout and accumulation on, so both must replay exactly.
+        let common = [
+            "model.dropout=0.1",
+            "train.grad_accum=2",
+            "train.max_steps=12",
+            "train.save_every=0",
+            architecture.as_str(),
+        ];
+        let (full_name, split_name) = (format!("full-{arch}"), format!("split-{arch}"));
+        let full = tiny_config(&out, &corpus, &full_name, &common);
+        let a = train(&full, &quiet()).unwrap();
+        assert_eq!(a.steps, 12);
 
-    let split = tiny_config(&out, &corpus, "split", &common);
-    let first = train(
-        &split,
-        &TrainOptions {
-            stop_after: Some(5),
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(first.steps, 5);
-    let b = train(
-        &split,
-        &TrainOptions {
-            resume: true,
-            ..quiet()
-        },
-    )
-    .unwrap();
-    assert_eq!(b.steps, 12);
+        let split = tiny_config(&out, &corpus, &split_name, &common);
+        let first = train(
+            &split,
+            &TrainOptions {
+                stop_after: Some(5),
+                ..quiet()
+            },
+        )
+        .unwrap();
+        assert_eq!(first.steps, 5);
+        let b = train(
+            &split,
+            &TrainOptions {
+                resume: true,
+                ..quiet()
+            },
+        )
+        .unwrap_or_else(|e| panic!("{arch}: resume: {e}"));
+        assert_eq!(b.steps, 12);
 
-    let bytes = |run: &str, file: &str| {
-        std::fs::read(out.join(run).join("step-0000012").join(file)).unwrap()
-    };
-    assert!(
-        bytes("full", "model.safetensors") == bytes("split", "model.safetensors"),
-        "weights after resume differ from the uninterrupted run"
-    );
-    assert!(bytes("full", "optimizer.safetensors") == bytes("split", "optimizer.safetensors"));
-    assert_eq!(a.final_val_loss, b.final_val_loss);
+        let bytes = |run: &str, file: &str| {
+            std::fs::read(out.join(run).join("step-0000012").join(file)).unwrap()
+        };
+        assert!(
+            bytes(&full_name, "model.safetensors") == bytes(&split_name, "model.safetensors"),
+            "{arch}: weights after resume differ from the uninterrupted run"
+        );
+        assert!(
+            bytes(&full_name, "optimizer.safetensors")
+                == bytes(&split_name, "optimizer.safetensors")
+        );
+        assert_eq!(a.final_val_loss, b.final_val_loss, "{arch}");
+    }
 }
 
 #[test]
@@ -940,6 +949,52 @@ fn recompute_and_chunked_loss_match_plain_gradients_on_cpu() {
 }
 
 /// Bytes from a size kiln prints (`85.3 MiB`).
+/// Every family trains as Llama does: full-model gradients with block recompute, chunked loss
+/// and packed rows equal a plain backward (dropout masks replayed), and LoRA on all of the
+/// family's linear modules (Phi-3's fused ones included) gets gradients on the adapters only.
+#[test]
+fn every_family_recomputes_packs_and_adapts_like_a_plain_backward() {
+    use kiln::train::step::StepShape;
+    let device = burn::tensor::Device::flex().autodiff();
+    let plain = StepShape {
+        recompute_every: None,
+        loss_chunk: usize::MAX,
+        dtype: burn::tensor::FloatDType::F32,
+    };
+    for family in ["qwen3", "gemma3", "phi3", "smollm3"] {
+        let dir = repo().join("tests/fixtures/families").join(family);
+        let base = kiln::models::hf::load_model(&dir, &device.clone().without_autodiff()).unwrap();
+        let vocab = base.config().vocab_size;
+        let full = kiln::models::lora::set_trainable(base.clone(), &device, false);
+        let batch = random_batch(vocab, 2, 12, true);
+        let reference = grads_with(&full, &batch, 0.1, 0.0, plain);
+        let shape = StepShape {
+            recompute_every: Some(1),
+            loss_chunk: 5,
+            dtype: burn::tensor::FloatDType::F32,
+        };
+        let got = grads_with(&full, &batch, 0.1, 0.0, shape);
+        assert_grads_close(&format!("{family} recompute"), &reference, &got, 1e-5);
+
+        let spec = kiln::models::lora::LoraSpec {
+            rank: 2,
+            alpha: 4.0,
+            rslora: false,
+            targets: base.arch().block_modules(),
+            layers: (0..base.num_layers()).collect(),
+        };
+        let adapted = kiln::models::lora::attach(base, &spec, 3);
+        let adapted = kiln::models::lora::set_trainable(adapted, &device, true);
+        let (_, grads) = grads_with(&adapted, &batch, 0.0, 0.1, plain);
+        let expected = 2 * spec.selected(adapted.arch()).len();
+        assert_eq!(grads.len(), expected, "{family}: adapter gradients");
+        assert!(
+            grads.keys().all(|k| k.contains("lora_")),
+            "{family}: only adapters train"
+        );
+    }
+}
+
 fn parse_printed_size(text: &str) -> f64 {
     let mut parts = text.split_whitespace();
     let value: f64 = parts.next().unwrap().parse().unwrap();
@@ -1028,8 +1083,9 @@ fn parity_inputs(dir: &Path) -> (Vec<u32>, usize, usize) {
     (ids, batch, seq)
 }
 
-/// The largest |kiln − transformers| over the logits of `dir`'s inputs, against `expected`.
-fn logit_difference(model: &kiln::models::Model, dir: &Path, expected: &str) -> f32 {
+/// The largest |kiln − transformers| over the logits of `dir`'s inputs, against `expected`
+/// (a file of `dir`, or a path of its own).
+fn logit_difference(model: &kiln::models::Model, dir: &Path, expected: impl AsRef<Path>) -> f32 {
     let (ids, batch, seq) = parity_inputs(dir);
     let logits = model
         .forward(&ids, batch, seq, &mut None)
@@ -1149,6 +1205,49 @@ fn smollm2_gguf_answers_and_scores_english() {
         v["tokens"]
     );
     assert!((2.0..40.0).contains(&ppl), "perplexity {ppl}");
+}
+
+/// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`: the text config nested in
+/// `text_config`, the decoder's tensors under `model.language_model.`, a vision tower beside it)
+/// loads as its text model, with the text model's logits.
+#[test]
+fn gemma3_multimodal_checkpoints_load_their_language_model() {
+    let src = repo().join("tests/fixtures/families/gemma3");
+    let dir = tempfile::tempdir().unwrap();
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"hidden_size": 8},
+    });
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, t) in kiln::models::safetensors_io::read_all(&src.join("model.safetensors")).unwrap()
+    {
+        let name = match name.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => name,
+        };
+        tensors.insert(name, t);
+    }
+    tensors.insert(
+        "model.vision_tower.vision_model.embeddings.patch_embedding.weight".into(),
+        kiln::models::safetensors_io::HostTensor {
+            shape: vec![2, 2],
+            data: vec![0.0; 4],
+        },
+    );
+    kiln::models::safetensors_io::write_f32(&dir.path().join("model.safetensors"), &tensors, &[])
+        .unwrap();
+    for f in ["inputs.json", "expected.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let model = kiln::models::hf::load_model(dir.path(), &burn::tensor::Device::flex()).unwrap();
+    assert_eq!(model.config().model_type, "gemma3_text");
+    let diff = logit_difference(&model, dir.path(), "expected.safetensors");
+    assert!(diff <= 1e-4, "logits differ by {diff}");
 }
 
 /// Decoding with the KV cache gives the logits of a full forward: Llama 3, and the families with
@@ -1634,37 +1733,12 @@ fn gguf_quant_types_dequantize_like_llama_cpp() {
     let types: std::collections::BTreeSet<u32> = gguf.tensors.iter().map(|t| t.ggml_type).collect();
     assert_eq!(types, [0, 1, 2, 3, 8, 30].into_iter().collect());
     let model = kiln::models::gguf::load_model(&gguf, &burn::tensor::Device::flex()).unwrap();
-    let inputs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("tests/fixtures/parity/llama-gqa-tied/inputs.json"))
-            .unwrap(),
-    )
-    .unwrap();
-    let rows = inputs["input_ids"].as_array().unwrap();
-    let (batch, seq) = (rows.len(), rows[0].as_array().unwrap().len());
-    let ids: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-        })
-        .collect();
-    let logits = model
-        .forward(&ids, batch, seq, &mut None)
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap();
-    let expected = kiln::models::safetensors_io::read_all(
+    // The parity fixture's inputs; the reference computed from the de-quantized weights.
+    let diff = logit_difference(
+        &model,
+        &repo().join("tests/fixtures/parity/llama-gqa-tied"),
         &repo().join("tests/fixtures/gguf/expected.safetensors"),
-    )
-    .unwrap();
-    let diff = logits
-        .iter()
-        .zip(&expected["logits"].data)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    );
     assert!(
         diff < 1e-4,
         "GGUF logits differ from transformers on the de-quantized weights by {diff}"
