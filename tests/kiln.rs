@@ -1737,7 +1737,7 @@ fn gguf_quant_types_dequantize_like_llama_cpp() {
     let diff = logit_difference(
         &model,
         &repo().join("tests/fixtures/parity/llama-gqa-tied"),
-        &repo().join("tests/fixtures/gguf/expected.safetensors"),
+        repo().join("tests/fixtures/gguf/expected.safetensors"),
     );
     assert!(
         diff < 1e-4,
