@@ -209,6 +209,10 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message in the model's chat template and stop at end of turn.
     #[arg(long)]
     chat: bool,
+    /// With --chat: a JSON object of variables for the chat template, as mlx-lm's
+    /// `--chat-template-config` (`'{"enable_thinking": false}'` for Qwen3 and SmolLM3).
+    #[arg(long, value_name = "JSON")]
+    chat_template_config: Option<String>,
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -522,12 +526,21 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     }
     let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
     let text = if args.chat {
-        let template = p.chat_template.as_ref().ok_or_else(|| {
+        let mut template = p.chat_template.clone().ok_or_else(|| {
             usage(anyhow::anyhow!(
                 "--chat: {} has no chat template",
                 args.model.display()
             ))
         })?;
+        if let Some(json) = &args.chat_template_config {
+            let kwargs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json)
+                .map_err(|e| {
+                    usage(anyhow::anyhow!(
+                        "--chat-template-config: not a JSON object: {e}"
+                    ))
+                })?;
+            template.kwargs.extend(kwargs);
+        }
         template
             .render(&[Message::new("user", &args.prompt)], true)
             .map_err(|e| Failure::from(anyhow::Error::from(e)))?

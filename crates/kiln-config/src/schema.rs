@@ -213,6 +213,10 @@ pub struct DataConfig {
     /// counted). Default 64.
     pub seq_len: usize,
     pub tokenizer: TokenizerConfig,
+    /// Passed to the model's chat template as `enable_thinking` (Qwen3's and SmolLM3's
+    /// templates: `false` renders answers without a thinking block); `null` leaves the template's
+    /// own default. Default `null`.
+    pub enable_thinking: Option<bool>,
 }
 
 impl Default for DataConfig {
@@ -226,6 +230,7 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             seq_len: 64,
             tokenizer: TokenizerConfig::default(),
+            enable_thinking: None,
         }
     }
 }

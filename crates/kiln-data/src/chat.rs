@@ -29,6 +29,9 @@ pub struct ChatTemplate {
     pub source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// More variables for the template, as `apply_chat_template(**kwargs)` passes them
+    /// (`enable_thinking` for Qwen3's and SmolLM3's templates).
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ChatTemplate {
@@ -64,6 +67,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                ..minijinja::Value::from_serialize(&self.kwargs)
             })
             .map_err(|e| DataError::Other(format!("chat template failed: {e}")))
     }
@@ -82,6 +86,7 @@ mod tests {
             source: source.into(),
             bos_token: String::new(),
             eos_token: String::new(),
+            kwargs: Default::default(),
         };
         let start = std::time::Instant::now();
         let e = t("{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}")
@@ -102,6 +107,7 @@ mod tests {
             source: SMOL.into(),
             bos_token: "<|im_start|>".into(),
             eos_token: "<|im_end|>".into(),
+            kwargs: Default::default(),
         };
         let out = t.render(&[Message::new("user", "Hi")], true).unwrap();
         assert_eq!(

@@ -92,6 +92,7 @@ pub fn gguf(data: &[u8]) {
             source,
             bos_token: String::new(),
             eos_token: String::new(),
+            kwargs: Default::default(),
         };
         let _ = template.render(&[Message::new("user", "Hi")], true);
     }
@@ -114,6 +115,7 @@ pub fn jsonl(data: &[u8]) {
         source: SMOL_TEMPLATE.into(),
         bos_token: "<|im_start|>".into(),
         eos_token: "<|im_end|>".into(),
+        kwargs: Default::default(),
     };
     for (mask_prompt, chat_template) in [(true, Some(&template)), (false, None)] {
         let enc = Encoding {

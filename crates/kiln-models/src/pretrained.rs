@@ -83,6 +83,7 @@ impl Pretrained {
                 source,
                 bos_token: bos,
                 eos_token: eos,
+                kwargs: Default::default(),
             });
         }
         let gen_path = path.join("generation_config.json");
@@ -144,6 +145,7 @@ impl Pretrained {
             source,
             bos_token: bos,
             eos_token: eos,
+            kwargs: Default::default(),
         });
         let model = crate::gguf::load_model(&file, device)?;
         Ok(Self {

@@ -220,10 +220,13 @@ pub fn setup(
     let arch = crate::plan::declare(&shape)?;
     let (trainable, total) = crate::plan::param_counts(config, &arch)?;
     check(&arch, trainable, total)?;
-    let p = match gguf {
+    let mut p = match gguf {
         Some(file) => Pretrained::from_gguf(file, device)?,
         None => Pretrained::load(base, device)?,
     };
+    if let (Some(t), Some(think)) = (p.chat_template.as_mut(), config.data.enable_thinking) {
+        t.kwargs.insert("enable_thinking".into(), think.into());
+    }
     let (tokenizer, data) = load_data(
         config,
         Some(p.tokenizer.clone()),
