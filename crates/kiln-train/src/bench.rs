@@ -47,16 +47,16 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         config,
         &selected.device,
         None,
-        &crate::plan::shape_check(config, &selected),
+        &crate::plan::planner(config, &selected, Default::default()),
     )?;
     let parameters = base.config().num_params().unwrap_or(0);
     let lora_only = matches!(setup.method, crate::setup::Method::Lora { .. });
     let mut model =
         kiln_models::lora::set_trainable(base, &selected.device.clone().autodiff(), lora_only);
     if lora_only {
-        model = crate::step::frozen_to(model, crate::trainer::compute_dtype(config.train.dtype));
+        model = crate::step::frozen_to(model, crate::device::compute_dtype(config.train.dtype));
     }
-    let plan = crate::plan::plan_run(config, &selected, &model, Default::default())?;
+    let plan = setup.plan.clone();
     let resolved = crate::plan::resolve(config, &plan);
     let config = &resolved;
     let shape = crate::trainer::step_shape(config, &model, &plan);

@@ -9,7 +9,7 @@
 //! named `step-*` is always complete. `latest` and `best` are symlinks, replaced atomically.
 
 use crate::TrainError;
-use crate::setup::{Method, Setup};
+use crate::shape::Method;
 use kiln_config::Config;
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_models::ParamKind;
@@ -75,6 +75,15 @@ pub fn step_dir_name(step: usize) -> String {
     format!("step-{step:07}")
 }
 
+/// What a checkpoint holds besides weights and optimizer state: how the weights were trained
+/// (a LoRA run's checkpoint is its adapter) and the tokenizer files a model directory carries.
+pub struct Contents<'a> {
+    pub method: &'a Method,
+    pub tokenizer: &'a Tokenizer,
+    pub tokenizer_json: Option<&'a serde_json::Value>,
+    pub chat_template: Option<&'a ChatTemplate>,
+}
+
 /// Writes a checkpoint for `state.step` and points `latest` at it.
 pub fn save(
     run_dir: &Path,
@@ -82,7 +91,7 @@ pub fn save(
     model: &Model,
     optimizer_state: &BTreeMap<String, HostTensor>,
     state: &TrainerState,
-    setup: &Setup,
+    contents: &Contents<'_>,
 ) -> Result<PathBuf, TrainError> {
     let final_dir = run_dir.join(step_dir_name(state.step));
     let tmp = run_dir.join(format!(".{}.tmp", step_dir_name(state.step)));
@@ -92,7 +101,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
 
-    match &setup.method {
+    match contents.method {
         Method::Lora { base, spec } => {
             write_adapter(&tmp, model, spec, base, config.finetune.lora.dropout)?;
             if config.finetune.lora.mlx_export {
@@ -100,16 +109,16 @@ pub fn save(
             }
         }
         Method::Scratch | Method::Full { .. } => {
-            let base = match &setup.method {
+            let base = match contents.method {
                 Method::Full { base } => Some(base.as_path()),
                 _ => None,
             };
             write_model_dir(
                 &tmp,
                 model,
-                &setup.tokenizer,
-                setup.tokenizer_json.as_ref(),
-                setup.chat_template.as_ref(),
+                contents.tokenizer,
+                contents.tokenizer_json,
+                contents.chat_template,
                 base,
             )?;
         }

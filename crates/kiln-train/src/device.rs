@@ -293,7 +293,7 @@ pub fn check_dtype(
     selected: &SelectedDevice,
     dtype: kiln_config::ComputeDtype,
 ) -> Result<(), TrainError> {
-    let float = crate::trainer::compute_dtype(dtype);
+    let float = compute_dtype(dtype);
     if float == burn::tensor::FloatDType::F32 {
         return Ok(());
     }
@@ -312,5 +312,15 @@ pub fn check_dtype(
             selected.description,
             if name == "bf16" { ", or f16" } else { "" }
         )))
+    }
+}
+
+/// Burn's float type for `train.dtype`.
+pub fn compute_dtype(dtype: kiln_config::ComputeDtype) -> burn::tensor::FloatDType {
+    use burn::tensor::FloatDType;
+    match dtype {
+        kiln_config::ComputeDtype::F32 => FloatDType::F32,
+        kiln_config::ComputeDtype::Bf16 => FloatDType::BF16,
+        kiln_config::ComputeDtype::F16 => FloatDType::F16,
     }
 }

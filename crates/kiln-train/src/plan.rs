@@ -9,8 +9,8 @@
 //! once on Burn's Flex backend (docs/PERFORMANCE.md) and are what kiln's forward keeps.
 
 use kiln_config::{BatchSize, Budget, Checkpointing, Config};
+use kiln_models::Architecture;
 use kiln_models::plan::BlockProfile;
-use kiln_models::{Architecture, ModelConfig};
 use serde::Serialize;
 
 /// The shape of what one step computes.
@@ -124,6 +124,18 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
         logits,
         overhead,
         total: weights + gradients + optimizer + activations + logits + overhead,
+    }
+}
+
+/// Logit elements one loss chunk may hold when `memory.loss_chunk` is 0 (32 Mi: 128 MiB in f32).
+pub const AUTO_CHUNK_ELEMENTS: usize = 1 << 25;
+
+/// Positions per chunk of the output projection and loss: `memory.loss_chunk`, or for 0 as many
+/// as keep a chunk's logits within [`AUTO_CHUNK_ELEMENTS`].
+pub fn loss_chunk(configured: usize, vocab: usize) -> usize {
+    match configured {
+        0 => (AUTO_CHUNK_ELEMENTS / vocab.max(1)).max(1),
+        n => n,
     }
 }
 
@@ -337,12 +349,7 @@ pub fn workload(config: &Config, m: &Architecture, trainable: u64, total: u64) -
         trainable,
         total,
         dropout: config.model.dropout > 0.0 || (lora && config.finetune.lora.dropout > 0.0),
-        loss_chunk: crate::step::StepShape::new(
-            None,
-            config.memory.loss_chunk,
-            m.config.vocab_size,
-        )
-        .loss_chunk,
+        loss_chunk: loss_chunk(config.memory.loss_chunk, m.config.vocab_size),
         half: config.train.dtype != kiln_config::ComputeDtype::F32,
     }
 }
@@ -369,15 +376,14 @@ pub struct Resumed {
 /// With no detectable budget and no `memory.budget` size, `auto` keeps every activation.
 fn plan_shape(
     config: &Config,
-    selected: &crate::device::SelectedDevice,
     m: &Architecture,
-    trainable: u64,
-    total: u64,
+    (trainable, total): (u64, u64),
     resumed: Resumed,
+    budget: Option<(u64, String)>,
+    overhead: u64,
 ) -> Result<Plan, NothingFits> {
     let w = workload(config, m, trainable, total);
-    let budget = resolve_budget(config.memory.budget, selected.budget.as_ref())
-        .unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
+    let budget = budget.unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
     let t = &config.train;
     let checkpointing = match (config.memory.checkpointing, resumed.recompute_every) {
         (Checkpointing::Auto, Some(0)) => Checkpointing::None,
@@ -398,92 +404,31 @@ fn plan_shape(
         accum,
         checkpointing,
         budget,
-        overhead(selected),
+        overhead,
     )
 }
 
-/// The plan for a run of `config` on `selected` with `model` (adapters attached, trainable set):
-/// applied by `kiln train` and `kiln bench`.
-pub fn plan_run(
+/// The planner `setup` runs once a model is declared and before its weights are built or
+/// loaded, given its (trainable, total) parameter counts: the run's one plan, or why nothing fits.
+/// A resumed run passes what it planned when it started.
+pub fn planner(
     config: &Config,
     selected: &crate::device::SelectedDevice,
-    model: &kiln_models::Model,
     resumed: Resumed,
-) -> Result<Plan, crate::TrainError> {
-    let (trainable, total) = crate::trainer::count_params(model);
-    plan_shape(
-        config,
-        selected,
-        model.arch(),
-        trainable as u64,
-        total as u64,
-        resumed,
-    )
-    .map_err(|e| crate::TrainError::Other(e.to_string()))
-}
-
-/// The check `setup` runs once a model's shape is known and before its weights are built or
-/// loaded: the shape is sane, and the run can fit the budget.
-pub fn shape_check(
-    config: &Config,
-    selected: &crate::device::SelectedDevice,
-) -> impl Fn(&Architecture, u64, u64) -> Result<(), crate::TrainError> {
+) -> impl Fn(&Architecture, u64, u64) -> Result<Plan, crate::TrainError> {
+    let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
+    let overhead = overhead(selected);
     move |m, trainable, total| {
-        plan_shape(config, selected, m, trainable, total, Resumed::default())
-            .map(|_| ())
-            .map_err(|e| crate::TrainError::Other(e.to_string()))
+        plan_shape(
+            config,
+            m,
+            (trainable, total),
+            resumed,
+            budget.clone(),
+            overhead,
+        )
+        .map_err(|e| crate::TrainError::Other(e.to_string()))
     }
-}
-
-/// The decoder a config declares (its family refusing it names the field).
-pub fn declare(m: &ModelConfig) -> Result<Architecture, crate::TrainError> {
-    m.declare()
-        .map_err(|(field, message)| crate::TrainError::Other(format!("model.{field}: {message}")))
-}
-
-/// A model's declaration and parameter counts (trainable, total), read without loading its
-/// weights: `config.json` or GGUF metadata for pretrained models, the tokenizer for models from
-/// scratch.
-pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64), crate::TrainError> {
-    match &config.model.pretrained {
-        Some(base) => pretrained_shape(config, base),
-        None => {
-            let (tokenizer, _) = crate::setup::load_data(config, None, None, &[])?;
-            let m = declare(&crate::setup::scratch_shape(
-                config,
-                tokenizer.vocab_size(),
-            )?)?;
-            let n = m.num_params() as u64;
-            Ok((m, n, n))
-        }
-    }
-}
-
-/// A pretrained model's declaration from its `config.json` or GGUF metadata, and the parameter
-/// counts the config's fine-tuning method gives it (LoRA adapters counted from the spec).
-pub fn pretrained_shape(
-    config: &Config,
-    base: &std::path::Path,
-) -> Result<(Architecture, u64, u64), crate::TrainError> {
-    let m = if kiln_models::pretrained::is_gguf(base) {
-        kiln_models::gguf::read_config(&kiln_models::gguf::GgufFile::read(base)?)?.1
-    } else {
-        kiln_models::hf::read_config(base)?
-    };
-    let arch = declare(&m)?;
-    let (trainable, total) = param_counts(config, &arch)?;
-    Ok((arch, trainable, total))
-}
-
-/// (trainable, total) parameters of a pretrained model declared as `m` under the config's
-/// fine-tuning method (LoRA adapters counted from the spec).
-pub fn param_counts(config: &Config, m: &Architecture) -> Result<(u64, u64), crate::TrainError> {
-    let base_params = m.num_params() as u64;
-    if config.finetune.method == kiln_config::FinetuneMethod::Full {
-        return Ok((base_params, base_params));
-    }
-    let lora = crate::setup::lora_spec(config, m)?.num_params(m) as u64;
-    Ok((lora, base_params + lora))
 }
 
 /// What `kiln plan` shows: the plan, and the estimate of every checkpointing option.
@@ -506,12 +451,19 @@ pub struct PlanReport {
 /// The plan for `config` without loading weights or allocating tensors.
 pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
     let selected = crate::device::select(&config.backend)?;
-    let (m, trainable, total) = model_shape(config)?;
+    let (m, trainable, total) = crate::shape::model_shape(config)?;
     let w = workload(config, &m, trainable, total);
     let overhead = overhead(&selected);
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
-    let plan = plan_shape(config, &selected, &m, trainable, total, Resumed::default())
-        .map_err(|e| e.to_string());
+    let plan = plan_shape(
+        config,
+        &m,
+        (trainable, total),
+        Resumed::default(),
+        budget.clone(),
+        overhead,
+    )
+    .map_err(|e| e.to_string());
     let w = Workload {
         batch: plan.as_ref().map_or(w.batch, |p| p.micro_batch),
         ..w
@@ -599,7 +551,7 @@ mod tests {
             trainable,
             total: m.num_params() as u64 + trainable,
             dropout: false,
-            loss_chunk: crate::step::StepShape::new(None, 0, m.config.vocab_size).loss_chunk,
+            loss_chunk: loss_chunk(0, m.config.vocab_size),
             half: false,
         }
     }

@@ -4,104 +4,27 @@
 
 use crate::TrainError;
 use crate::checkpoint;
+use crate::data::{TrainData, load_data};
+use crate::plan::Plan;
+pub use crate::shape::Method;
+use crate::shape::{lora_spec, scratch_shape};
 use burn::prelude::*;
-use kiln_config::{Config, DataFormat, FinetuneMethod};
-use kiln_data::jsonl::{self, Dataset, Encoding, Format};
-use kiln_data::{Batch, ChatTemplate, Corpus, Tokenizer};
+use kiln_config::{Config, FinetuneMethod};
+use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_models::lora::{self, LoraSpec};
 use kiln_models::pretrained::Pretrained;
 use kiln_models::safetensors_io;
-use kiln_models::{Architecture, Model, ModelConfig};
-use std::path::{Path, PathBuf};
+use kiln_models::{Architecture, Model};
+use std::path::Path;
 
-/// How the weights are trained.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Method {
-    /// A fresh model, every weight trained.
-    Scratch,
-    /// A pretrained model, every weight trained.
-    Full { base: PathBuf },
-    /// A pretrained model frozen, adapters trained.
-    Lora { base: PathBuf, spec: LoraSpec },
-}
-
-/// The data a run samples batches from.
-pub enum TrainData {
-    /// Random contiguous windows of a token stream.
-    Text(Corpus),
-    /// Tokenized JSONL examples, padded per batch.
-    Examples {
-        dataset: Dataset,
-        pad_id: u32,
-        pack: bool,
-    },
-}
-
-impl TrainData {
-    pub fn train_batch(&self, seed: u64, index: u64, batch_size: usize, seq_len: usize) -> Batch {
-        match self {
-            TrainData::Text(c) => c.train_batch(seed, index, batch_size, seq_len),
-            TrainData::Examples {
-                dataset,
-                pad_id,
-                pack: true,
-            } => {
-                jsonl::packed_train_batch(&dataset.train, seed, index, batch_size, seq_len, *pad_id)
-            }
-            TrainData::Examples {
-                dataset, pad_id, ..
-            } => jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id),
-        }
-    }
-
-    /// Validation batches: `count` fixed random windows, or every validation example (at most
-    /// `count` batches of them).
-    pub fn valid_batches(
-        &self,
-        seed: u64,
-        count: usize,
-        batch_size: usize,
-        seq_len: usize,
-    ) -> Vec<Batch> {
-        match self {
-            TrainData::Text(c) => (0..count as u64)
-                .map(|i| c.valid_batch(seed, i, batch_size, seq_len))
-                .collect(),
-            TrainData::Examples {
-                dataset, pad_id, ..
-            } => {
-                let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
-                b.truncate(count.max(1));
-                b
-            }
-        }
-    }
-
-    /// Tokens in one pass over the training data.
-    pub fn train_tokens(&self) -> usize {
-        match self {
-            TrainData::Text(c) => c.train.len(),
-            TrainData::Examples { dataset, .. } => {
-                dataset.train.examples.iter().map(|e| e.ids.len()).sum()
-            }
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            TrainData::Text(c) => format!(
-                "{} train / {} validation tokens",
-                c.train.len(),
-                c.valid.len()
-            ),
-            TrainData::Examples { dataset, .. } => format!(
-                "{} train / {} validation examples ({:?}; {} train and {} validation truncated to data.seq_len)",
-                dataset.train.examples.len(),
-                dataset.valid.examples.len(),
-                dataset.format,
-                dataset.train.truncated,
-                dataset.valid.truncated
-            ),
+impl Setup {
+    /// What a checkpoint of this run holds besides weights and optimizer state.
+    pub fn contents(&self) -> checkpoint::Contents<'_> {
+        checkpoint::Contents {
+            method: &self.method,
+            tokenizer: &self.tokenizer,
+            tokenizer_json: self.tokenizer_json.as_ref(),
+            chat_template: self.chat_template.as_ref(),
         }
     }
 }
@@ -113,89 +36,14 @@ pub struct Setup {
     pub tokenizer_json: Option<serde_json::Value>,
     pub data: TrainData,
     pub method: Method,
+    /// The memory plan, made once from the declared model before any weight was allocated.
+    pub plan: Plan,
 }
 
-fn format_of(f: DataFormat) -> Option<Format> {
-    match f {
-        DataFormat::Auto => None,
-        DataFormat::Text => Some(Format::Text),
-        DataFormat::Completions => Some(Format::Completions),
-        DataFormat::Chat => Some(Format::Chat),
-    }
-}
-
-/// Loads or builds the data for `tokenizer`.
-pub(crate) fn load_data(
-    config: &Config,
-    tokenizer: Option<Tokenizer>,
-    chat_template: Option<&ChatTemplate>,
-    stop_ids: &[u32],
-) -> Result<(Tokenizer, TrainData), TrainError> {
-    let d = &config.data;
-    if d.train.is_dir() {
-        let tokenizer = tokenizer.ok_or_else(|| {
-            TrainError::Other(format!(
-                "data.train {} is a JSONL dataset: it needs a tokenizer, from model.pretrained",
-                d.train.display()
-            ))
-        })?;
-        let eos_id = stop_ids.first().copied();
-        let enc = Encoding {
-            tokenizer: &tokenizer,
-            chat_template,
-            eos_id,
-            mask_prompt: d.mask_prompt,
-            max_seq_len: d.seq_len,
-        };
-        let dataset = Dataset::load(&d.train, format_of(d.format), &enc)?;
-        let pad_id = eos_id.unwrap_or(0);
-        return Ok((
-            tokenizer,
-            TrainData::Examples {
-                dataset,
-                pad_id,
-                pack: d.pack,
-            },
-        ));
-    }
-    let (tokenizer, corpus) = Corpus::prepare(d, tokenizer)?;
-    Ok((tokenizer, TrainData::Text(corpus)))
-}
-
-/// The LoRA spec the config asks for, for a model declared as `arch`: `all-linear` is every
-/// linear module of its blocks; other names must be modules it has.
-pub fn lora_spec(config: &Config, arch: &Architecture) -> Result<LoraSpec, TrainError> {
-    let l = &config.finetune.lora;
-    let spec = LoraSpec {
-        rank: l.rank,
-        alpha: l.alpha,
-        rslora: l.rslora,
-        targets: if l.all_linear() {
-            arch.block_modules()
-        } else {
-            l.targets()
-        },
-        layers: l.layer_indices(arch.blocks.len()),
-    };
-    if let Some((bad, modules)) = spec.unknown_target(arch) {
-        return Err(TrainError::Other(format!(
-            "finetune.lora.target_modules: `{bad}` is not a module of this {} model (its linear modules: {}, or all-linear)",
-            arch.config.model_type,
-            modules.join(", ")
-        )));
-    }
-    let n_layers = arch.blocks.len();
-    if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
-        return Err(TrainError::Other(format!(
-            "finetune.lora.layers: block {bad} does not exist (the model has {n_layers})"
-        )));
-    }
-    Ok(spec)
-}
-
-/// What `setup` asks before it builds or loads any weights, given the model's shape and its
-/// (trainable, total) parameter counts: `plan::shape_check` refuses a run that cannot fit.
-pub type ShapeCheck<'a> = &'a dyn Fn(&Architecture, u64, u64) -> Result<(), TrainError>;
+/// What `setup` asks before it builds or loads any weights, given the model's declaration and its
+/// (trainable, total) parameter counts: `plan::planner` plans the run, or refuses one that
+/// cannot fit.
+pub type Planner<'a> = &'a dyn Fn(&Architecture, u64, u64) -> Result<Plan, TrainError>;
 
 /// The model (on the plain, non-autodiff device) and the rest of the run's setup. `check` sees
 /// the model's shape first, so an impossible run stops before anything is allocated.
@@ -203,10 +51,10 @@ pub fn setup(
     config: &Config,
     device: &Device,
     resume: Option<&Path>,
-    check: ShapeCheck<'_>,
+    planner: Planner<'_>,
 ) -> Result<(Model, Setup), TrainError> {
     let Some(base) = &config.model.pretrained else {
-        return setup_scratch(config, device, resume, check);
+        return setup_scratch(config, device, resume, planner);
     };
     // The shape comes from config.json or the GGUF metadata; a GGUF file is read once.
     let gguf = match kiln_models::pretrained::is_gguf(base) {
@@ -217,9 +65,9 @@ pub fn setup(
         Some(file) => kiln_models::gguf::read_config(file)?.1,
         None => kiln_models::hf::read_config(base)?,
     };
-    let arch = crate::plan::declare(&shape)?;
-    let (trainable, total) = crate::plan::param_counts(config, &arch)?;
-    check(&arch, trainable, total)?;
+    let arch = crate::shape::declare(&shape)?;
+    let (trainable, total) = crate::shape::param_counts(config, &arch)?;
+    let plan = planner(&arch, trainable, total)?;
     let mut p = match gguf {
         Some(file) => Pretrained::from_gguf(file, device)?,
         None => Pretrained::load(base, device)?,
@@ -264,28 +112,16 @@ pub fn setup(
             tokenizer_json: p.tokenizer_json,
             data,
             method,
+            plan,
         },
     ))
-}
-
-/// The shape of a model trained from scratch on a tokenizer of `vocab` tokens.
-pub(crate) fn scratch_shape(config: &Config, vocab: usize) -> Result<ModelConfig, TrainError> {
-    if let Some(v) = config.model.vocab_size
-        && v < vocab
-    {
-        return Err(TrainError::Other(format!(
-            "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
-        )));
-    }
-    kiln_models::family::config_from_scratch(&config.model, vocab)
-        .map_err(|(field, message)| TrainError::Other(format!("model.{field}: {message}")))
 }
 
 fn setup_scratch(
     config: &Config,
     device: &Device,
     resume: Option<&Path>,
-    check: ShapeCheck<'_>,
+    planner: Planner<'_>,
 ) -> Result<(Model, Setup), TrainError> {
     let saved_tokenizer = match resume {
         Some(dir) => Some(Tokenizer::load_dir(dir)?),
@@ -293,9 +129,9 @@ fn setup_scratch(
     };
     let (tokenizer, data) = load_data(config, saved_tokenizer, None, &[])?;
     let model_config = scratch_shape(config, tokenizer.vocab_size())?;
-    let arch = crate::plan::declare(&model_config)?;
+    let arch = crate::shape::declare(&model_config)?;
     let n = arch.num_params() as u64;
-    check(&arch, n, n)?;
+    let plan = planner(&arch, n, n)?;
     let model = match resume {
         Some(dir) => {
             let saved = checkpoint::read_model_config(dir)?;
@@ -322,6 +158,7 @@ fn setup_scratch(
             tokenizer_json: None,
             data,
             method: Method::Scratch,
+            plan,
         },
     ))
 }

@@ -33,18 +33,12 @@ pub struct StepShape {
     pub dtype: FloatDType,
 }
 
-/// Logit elements one loss chunk may hold when `memory.loss_chunk` is 0 (32 Mi: 128 MiB in f32).
-pub const AUTO_CHUNK_ELEMENTS: usize = 1 << 25;
-
 impl StepShape {
+    /// `memory.loss_chunk` (0: the planner's automatic size) for a vocabulary of `vocab`.
     pub fn new(recompute_every: Option<usize>, loss_chunk: usize, vocab: usize) -> Self {
-        let loss_chunk = match loss_chunk {
-            0 => (AUTO_CHUNK_ELEMENTS / vocab.max(1)).max(1),
-            n => n,
-        };
         Self {
             recompute_every,
-            loss_chunk,
+            loss_chunk: crate::plan::loss_chunk(loss_chunk, vocab),
             dtype: FloatDType::F32,
         }
     }

@@ -2,12 +2,14 @@
 //! schedule, validation, TensorBoard, progress, checkpoints, and exact resume.
 
 use crate::checkpoint::{self, TrainerState};
+use crate::data::TrainData;
 use crate::device::{self, SelectedDevice};
 use crate::memory;
 use crate::optim::{AdamW, GradAccumulator, learning_rate};
 use crate::plan::{self, Plan};
 use crate::progress::{Progress, StepReport};
-use crate::setup::{self, Method, TrainData};
+use crate::setup;
+use crate::shape::Method;
 use crate::step::{self, StepShape};
 use crate::{TrainError, inference};
 use burn::prelude::*;
@@ -176,22 +178,12 @@ impl SkipCounter {
 /// How micro-batches are computed under a memory plan.
 pub fn step_shape(config: &Config, model: &Model, plan: &Plan) -> StepShape {
     StepShape {
-        dtype: compute_dtype(config.train.dtype),
+        dtype: device::compute_dtype(config.train.dtype),
         ..StepShape::new(
             plan.recompute_every,
             config.memory.loss_chunk,
             model.config().vocab_size,
         )
-    }
-}
-
-/// Burn's float type for `train.dtype`.
-pub fn compute_dtype(dtype: kiln_config::ComputeDtype) -> burn::tensor::FloatDType {
-    use burn::tensor::FloatDType;
-    match dtype {
-        kiln_config::ComputeDtype::F32 => FloatDType::F32,
-        kiln_config::ComputeDtype::Bf16 => FloatDType::BF16,
-        kiln_config::ComputeDtype::F16 => FloatDType::F16,
     }
 }
 
@@ -352,18 +344,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
 
-    let (base, setup) = setup::setup(
-        config,
-        &device,
-        resume_from.as_deref(),
-        &plan::shape_check(config, &selected),
-    )?;
-    let lora_only = matches!(setup.method, Method::Lora { .. });
-    let mut model = lora::set_trainable(base, &train_device, lora_only);
-    if lora_only {
-        model = step::frozen_to(model, compute_dtype(config.train.dtype));
-    }
-    // A resumed run keeps the micro-batch it started with (the data order depends on it).
+    // A resumed run keeps the micro-batch and recompute it started with (the data order and the
+    // float rounding depend on them).
     let resumed = match &resume_from {
         Some(dir) => {
             let s = checkpoint::read_state(dir)?;
@@ -374,7 +356,18 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         }
         None => plan::Resumed::default(),
     };
-    let plan = plan::plan_run(config, &selected, &model, resumed)?;
+    let (base, setup) = setup::setup(
+        config,
+        &device,
+        resume_from.as_deref(),
+        &plan::planner(config, &selected, resumed),
+    )?;
+    let lora_only = matches!(setup.method, Method::Lora { .. });
+    let mut model = lora::set_trainable(base, &train_device, lora_only);
+    if lora_only {
+        model = step::frozen_to(model, device::compute_dtype(config.train.dtype));
+    }
+    let plan = setup.plan.clone();
     let resolved = plan::resolve(config, &plan);
     let config = &resolved;
     let total = total_steps(config, setup.data.train_tokens());
@@ -694,7 +687,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 &model,
                 &optimizer.state_to_host(),
                 &state,
-                &setup,
+                &setup.contents(),
             );
             let dir = match saved {
                 Ok(dir) => dir,

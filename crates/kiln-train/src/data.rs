@@ -1,0 +1,135 @@
+//! The data a run trains on: text windows of a corpus or tokenized JSONL examples, built from
+//! the config for a tokenizer (the pretrained model's, a saved one, or one trained here).
+
+use crate::TrainError;
+use kiln_config::{Config, DataFormat};
+use kiln_data::jsonl::{self, Dataset, Encoding, Format};
+use kiln_data::{Batch, ChatTemplate, Corpus, Tokenizer};
+
+/// The data a run samples batches from.
+pub enum TrainData {
+    /// Random contiguous windows of a token stream.
+    Text(Corpus),
+    /// Tokenized JSONL examples, padded per batch.
+    Examples {
+        dataset: Dataset,
+        pad_id: u32,
+        pack: bool,
+    },
+}
+
+impl TrainData {
+    pub fn train_batch(&self, seed: u64, index: u64, batch_size: usize, seq_len: usize) -> Batch {
+        match self {
+            TrainData::Text(c) => c.train_batch(seed, index, batch_size, seq_len),
+            TrainData::Examples {
+                dataset,
+                pad_id,
+                pack: true,
+            } => {
+                jsonl::packed_train_batch(&dataset.train, seed, index, batch_size, seq_len, *pad_id)
+            }
+            TrainData::Examples {
+                dataset, pad_id, ..
+            } => jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id),
+        }
+    }
+
+    /// Validation batches: `count` fixed random windows, or every validation example (at most
+    /// `count` batches of them).
+    pub fn valid_batches(
+        &self,
+        seed: u64,
+        count: usize,
+        batch_size: usize,
+        seq_len: usize,
+    ) -> Vec<Batch> {
+        match self {
+            TrainData::Text(c) => (0..count as u64)
+                .map(|i| c.valid_batch(seed, i, batch_size, seq_len))
+                .collect(),
+            TrainData::Examples {
+                dataset, pad_id, ..
+            } => {
+                let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
+                b.truncate(count.max(1));
+                b
+            }
+        }
+    }
+
+    /// Tokens in one pass over the training data.
+    pub fn train_tokens(&self) -> usize {
+        match self {
+            TrainData::Text(c) => c.train.len(),
+            TrainData::Examples { dataset, .. } => {
+                dataset.train.examples.iter().map(|e| e.ids.len()).sum()
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            TrainData::Text(c) => format!(
+                "{} train / {} validation tokens",
+                c.train.len(),
+                c.valid.len()
+            ),
+            TrainData::Examples { dataset, .. } => format!(
+                "{} train / {} validation examples ({:?}; {} train and {} validation truncated to data.seq_len)",
+                dataset.train.examples.len(),
+                dataset.valid.examples.len(),
+                dataset.format,
+                dataset.train.truncated,
+                dataset.valid.truncated
+            ),
+        }
+    }
+}
+
+fn format_of(f: DataFormat) -> Option<Format> {
+    match f {
+        DataFormat::Auto => None,
+        DataFormat::Text => Some(Format::Text),
+        DataFormat::Completions => Some(Format::Completions),
+        DataFormat::Chat => Some(Format::Chat),
+    }
+}
+
+/// Loads or builds the data for `tokenizer`.
+pub fn load_data(
+    config: &Config,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<&ChatTemplate>,
+    stop_ids: &[u32],
+) -> Result<(Tokenizer, TrainData), TrainError> {
+    let d = &config.data;
+    if d.train.is_dir() {
+        let tokenizer = tokenizer.ok_or_else(|| {
+            TrainError::Other(format!(
+                "data.train {} is a JSONL dataset: it needs a tokenizer, from model.pretrained",
+                d.train.display()
+            ))
+        })?;
+        let eos_id = stop_ids.first().copied();
+        let enc = Encoding {
+            tokenizer: &tokenizer,
+            chat_template,
+            eos_id,
+            mask_prompt: d.mask_prompt,
+            max_seq_len: d.seq_len,
+        };
+        let dataset = Dataset::load(&d.train, format_of(d.format), &enc)?;
+        let pad_id = eos_id.unwrap_or(0);
+        return Ok((
+            tokenizer,
+            TrainData::Examples {
+                dataset,
+                pad_id,
+                pack: d.pack,
+            },
+        ));
+    }
+    let (tokenizer, corpus) = Corpus::prepare(d, tokenizer)?;
+    Ok((tokenizer, TrainData::Text(corpus)))
+}

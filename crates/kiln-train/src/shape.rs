@@ -1,0 +1,112 @@
+//! What a run's model is before any weight exists: the family's declaration (from the pretrained
+//! model's `config.json` or GGUF metadata, or from the config for a model trained from scratch),
+//! the LoRA spec over its modules, and the parameter counts the planner sizes the run by.
+
+use crate::TrainError;
+use kiln_config::Config;
+use kiln_models::lora::LoraSpec;
+use kiln_models::{Architecture, ModelConfig};
+use std::path::PathBuf;
+
+/// How the weights are trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    /// A fresh model, every weight trained.
+    Scratch,
+    /// A pretrained model, every weight trained.
+    Full { base: PathBuf },
+    /// A pretrained model frozen, adapters trained.
+    Lora { base: PathBuf, spec: LoraSpec },
+}
+
+/// The LoRA spec the config asks for, for a model declared as `arch`: `all-linear` is every
+/// linear module of its blocks; other names must be modules it has.
+pub fn lora_spec(config: &Config, arch: &Architecture) -> Result<LoraSpec, TrainError> {
+    let l = &config.finetune.lora;
+    let spec = LoraSpec {
+        rank: l.rank,
+        alpha: l.alpha,
+        rslora: l.rslora,
+        targets: if l.all_linear() {
+            arch.block_modules()
+        } else {
+            l.targets()
+        },
+        layers: l.layer_indices(arch.blocks.len()),
+    };
+    if let Some((bad, modules)) = spec.unknown_target(arch) {
+        return Err(TrainError::Other(format!(
+            "finetune.lora.target_modules: `{bad}` is not a module of this {} model (its linear modules: {}, or all-linear)",
+            arch.config.model_type,
+            modules.join(", ")
+        )));
+    }
+    let n_layers = arch.blocks.len();
+    if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
+        return Err(TrainError::Other(format!(
+            "finetune.lora.layers: block {bad} does not exist (the model has {n_layers})"
+        )));
+    }
+    Ok(spec)
+}
+
+/// The shape of a model trained from scratch on a tokenizer of `vocab` tokens.
+pub fn scratch_shape(config: &Config, vocab: usize) -> Result<ModelConfig, TrainError> {
+    if let Some(v) = config.model.vocab_size
+        && v < vocab
+    {
+        return Err(TrainError::Other(format!(
+            "model.vocab_size = {v} is smaller than the tokenizer's {vocab} tokens"
+        )));
+    }
+    kiln_models::family::config_from_scratch(&config.model, vocab)
+        .map_err(|(field, message)| TrainError::Other(format!("model.{field}: {message}")))
+}
+
+/// The decoder a config declares (its family refusing it names the field).
+pub fn declare(m: &ModelConfig) -> Result<Architecture, TrainError> {
+    m.declare()
+        .map_err(|(field, message)| TrainError::Other(format!("model.{field}: {message}")))
+}
+
+/// A model's declaration and parameter counts (trainable, total), read without loading its
+/// weights: `config.json` or GGUF metadata for pretrained models, the tokenizer for models from
+/// scratch.
+pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64), TrainError> {
+    match &config.model.pretrained {
+        Some(base) => pretrained_shape(config, base),
+        None => {
+            let (tokenizer, _) = crate::data::load_data(config, None, None, &[])?;
+            let m = declare(&scratch_shape(config, tokenizer.vocab_size())?)?;
+            let n = m.num_params() as u64;
+            Ok((m, n, n))
+        }
+    }
+}
+
+/// A pretrained model's declaration from its `config.json` or GGUF metadata, and the parameter
+/// counts the config's fine-tuning method gives it (LoRA adapters counted from the spec).
+pub fn pretrained_shape(
+    config: &Config,
+    base: &std::path::Path,
+) -> Result<(Architecture, u64, u64), TrainError> {
+    let m = if kiln_models::pretrained::is_gguf(base) {
+        kiln_models::gguf::read_config(&kiln_models::gguf::GgufFile::read(base)?)?.1
+    } else {
+        kiln_models::hf::read_config(base)?
+    };
+    let arch = declare(&m)?;
+    let (trainable, total) = param_counts(config, &arch)?;
+    Ok((arch, trainable, total))
+}
+
+/// (trainable, total) parameters of a pretrained model declared as `m` under the config's
+/// fine-tuning method (LoRA adapters counted from the spec).
+pub fn param_counts(config: &Config, m: &Architecture) -> Result<(u64, u64), TrainError> {
+    let base_params = m.num_params() as u64;
+    if config.finetune.method == kiln_config::FinetuneMethod::Full {
+        return Ok((base_params, base_params));
+    }
+    let lora = lora_spec(config, m)?.num_params(m) as u64;
+    Ok((lora, base_params + lora))
+}
