@@ -146,9 +146,12 @@ impl ArchBuilder {
     }
 }
 
-/// Choices of a Llama-style pre-norm block (Llama, Mistral, Qwen2/3, SmolLM3).
+/// Choices of a Llama-style pre-norm block (Llama, Mistral, Qwen2/3, SmolLM3, Phi-3).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PreNormBlock {
+    /// Phi-3's `self_attn.qkv_proj` (rows `[q | k | v]`) and `mlp.gate_up_proj` (`[gate | up]`)
+    /// instead of one linear each.
+    pub fused: bool,
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
@@ -158,7 +161,8 @@ pub struct PreNormBlock {
 }
 
 /// Block `i` with Hugging Face's Llama names: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-/// `input_layernorm`, `post_attention_layernorm` (and `self_attn.{q,k}_norm` when asked).
+/// `input_layernorm`, `post_attention_layernorm` (and `self_attn.{q,k}_norm` when asked, Phi-3's
+/// fused `self_attn.qkv_proj` and `mlp.gate_up_proj` when `fused`).
 pub fn pre_norm_block(
     b: &mut ArchBuilder,
     config: &ModelConfig,
@@ -173,10 +177,14 @@ pub fn pre_norm_block(
         config.intermediate_size,
     );
     let eps = config.rms_norm_eps;
-    let qkv = QkvProjection::Separate {
-        q: b.linear(format!("{p}.self_attn.q_proj"), d, q, o.qkv_bias),
-        k: b.linear(format!("{p}.self_attn.k_proj"), d, kv, o.qkv_bias),
-        v: b.linear(format!("{p}.self_attn.v_proj"), d, kv, o.qkv_bias),
+    let qkv = if o.fused {
+        QkvProjection::Fused(b.linear(format!("{p}.self_attn.qkv_proj"), d, q + 2 * kv, o.qkv_bias))
+    } else {
+        QkvProjection::Separate {
+            q: b.linear(format!("{p}.self_attn.q_proj"), d, q, o.qkv_bias),
+            k: b.linear(format!("{p}.self_attn.k_proj"), d, kv, o.qkv_bias),
+            v: b.linear(format!("{p}.self_attn.v_proj"), d, kv, o.qkv_bias),
+        }
     };
     let o_proj = b.linear(format!("{p}.self_attn.o_proj"), q, d, o.o_bias);
     let (q_norm, k_norm) = if o.qk_norm {
@@ -187,9 +195,13 @@ pub fn pre_norm_block(
     } else {
         (None, None)
     };
-    let gate_up = GateUpProjection::Separate {
-        gate: b.linear(format!("{p}.mlp.gate_proj"), d, ff, o.mlp_bias),
-        up: b.linear(format!("{p}.mlp.up_proj"), d, ff, o.mlp_bias),
+    let gate_up = if o.fused {
+        GateUpProjection::Fused(b.linear(format!("{p}.mlp.gate_up_proj"), d, 2 * ff, o.mlp_bias))
+    } else {
+        GateUpProjection::Separate {
+            gate: b.linear(format!("{p}.mlp.gate_proj"), d, ff, o.mlp_bias),
+            up: b.linear(format!("{p}.mlp.up_proj"), d, ff, o.mlp_bias),
+        }
     };
     let down_proj = b.linear(format!("{p}.mlp.down_proj"), ff, d, o.mlp_bias);
     let attn_norm = b.norm(format!("{p}.input_layernorm"), d, eps, false);

@@ -83,6 +83,7 @@ impl Family for Llama {
         let qwen2 = config.model_type == "qwen2";
         let attention_bias = opt_bool(&config.hf, "attention_bias")?.unwrap_or(false);
         let block = PreNormBlock {
+            fused: false,
             qkv_bias: qwen2 || attention_bias,
             o_bias: !qwen2 && attention_bias,
             mlp_bias: opt_bool(&config.hf, "mlp_bias")?.unwrap_or(false),

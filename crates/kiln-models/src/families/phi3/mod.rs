@@ -5,12 +5,12 @@
 
 mod gguf;
 
-use crate::arch::{ArchBuilder, Architecture};
+use crate::arch::{ArchBuilder, Architecture, PreNormBlock, pre_norm_block};
 use crate::config::{FieldError, ModelConfig, opt_usize};
 use crate::family::{Family, GgufNames};
 use crate::gguf::GgufFile;
+use crate::layers::Rope;
 use crate::layers::rope::rope_params;
-use crate::layers::{Activation, Attention, Block, GateUpProjection, Mlp, QkvProjection, Rope};
 use serde_json::{Map, Value};
 
 pub struct Phi3;
@@ -42,60 +42,17 @@ impl Family for Phi3 {
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
         let rope = Rope::from_hf(config, rope_params(&config.hf), 10000.0)?;
         let window = opt_usize(&config.hf, "sliding_window")?;
-        let (d, q, kv, ff) = (
-            config.hidden_size,
-            config.q_width(),
-            config.kv_width(),
-            config.intermediate_size,
-        );
-        let eps = config.rms_norm_eps;
+        let block = PreNormBlock {
+            fused: true,
+            rope: Some(0),
+            window,
+            ..PreNormBlock::default()
+        };
         let mut b = ArchBuilder::default();
         let embed = b.embedding(config);
-        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let qkv = QkvProjection::Fused(b.linear(
-                format!("{p}.self_attn.qkv_proj"),
-                d,
-                q + 2 * kv,
-                false,
-            ));
-            let o_proj = b.linear(format!("{p}.self_attn.o_proj"), q, d, false);
-            let gate_up = GateUpProjection::Fused(b.linear(
-                format!("{p}.mlp.gate_up_proj"),
-                d,
-                2 * ff,
-                false,
-            ));
-            let down_proj = b.linear(format!("{p}.mlp.down_proj"), ff, d, false);
-            let attn_norm = b.norm(format!("{p}.input_layernorm"), d, eps, false);
-            let mlp_norm = b.norm(format!("{p}.post_attention_layernorm"), d, eps, false);
-            blocks.push(Block {
-                attn_norm,
-                attn: Attention {
-                    qkv,
-                    o_proj,
-                    q_norm: None,
-                    k_norm: None,
-                    heads: config.num_attention_heads,
-                    kv_heads: config.num_key_value_heads,
-                    head_dim: config.head_dim,
-                    scale: 1.0 / (config.head_dim as f64).sqrt(),
-                    rope: Some(0),
-                    window,
-                    softcap: None,
-                },
-                attn_out_norm: None,
-                mlp_norm,
-                mlp: Mlp {
-                    gate_up,
-                    down_proj,
-                    activation: Activation::Silu,
-                    width: ff,
-                },
-                mlp_out_norm: None,
-            });
-        }
+        let blocks = (0..config.num_hidden_layers)
+            .map(|i| pre_norm_block(&mut b, config, i, block))
+            .collect();
         Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
     }
 

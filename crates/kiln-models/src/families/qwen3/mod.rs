@@ -63,6 +63,7 @@ impl Family for Qwen3 {
             .enumerate()
             .map(|(i, window)| {
                 let block = PreNormBlock {
+                    fused: false,
                     qkv_bias: bias,
                     o_bias: bias,
                     mlp_bias: false,

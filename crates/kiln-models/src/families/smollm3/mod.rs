@@ -84,6 +84,7 @@ impl Family for SmolLm3 {
             .enumerate()
             .map(|(i, (rope, window))| {
                 let block = PreNormBlock {
+                    fused: false,
                     qkv_bias: bias,
                     o_bias: bias,
                     mlp_bias,
