@@ -703,27 +703,35 @@ fn half_precision_training_follows_f32_with_f32_master_weights() {
         o.extend_from_slice(extra);
         train(&tiny_config(&out, &corpus, name, &o), &quiet())
     };
-    let f32_run = run("f32", &[]).unwrap();
-    let reference = f32_run.final_train_loss.unwrap();
-    for dtype in ["bf16", "f16"] {
-        let r = run(dtype, &[&format!("train.dtype={dtype}")]).unwrap();
-        let loss = r.final_train_loss.unwrap();
-        assert!(
-            (loss - reference).abs() <= 0.02 * reference,
-            "{dtype}: loss {loss} against f32 {reference}"
-        );
-        let weights = r.last_checkpoint.unwrap().join("model.safetensors");
-        let bytes = std::fs::read(&weights).unwrap();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-        for (name, t) in header.as_object().unwrap() {
-            if name != "__metadata__" {
-                assert_eq!(
-                    t["dtype"],
-                    "F32",
-                    "{dtype}: {name} in {}",
-                    weights.display()
-                );
+    // Every family: its norms, softmax and loss stay in f32 (Gemma's 1+w norms included).
+    for arch in ["llama", "qwen3", "gemma3", "phi3", "smollm3"] {
+        let architecture = format!("model.architecture={arch}");
+        let f32_run = run(&format!("f32-{arch}"), &[&architecture]).unwrap();
+        let reference = f32_run.final_train_loss.unwrap();
+        for dtype in ["bf16", "f16"] {
+            let r = run(
+                &format!("{dtype}-{arch}"),
+                &[&format!("train.dtype={dtype}"), &architecture],
+            )
+            .unwrap();
+            let loss = r.final_train_loss.unwrap();
+            assert!(
+                (loss - reference).abs() <= 0.02 * reference,
+                "{arch} {dtype}: loss {loss} against f32 {reference}"
+            );
+            let weights = r.last_checkpoint.unwrap().join("model.safetensors");
+            let bytes = std::fs::read(&weights).unwrap();
+            let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+            for (name, t) in header.as_object().unwrap() {
+                if name != "__metadata__" {
+                    assert_eq!(
+                        t["dtype"],
+                        "F32",
+                        "{dtype}: {name} in {}",
+                        weights.display()
+                    );
+                }
             }
         }
     }
