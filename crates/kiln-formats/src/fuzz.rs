@@ -212,6 +212,50 @@ mod tests {
         }
     }
 
+    /// The pre-tokenizers of Qwen2/Qwen3 (`qwen2`: digits one by one) and Llama 3 (`llama-bpe`:
+    /// up to three together) rebuilt from GGUF metadata split as their tokenizer.json does.
+    #[test]
+    fn gguf_qwen2_and_llama3_pre_tokenizers_split_digits_as_their_tokenizers_do() {
+        use crate::gguf::Value;
+        let mut g = GgufFile::parse(seed("gguf", "tokenizer.gguf"), Path::new("t.gguf")).unwrap();
+        let strings =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::Str(s.to_string())).collect());
+        let tokens = [
+            "<|im_start|>",
+            "<|im_end|>",
+            "H",
+            "i",
+            "Ġ",
+            "Hi",
+            "1",
+            "9",
+            "19",
+        ];
+        g.metadata
+            .insert("tokenizer.ggml.tokens".into(), strings(&tokens));
+        g.metadata.insert(
+            "tokenizer.ggml.token_type".into(),
+            Value::Array([3, 3, 1, 1, 1, 1, 1, 1, 1].map(Value::U64).to_vec()),
+        );
+        g.metadata
+            .insert("tokenizer.ggml.merges".into(), strings(&["H i", "1 9"]));
+        let encode = |g: &GgufFile, pre: &str, text: &str| {
+            let mut g2 =
+                GgufFile::parse(seed("gguf", "tokenizer.gguf"), Path::new("t.gguf")).unwrap();
+            g2.metadata = g.metadata.clone();
+            g2.metadata
+                .insert("tokenizer.ggml.pre".into(), Value::Str(pre.into()));
+            let json = g2.tokenizer_json().unwrap().to_string();
+            Tokenizer::from_hf_json(&json, Path::new("t.gguf"))
+                .unwrap()
+                .encode(text)
+                .unwrap()
+        };
+        assert_eq!(encode(&g, "qwen2", "Hi 19"), vec![5, 4, 6, 7]);
+        assert_eq!(encode(&g, "llama-bpe", "Hi 19"), vec![5, 4, 8]);
+        assert_eq!(encode(&g, "qwen2", " Hi"), vec![4, 5]);
+    }
+
     /// Replays every kept input (crashes found and fixed, and the seed corpora) through its target.
     #[test]
     fn fuzz_inputs_replay_without_panics() {

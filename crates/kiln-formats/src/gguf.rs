@@ -413,6 +413,25 @@ impl GgufFile {
                 {"type": "Digits", "individual_digits": true}, byte_level]})
             }
             "gpt2" | "default" | "gpt-2" => byte_level.clone(),
+            // Qwen2/Qwen3 and Llama 3 (and the models that share their tokenizers): the split
+            // regex of their tokenizer.json (llama.cpp's `llama-vocab.cpp` keeps the same), then
+            // byte-level mapping without a regex of its own. They differ in digits: one at a
+            // time, or up to three.
+            "qwen2" | "llama-bpe" => {
+                let digits = if pre == "qwen2" {
+                    r"\p{N}"
+                } else {
+                    r"\p{N}{1,3}"
+                };
+                let pattern = format!(
+                    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+                );
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+                     "invert": false},
+                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
+                     "use_regex": false}]})
+            }
             other => {
                 return Err(ModelError::File {
                     path: self.path.clone(),
