@@ -146,6 +146,23 @@ impl ArchBuilder {
     }
 }
 
+/// A decoder of Llama-style pre-norm blocks, block `i` built as `blocks[i]` says, with one RoPE
+/// (index 0) and untied or tied embeddings as the config says.
+pub fn pre_norm_decoder(
+    config: &ModelConfig,
+    rope: Rope,
+    blocks: Vec<PreNormBlock>,
+) -> Architecture {
+    let mut b = ArchBuilder::default();
+    let embed = b.embedding(config);
+    let blocks = blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| pre_norm_block(&mut b, config, i, o))
+        .collect();
+    b.finish(config.clone(), embed, blocks, false, vec![rope])
+}
+
 /// Choices of a Llama-style pre-norm block (Llama, Mistral, Qwen2/3, SmolLM3, Phi-3).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PreNormBlock {

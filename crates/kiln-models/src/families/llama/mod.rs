@@ -6,7 +6,7 @@ mod gguf;
 
 pub use gguf::unpermute_qk;
 
-use crate::arch::{ArchBuilder, Architecture, PreNormBlock, pre_norm_block};
+use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool, opt_usize};
 use crate::family::{Family, GgufNames};
 use crate::gguf::GgufFile;
@@ -91,12 +91,11 @@ impl Family for Llama {
             rope: Some(0),
             window: window(config)?,
         };
-        let mut b = ArchBuilder::default();
-        let embed = b.embedding(config);
-        let blocks = (0..config.num_hidden_layers)
-            .map(|i| pre_norm_block(&mut b, config, i, block))
-            .collect();
-        Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
+        Ok(pre_norm_decoder(
+            config,
+            rope,
+            vec![block; config.num_hidden_layers],
+        ))
     }
 
     fn hf_json(&self, config: &ModelConfig) -> Value {

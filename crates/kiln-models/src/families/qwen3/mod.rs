@@ -2,7 +2,7 @@
 //! and keys before RoPE, `head_dim` from the config, no biases unless `attention_bias`, and
 //! sliding-window layers where `layer_types` says so.
 
-use crate::arch::{ArchBuilder, Architecture, PreNormBlock, pre_norm_block};
+use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool};
 use crate::family::{Family, GGUF_GLOBAL, GgufNames, gguf_common_config};
 use crate::gguf::GgufFile;
@@ -56,25 +56,19 @@ impl Family for Qwen3 {
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
         let rope = Rope::from_hf(config, rope_params(&config.hf), 1_000_000.0)?;
         let bias = opt_bool(&config.hf, "attention_bias")?.unwrap_or(false);
-        let mut b = ArchBuilder::default();
-        let embed = b.embedding(config);
         let blocks = super::layer_windows(config)?
             .into_iter()
-            .enumerate()
-            .map(|(i, window)| {
-                let block = PreNormBlock {
-                    fused: false,
-                    qkv_bias: bias,
-                    o_bias: bias,
-                    mlp_bias: false,
-                    qk_norm: true,
-                    rope: Some(0),
-                    window,
-                };
-                pre_norm_block(&mut b, config, i, block)
+            .map(|window| PreNormBlock {
+                fused: false,
+                qkv_bias: bias,
+                o_bias: bias,
+                mlp_bias: false,
+                qk_norm: true,
+                rope: Some(0),
+                window,
             })
             .collect();
-        Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
+        Ok(pre_norm_decoder(config, rope, blocks))
     }
 
     fn hf_json(&self, config: &ModelConfig) -> Value {

@@ -1,7 +1,7 @@
 //! SmolLM3 (`SmolLM3ForCausalLM`): Llama's block, with RoPE left out of every fourth layer
 //! (`no_rope_layers[i] == 0`: layers 3, 7, 11, ...), tied embeddings.
 
-use crate::arch::{ArchBuilder, Architecture, PreNormBlock, pre_norm_block};
+use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool, opt_usize};
 use crate::families::llama;
 use crate::family::{Family, GgufNames};
@@ -71,8 +71,6 @@ impl Family for SmolLm3 {
         let rope = Rope::from_hf(config, rope_params(&config.hf), 2_000_000.0)?;
         let bias = opt_bool(&config.hf, "attention_bias")?.unwrap_or(false);
         let mlp_bias = opt_bool(&config.hf, "mlp_bias")?.unwrap_or(false);
-        let mut b = ArchBuilder::default();
-        let embed = b.embedding(config);
         // transformers windows a layer only when `use_sliding_window` is on.
         let windows = match opt_bool(&config.hf, "use_sliding_window")?.unwrap_or(false) {
             true => super::layer_windows(config)?,
@@ -81,21 +79,17 @@ impl Family for SmolLm3 {
         let blocks = uses_rope(config)?
             .into_iter()
             .zip(windows)
-            .enumerate()
-            .map(|(i, (rope, window))| {
-                let block = PreNormBlock {
-                    fused: false,
-                    qkv_bias: bias,
-                    o_bias: bias,
-                    mlp_bias,
-                    qk_norm: false,
-                    rope: rope.then_some(0),
-                    window,
-                };
-                pre_norm_block(&mut b, config, i, block)
+            .map(|(rope, window)| PreNormBlock {
+                fused: false,
+                qkv_bias: bias,
+                o_bias: bias,
+                mlp_bias,
+                qk_norm: false,
+                rope: rope.then_some(0),
+                window,
             })
             .collect();
-        Ok(b.finish(config.clone(), embed, blocks, false, vec![rope]))
+        Ok(pre_norm_decoder(config, rope, blocks))
     }
 
     fn hf_json(&self, config: &ModelConfig) -> Value {
