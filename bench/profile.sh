@@ -27,11 +27,11 @@ def incl(pattern):
     return max([c for c, _, s in rows if re.search(pattern, s)] or [0.0])
 def self_(pattern):
     return sum(s_ for _, s_, s in rows if re.search(pattern, s))
-data = incl(r"(kiln_data|kiln_train::setup)::.*train_batch$") + incl(r"consts_for$")
+data = incl(r"(kiln_data|kiln_train::data)::.*train_batch$") + incl(r"consts_for$")
 backward = incl(r"burn_tensor::tensor::api::autodiff::backward_impl$")
-forward = incl(r"kiln_models::llama::LlamaModel::(loss|loss_chunked|forward_batch)$")
+forward = incl(r"kiln_models::model::Model::(loss|forward_batch)$")
 optimizer = incl(r"GradAccumulator::add$") + incl(r"GradAccumulator::global_norm$") + incl(r"kiln_train::optim::AdamW::step$")
-attention = incl(r"^attention \(inlined\)$|LlamaModel::attention$")
+attention = incl(r"kiln_models::layers::attention::Attention::forward$")
 step = data + forward + backward + optimizer
 # Call stacks unwound from DWARF are sometimes cut short (and work run on a rayon worker loses its
 # caller), so the phases are shares of what could be attributed, not of all samples.
