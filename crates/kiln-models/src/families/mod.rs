@@ -57,6 +57,16 @@ pub(crate) fn model_type_of<'a>(
     })
 }
 
+/// `sliding_window` when the config sets one: a positive number of positions.
+pub(crate) fn sliding_window(
+    config: &crate::config::ModelConfig,
+) -> Result<Option<usize>, FieldError> {
+    match crate::config::opt_usize(&config.hf, "sliding_window")? {
+        Some(0) => Err(("sliding_window".to_string(), "must be positive".to_string())),
+        w => Ok(w),
+    }
+}
+
 /// Each layer's attention window from `layer_types` (`sliding_attention` layers see the last
 /// `sliding_window` positions), as Qwen3 and SmolLM3 declare them; `None` everywhere when the
 /// config has no such layers.
@@ -73,14 +83,14 @@ pub(crate) fn layer_windows(
             format!("must list {n} layer types"),
         )
     })?;
-    let window = crate::config::opt_usize(&config.hf, "sliding_window")?;
+    let window = sliding_window(config)?;
     types
         .iter()
         .map(|t| match t.as_str() {
             Some("full_attention") => Ok(None),
             Some("sliding_attention") => match window {
-                Some(w) if w > 0 => Ok(Some(w)),
-                _ => Err((
+                Some(w) => Ok(Some(w)),
+                None => Err((
                     "sliding_window".to_string(),
                     "sliding_attention layers need a positive sliding_window".to_string(),
                 )),

@@ -7,7 +7,7 @@ mod gguf;
 pub use gguf::unpermute_qk;
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
-use crate::config::{FieldError, ModelConfig, opt_bool, opt_usize};
+use crate::config::{FieldError, ModelConfig, opt_bool};
 use crate::family::{Family, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
@@ -43,7 +43,7 @@ fn window(config: &ModelConfig) -> Result<Option<usize>, FieldError> {
             }
             Ok(None)
         }
-        "mistral" => opt_usize(&config.hf, "sliding_window"),
+        "mistral" => super::sliding_window(config),
         _ => Ok(None),
     }
 }

@@ -6,7 +6,7 @@
 mod gguf;
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
-use crate::config::{FieldError, ModelConfig, opt_usize};
+use crate::config::{FieldError, ModelConfig};
 use crate::family::{Family, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
@@ -41,7 +41,7 @@ impl Family for Phi3 {
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
         let rope = Rope::from_hf(config, rope_params(&config.hf), 10000.0)?;
-        let window = opt_usize(&config.hf, "sliding_window")?;
+        let window = super::sliding_window(config)?;
         let block = PreNormBlock {
             fused: true,
             rope: Some(0),
