@@ -22,8 +22,9 @@ pub trait Family: Sync {
     /// GGUF `general.architecture` values this family reads.
     fn gguf_architectures(&self) -> &'static [&'static str];
 
-    /// The config of a `config.json` document, checked: what this family cannot compute is
-    /// refused, naming the field.
+    /// The config of a `config.json` document, its common fields checked. What the family
+    /// cannot compute is refused by [`Family::declare`], which [`config_from_hf`] runs on every
+    /// config it accepts.
     fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError>;
 
     /// The decoder a config describes.

@@ -127,9 +127,7 @@ impl Family for Gemma3 {
         }
         // Gemma3TextConfig's own default head width.
         hf.entry("head_dim").or_insert(256.into());
-        let config = ModelConfig::from_hf(self.name(), "gemma3_text", &hf, true)?;
-        self.declare(&config)?;
-        Ok(config)
+        ModelConfig::from_hf(self.name(), "gemma3_text", &hf, true)
     }
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {

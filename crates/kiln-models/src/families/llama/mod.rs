@@ -73,9 +73,7 @@ impl Family for Llama {
         };
         super::require_act(hf, "hidden_act", &["silu"])?;
         // transformers' default differs by family: Llama and Qwen2 untie unless told.
-        let config = ModelConfig::from_hf(self.name(), model_type, hf, false)?;
-        self.declare(&config)?;
-        Ok(config)
+        ModelConfig::from_hf(self.name(), model_type, hf, false)
     }
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {

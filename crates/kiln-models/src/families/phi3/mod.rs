@@ -34,9 +34,7 @@ impl Family for Phi3 {
 
     fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError> {
         super::require_act(hf, "hidden_act", &["silu"])?;
-        let config = ModelConfig::from_hf(self.name(), "phi3", hf, false)?;
-        self.declare(&config)?;
-        Ok(config)
+        ModelConfig::from_hf(self.name(), "phi3", hf, false)
     }
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {

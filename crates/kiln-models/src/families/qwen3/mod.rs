@@ -48,9 +48,7 @@ impl Family for Qwen3 {
 
     fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError> {
         super::require_act(hf, "hidden_act", &["silu"])?;
-        let config = ModelConfig::from_hf(self.name(), "qwen3", hf, false)?;
-        self.declare(&config)?;
-        Ok(config)
+        ModelConfig::from_hf(self.name(), "qwen3", hf, false)
     }
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {

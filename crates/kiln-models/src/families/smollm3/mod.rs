@@ -62,9 +62,7 @@ impl Family for SmolLm3 {
 
     fn config(&self, hf: &Map<String, Value>) -> Result<ModelConfig, FieldError> {
         super::require_act(hf, "hidden_act", &["silu"])?;
-        let config = ModelConfig::from_hf(self.name(), "smollm3", hf, true)?;
-        self.declare(&config)?;
-        Ok(config)
+        ModelConfig::from_hf(self.name(), "smollm3", hf, true)
     }
 
     fn declare(&self, config: &ModelConfig) -> Result<Architecture, FieldError> {
