@@ -1,2 +1,2 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_formats::fuzz::config_yaml(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kiln_models::fuzz::config_yaml(data));

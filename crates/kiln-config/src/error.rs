@@ -8,6 +8,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path}: the config is empty; write `{{}}` to train with every default, or start from \
+         configs/shakespeare-char.yaml"
+    )]
+    Empty { path: PathBuf },
     #[error("{origin}:{line}:{column}: {field}{message}")]
     Yaml {
         origin: String,

@@ -6,7 +6,10 @@
 //! name the file, line, column and field.
 
 mod error;
+mod finite;
+pub mod limits;
 mod overrides;
+pub mod paths;
 mod schema;
 
 pub use error::ConfigError;
@@ -22,6 +25,16 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        // An empty file would silently be a default 1000-step run: almost always a mistake
+        // (a truncated copy, the wrong path). `{}` asks for the defaults on purpose.
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            return Err(ConfigError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
         let config = Self::from_yaml_str(&text, &path.display().to_string())?;
         Ok(config.with_overrides(overrides)?.expand_home())
     }

@@ -114,14 +114,18 @@ pub struct ModelConfig {
     /// Longest sequence the model is built for. Default 256.
     pub max_position_embeddings: usize,
     /// RMSNorm epsilon. Default 1e-5.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub rms_norm_eps: f64,
     /// RoPE base frequency. Default 10000.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub rope_theta: f64,
     /// Share the input embedding with the output projection. Default true.
     pub tie_word_embeddings: bool,
     /// Dropout on attention probabilities and residual branches while training. Default 0.0.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub dropout: f64,
     /// Standard deviation of the normal weight init. Default 0.02.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub initializer_range: f64,
 }
 
@@ -208,6 +212,7 @@ pub struct DataConfig {
     /// Validation text; `null` holds out the last `val_fraction` of `train`. Default `null`.
     pub valid: Option<PathBuf>,
     /// Share of `train` held out for validation when `valid` is `null`. Default 0.1.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub val_fraction: f64,
     /// Tokens per training window; for JSONL, the longest example (longer ones are truncated and
     /// counted). Default 64.
@@ -275,8 +280,10 @@ pub struct LoraConfig {
     /// Adapter rank r. Default 8.
     pub rank: usize,
     /// Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rslora). Default 16.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub alpha: f64,
     /// Dropout on the adapter's input. Default 0.05.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub dropout: f64,
     /// `[q_proj, v_proj]` style list of HF module names, or `all-linear`. Default `[q_proj, v_proj]`.
     pub target_modules: TargetModules,
@@ -359,6 +366,7 @@ pub struct ScheduleConfig {
     /// Linear warmup from 0 over this many steps. Default 100.
     pub warmup_steps: usize,
     /// Learning rate at the end of decay. Default 1e-4.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub min_lr: f64,
 }
 
@@ -377,15 +385,20 @@ impl Default for ScheduleConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     /// Peak learning rate. Default 1e-3.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub lr: f64,
     /// Adam betas. Default [0.9, 0.99].
+    #[serde(deserialize_with = "crate::finite::finite_pair")]
     pub betas: [f64; 2],
     /// Adam epsilon. Default 1e-8.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub eps: f64,
     /// Decoupled weight decay on matrices (not norms). Default 0.1.
+    #[serde(deserialize_with = "crate::finite::finite")]
     pub weight_decay: f64,
     pub schedule: ScheduleConfig,
     /// Clip the global gradient L2 norm to this; `null` or 0 turns clipping off. Default 1.0.
+    #[serde(deserialize_with = "crate::finite::finite_opt")]
     pub grad_clip: Option<f64>,
 }
 
@@ -410,6 +423,7 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// Passes over the training tokens (steps = epochs × tokens / (batch × accumulation × seq_len));
     /// overrides `max_steps`. Default `null`.
+    #[serde(deserialize_with = "crate::finite::finite_opt")]
     pub epochs: Option<f64>,
     /// Sequences per micro-batch, or `auto`: the memory planner picks the largest micro-batch
     /// that divides `effective_batch_size` and fits the budget (with the least recompute), and
@@ -736,21 +750,32 @@ fn is_positive(x: f64) -> bool {
 impl Config {
     /// Checks values that types alone cannot: returns the dotted field and what is wrong.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        fn positive(field: &str, v: usize) -> Result<(), (String, String)> {
-            if v == 0 {
-                return Err((field.into(), "must be at least 1".into()));
-            }
-            Ok(())
-        }
+        use crate::limits::*;
         let m = &self.model;
-        positive("model.hidden_size", m.hidden_size)?;
-        positive("model.num_hidden_layers", m.num_hidden_layers)?;
-        positive("model.num_attention_heads", m.num_attention_heads)?;
-        positive("model.intermediate_size", m.intermediate_size)?;
-        positive("model.max_position_embeddings", m.max_position_embeddings)?;
-        if let Some(v) = m.vocab_size {
-            positive("model.vocab_size", v)?;
+        bounded("model.hidden_size", m.hidden_size, MAX_WIDTH)?;
+        bounded("model.num_hidden_layers", m.num_hidden_layers, MAX_LAYERS)?;
+        bounded(
+            "model.num_attention_heads",
+            m.num_attention_heads,
+            MAX_HEADS,
+        )?;
+        if let Some(kv) = m.num_key_value_heads {
+            bounded("model.num_key_value_heads", kv, MAX_HEADS)?;
         }
+        bounded("model.intermediate_size", m.intermediate_size, MAX_WIDTH)?;
+        bounded(
+            "model.max_position_embeddings",
+            m.max_position_embeddings,
+            MAX_POSITIONS,
+        )?;
+        if let Some(v) = m.vocab_size {
+            bounded("model.vocab_size", v, MAX_VOCAB)?;
+        }
+        bounded(
+            "model.hidden_size / num_attention_heads",
+            m.head_dim(),
+            MAX_HEAD_DIM,
+        )?;
         if !m.hidden_size.is_multiple_of(m.num_attention_heads) {
             return Err((
                 "model.hidden_size".into(),
@@ -786,7 +811,7 @@ impl Config {
             ));
         }
         let d = &self.data;
-        positive("data.seq_len", d.seq_len)?;
+        bounded("data.seq_len", d.seq_len, MAX_POSITIONS)?;
         if m.pretrained.is_none() && d.seq_len > m.max_position_embeddings {
             return Err((
                 "data.seq_len".into(),
@@ -802,6 +827,11 @@ impl Config {
                 "must be in (0, 1) when data.valid is not given".into(),
             ));
         }
+        at_most(
+            "data.tokenizer.vocab_size",
+            d.tokenizer.vocab_size,
+            MAX_VOCAB,
+        )?;
         match d.tokenizer.kind {
             TokenizerKind::Bpe if d.tokenizer.vocab_size < 257 => {
                 return Err((
@@ -842,8 +872,12 @@ impl Config {
             return Err(("optim.grad_clip".into(), "must be non-negative".into()));
         }
         let t = &self.train;
-        positive("train.batch_size", t.batch_size.get())?;
-        positive("train.effective_batch_size", t.effective_batch_size)?;
+        bounded("train.batch_size", t.batch_size.get(), MAX_BATCH)?;
+        bounded(
+            "train.effective_batch_size",
+            t.effective_batch_size,
+            MAX_BATCH,
+        )?;
         if t.batch_size == BatchSize::Auto && t.grad_accum != 1 {
             return Err((
                 "train.grad_accum".into(),
@@ -851,19 +885,54 @@ impl Config {
                     .into(),
             ));
         }
-        positive("train.grad_accum", t.grad_accum)?;
-        positive("train.eval_batches", t.eval_batches)?;
-        positive("train.max_nonfinite_steps", t.max_nonfinite_steps)?;
+        bounded("train.grad_accum", t.grad_accum, MAX_BATCH)?;
+        bounded(
+            "train.batch_size × train.grad_accum",
+            t.batch_size.get() * t.grad_accum,
+            MAX_BATCH,
+        )?;
+        bounded("train.eval_batches", t.eval_batches, MAX_EVAL_BATCHES)?;
+        bounded(
+            "train.max_nonfinite_steps",
+            t.max_nonfinite_steps,
+            MAX_STEPS,
+        )?;
+        at_most("train.eval_every", t.eval_every, MAX_STEPS)?;
+        at_most("train.save_every", t.save_every, MAX_STEPS)?;
+        at_most("train.keep_last", t.keep_last, MAX_STEPS)?;
+        at_most(
+            "optim.schedule.warmup_steps",
+            o.schedule.warmup_steps,
+            MAX_STEPS,
+        )?;
+        at_most("memory.loss_chunk", self.memory.loss_chunk, MAX_POSITIONS)?;
+        at_most(
+            "logging.histograms_every",
+            self.logging.histograms_every,
+            MAX_STEPS,
+        )?;
         match t.epochs {
-            Some(e) if !is_positive(e) => {
-                return Err(("train.epochs".into(), "must be positive".into()));
+            Some(e) if !is_positive(e) || e > MAX_STEPS as f64 => {
+                return Err((
+                    "train.epochs".into(),
+                    format!("must be positive and at most {MAX_STEPS}"),
+                ));
             }
-            None => positive("train.max_steps", t.max_steps)?,
+            None => bounded("train.max_steps", t.max_steps, MAX_STEPS)?,
             _ => {}
         }
-        positive("logging.log_every", self.logging.log_every)?;
+        bounded("logging.log_every", self.logging.log_every, MAX_STEPS)?;
         let l = &self.finetune.lora;
-        positive("finetune.lora.rank", l.rank)?;
+        bounded("finetune.lora.rank", l.rank, MAX_LORA_RANK)?;
+        if let Some(n) = l.num_layers {
+            bounded("finetune.lora.num_layers", n, MAX_LAYERS)?;
+        }
+        if let Some(bad) = l.layers.iter().flatten().find(|&&i| i >= MAX_LAYERS) {
+            return Err((
+                "finetune.lora.layers".into(),
+                format!("block {bad} is beyond any model ({MAX_LAYERS} blocks at most)"),
+            ));
+        }
         if !(0.0..1.0).contains(&l.dropout) {
             return Err(("finetune.lora.dropout".into(), "must be in [0, 1)".into()));
         }
@@ -890,11 +959,20 @@ impl Config {
                 ),
             ));
         }
-        if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name == ".."
-        {
+        let name = self.run.name.as_str();
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
             return Err((
                 "run.name".into(),
-                "must be a non-empty name without path separators".into(),
+                format!(
+                    "`{name}` is not a directory name (it must be non-empty, not `.` or `..`, \
+                     and without path separators)"
+                ),
+            ));
+        }
+        if self.run.output_dir.as_os_str().is_empty() {
+            return Err((
+                "run.output_dir".into(),
+                "is empty; give a directory (`.` for the current one)".into(),
             ));
         }
         Ok(())
@@ -965,6 +1043,92 @@ mod tests {
         );
         let e = parse("train:\n  batch_size: lots\n").unwrap_err();
         assert!(e.contains("t.yaml:2") && e.contains("`auto`"), "{e}");
+    }
+
+    /// Every float leaf of the config (defaults, plus `train.epochs`), replaced by NaN and by
+    /// infinity in turn, is refused, naming its line; a float field added without
+    /// `crate::finite` fails here.
+    #[test]
+    fn every_float_field_refuses_nan_and_infinity() {
+        fn float_paths(v: &serde_json::Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, child) in m {
+                        path.push(k.clone());
+                        float_paths(child, path, out);
+                        path.pop();
+                    }
+                }
+                serde_json::Value::Array(a) => {
+                    for (i, child) in a.iter().enumerate() {
+                        path.push(i.to_string());
+                        float_paths(child, path, out);
+                        path.pop();
+                    }
+                }
+                serde_json::Value::Number(n) if n.is_f64() => out.push(path.clone()),
+                _ => {}
+            }
+        }
+        let mut config = Config::default();
+        config.train.epochs = Some(1.0);
+        let tree = serde_json::to_value(&config).unwrap();
+        let mut paths = Vec::new();
+        float_paths(&tree, &mut Vec::new(), &mut paths);
+        assert!(paths.len() >= 14, "{paths:?}");
+        for path in paths {
+            for bad in [".nan", ".inf", "-.inf"] {
+                let mut t = tree.clone();
+                let mut leaf = &mut t;
+                for k in &path {
+                    leaf = match k.parse::<usize>() {
+                        Ok(i) if leaf.is_array() => &mut leaf[i],
+                        _ => &mut leaf[k.as_str()],
+                    };
+                }
+                *leaf = serde_json::Value::String("NOT_FINITE".into());
+                let yaml = serde_saphyr::to_string(&t)
+                    .unwrap()
+                    .replace("NOT_FINITE", bad);
+                let e = parse(&yaml).unwrap_err();
+                assert!(
+                    e.contains("not a finite number") && e.contains("t.yaml:"),
+                    "{}={bad}: {e}",
+                    path.join(".")
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_and_counts_are_bounded() {
+        for (set, field) in [
+            ("model.hidden_size=2147483648", "model.hidden_size"),
+            ("model.hidden_size=4294967296", "model.hidden_size"),
+            ("model.vocab_size=100000000000", "model.vocab_size"),
+            (
+                "data.tokenizer.vocab_size=1000000000",
+                "data.tokenizer.vocab_size",
+            ),
+            ("train.eval_batches=10000000000000", "train.eval_batches"),
+            ("train.grad_accum=100000000000000", "train.grad_accum"),
+            ("train.batch_size=1000000000000", "train.batch_size"),
+            ("finetune.lora.rank=1000000000", "finetune.lora.rank"),
+            (
+                "finetune.lora.layers=[0,1099511627776]",
+                "finetune.lora.layers",
+            ),
+            ("train.epochs=1e300", "train.epochs"),
+            ("run.name=.", "run.name"),
+            ("run.output_dir=", "run.output_dir"),
+        ] {
+            let overrides = [set.to_string(), "data.tokenizer.kind=bpe".to_string()];
+            let e = Config::default()
+                .with_overrides(&overrides)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{set}: {e}");
+        }
     }
 
     #[test]

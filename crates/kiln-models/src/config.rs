@@ -4,15 +4,10 @@
 
 use serde_json::{Map, Value};
 
-/// Bounds no real model reaches (the largest open models have widths near 2^15 and vocabularies
-/// near 2^18): a file beyond them is damaged or hostile. Products of two bounded widths fit in
-/// 44 bits, so parameter counts are summed without overflow.
-pub const MAX_WIDTH: usize = 1 << 22;
-pub const MAX_LAYERS: usize = 1 << 12;
-pub const MAX_HEADS: usize = 1 << 12;
-pub const MAX_HEAD_DIM: usize = 1 << 12;
-pub const MAX_PARAMS: usize = 1 << 42;
-pub const MAX_POSITIONS: usize = 1 << 30;
+// The bounds every size is checked against: kiln_config::limits, shared with the run config.
+pub use kiln_config::limits::{
+    MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_PARAMS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH,
+};
 
 /// A decoder's common shape: the fields every family's computation and the planner depend on.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,14 +74,8 @@ impl ModelConfig {
     /// any real model uses, heads divisible by key/value heads, an even head width (RoPE), and
     /// finite norm constants.
     pub fn validate(&self) -> Result<(), FieldError> {
-        let bounded = |field: &str, v: usize, max: usize| {
-            if v == 0 || v > max {
-                Err((field.to_string(), format!("{v} is outside 1..={max}")))
-            } else {
-                Ok(())
-            }
-        };
-        bounded("vocab_size", self.vocab_size, MAX_WIDTH)?;
+        use kiln_config::limits::bounded;
+        bounded("vocab_size", self.vocab_size, MAX_VOCAB)?;
         bounded("hidden_size", self.hidden_size, MAX_WIDTH)?;
         bounded("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
         bounded("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)?;

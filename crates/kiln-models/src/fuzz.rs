@@ -7,6 +7,43 @@ use crate::gguf::{self, GgufFile};
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// A run's YAML config: besides the round trip (`kiln_formats::fuzz::config_yaml`), an accepted
+/// config holds no NaN or infinity, its per-step token count fits, and its `model` section is
+/// either refused by the family with an error or declares a model whose size can be counted.
+pub fn config_yaml(data: &[u8]) {
+    kiln_formats::fuzz::config_yaml(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = kiln_config::Config::from_yaml_str(text, "fuzz.yaml") else {
+        return;
+    };
+    for line in config.to_yaml().lines() {
+        let value = line.rsplit([':', '-']).next().unwrap_or("").trim();
+        assert!(
+            !matches!(value, ".nan" | ".inf" | ".NaN" | ".Inf"),
+            "an accepted config holds a non-finite number: {line}"
+        );
+    }
+    let t = &config.train;
+    t.batch_size
+        .get()
+        .checked_mul(t.grad_accum)
+        .and_then(|n| n.checked_mul(config.data.seq_len))
+        .expect("an accepted config's tokens per step overflow");
+    let vocab = match config.data.tokenizer.kind {
+        kiln_config::TokenizerKind::Bpe => config.data.tokenizer.vocab_size,
+        _ => 256,
+    };
+    if let Ok(model) = crate::family::config_from_scratch(&config.model, vocab) {
+        let arch = model
+            .declare()
+            .unwrap_or_else(|e| panic!("an accepted model section does not declare: {e:?}"));
+        let _ = arch.num_params();
+        let _ = arch.memory_profile();
+    }
+}
+
 /// A `config.json`: whatever a family accepts must declare, count its parameters, and write back
 /// a `config.json` that reads back to the same config (checkpoints and fused models rely on it).
 pub fn hf_json(data: &[u8]) {
