@@ -31,14 +31,19 @@ pub struct Corpus {
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+    let bytes = kiln_config::paths::read_regular(path).map_err(|source| DataError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    String::from_utf8(bytes).map_err(|e| DataError::Corpus {
+    let mut text = String::from_utf8(bytes).map_err(|e| DataError::Corpus {
         path: path.to_path_buf(),
         message: format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
-    })
+    })?;
+    // Windows editors start UTF-8 files with a byte-order mark; it is not text (and not JSON).
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
 }
 
 impl Corpus {

@@ -109,11 +109,42 @@ fn messages(record: &Value, path: &Path, line: usize) -> Result<Vec<Message>, Da
         .collect()
 }
 
+/// Bytes of text read per token wanted when a record is far longer than the longest example:
+/// tokens of real tokenizers average 3-5 bytes, and none is near this long.
+const PREFIX_BYTES_PER_TOKEN: usize = 64;
+/// Tokens encoded beyond the ones kept, so that the cut of the text cannot change them.
+const PREFIX_MARGIN_TOKENS: usize = 64;
+
 impl Encoding<'_> {
     fn encode(&self, text: &str, path: &Path, line: usize) -> Result<Vec<u32>, DataError> {
         self.tokenizer
             .encode(text)
             .map_err(|e| line_err(path, line, e.to_string()))
+    }
+
+    /// The tokens of `text`, or of a prefix of it long enough to give more than `keep` of them
+    /// unchanged: a record is truncated to the longest example anyway, and tokenizing a 50 MB
+    /// line whole takes a minute. The result is longer than `keep` exactly when `text`'s is.
+    fn encode_at_least(
+        &self,
+        text: &str,
+        keep: usize,
+        path: &Path,
+        line: usize,
+    ) -> Result<Vec<u32>, DataError> {
+        let want = keep + PREFIX_MARGIN_TOKENS;
+        let limit = want.saturating_mul(PREFIX_BYTES_PER_TOKEN);
+        if text.len() > limit {
+            let mut cut = limit;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let ids = self.encode(&text[..cut], path, line)?;
+            if ids.len() > want {
+                return Ok(ids[..keep + 1].to_vec());
+            }
+        }
+        self.encode(text, path, line)
     }
 
     fn template(&self, path: &Path, line: usize) -> Result<&ChatTemplate, DataError> {
@@ -171,13 +202,15 @@ impl Encoding<'_> {
                 (prompt, full, false)
             }
         };
-        let mut ids = self.encode(&full, path, line)?;
+        let mut ids = self.encode_at_least(&full, self.max_seq_len + 1, path, line)?;
         // The prompt's tokens are a prefix of the full text's when the split falls on a token
         // boundary, which chat templates guarantee with their special tokens; count them.
         let prompt_len = if prompt.is_empty() || !full.starts_with(&prompt) {
             0
         } else {
-            self.encode(&prompt, path, line)?.len().min(ids.len())
+            self.encode_at_least(&prompt, self.max_seq_len + 1, path, line)?
+                .len()
+                .min(ids.len())
         };
         if append_eos && let Some(eos) = self.eos_id {
             ids.push(eos);

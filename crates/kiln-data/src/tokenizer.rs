@@ -110,10 +110,11 @@ impl Tokenizer {
                 message: "file not found".into(),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| DataError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            kiln_config::paths::read_regular_to_string(path).map_err(|source| DataError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Self::from_hf_json(&text, path)
     }
 
@@ -215,6 +216,19 @@ impl Tokenizer {
         match self {
             Tokenizer::Char(t) => t.vocab_size(),
             Tokenizer::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// One past the largest id the tokenizer can produce (ids may be sparse, so this can exceed
+    /// [`Self::vocab_size`]): a model needs at least this many embedding rows.
+    pub fn id_bound(&self) -> usize {
+        match self {
+            Tokenizer::Char(t) => t.vocab_size(),
+            Tokenizer::Hf(t) => t
+                .get_vocab(true)
+                .values()
+                .max()
+                .map_or(0, |&m| m as usize + 1),
         }
     }
 }

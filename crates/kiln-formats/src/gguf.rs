@@ -197,7 +197,7 @@ impl<'a> Cursor<'a> {
 
 impl GgufFile {
     pub fn read(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        let bytes = kiln_config::paths::read_regular(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
         })?;

@@ -111,11 +111,22 @@ pub fn view_to_f32(
 
 /// Reads every tensor of a safetensors file as f32.
 pub fn read_all(path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError> {
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+    let bytes = kiln_config::paths::read_regular(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     parse(&bytes, path)
+}
+
+/// Checks that `bytes` are a well-formed safetensors file (header, dtypes, offsets) without
+/// decoding the tensors.
+pub fn check(bytes: &[u8], path: &Path) -> Result<(), ModelError> {
+    SafeTensors::deserialize(bytes)
+        .map(|_| ())
+        .map_err(|e| ModelError::File {
+            path: path.to_path_buf(),
+            message: format!("not a valid safetensors file: {e}"),
+        })
 }
 
 /// Decodes the bytes of a safetensors file; `path` names it in errors.
