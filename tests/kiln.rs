@@ -1762,7 +1762,8 @@ fn fuzz_inputs_replay_through_the_model_families() {
     let root = repo().join("fuzz");
     let mut replayed = 0;
     type Target = fn(&[u8]);
-    let targets: [(&str, Target); 2] = [
+    let targets: [(&str, Target); 3] = [
+        ("config_yaml", kiln::models::fuzz::config_yaml),
         ("hf_json", kiln::models::fuzz::hf_json),
         ("gguf", kiln::models::fuzz::gguf),
     ];
@@ -2113,4 +2114,509 @@ fn a_failed_checkpoint_write_keeps_the_previous_one_and_stops_or_continues_as_co
             "the half-written checkpoint is left behind"
         );
     }
+}
+
+/// Runs kiln with stdin closed and a deadline: a command that hangs fails the test.
+fn kiln_within(args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(repo())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{args:?} still running after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The findings of the hostile-input campaign (issue 13), each now a clear error naming what is
+/// wrong, with exit 1 or 2, no panic and no hang.
+#[test]
+fn hostile_configs_and_files_get_named_errors_not_panics_or_hangs() {
+    let (dir, corpus) = scratch("hostile");
+    let d = dir.path();
+    let out = d.join("runs");
+    let yaml = d.join("h.yaml");
+    std::fs::write(&yaml, tiny_yaml(&out, &corpus, "h", "")).unwrap();
+    let y = yaml.to_str().unwrap();
+    let plan_fails =
+        |set: &str, needles: &[&str]| fails_naming(&["plan", y, "--set", set], needles);
+    // Sizes beyond any model, a huge BPE vocabulary, counts that would allocate terabytes.
+    plan_fails(
+        "model.hidden_size=2147483648",
+        &["model.hidden_size", "outside"],
+    );
+    plan_fails("model.hidden_size=1099511627776", &["model.hidden_size"]);
+    plan_fails(
+        "data.tokenizer.vocab_size=1000000000",
+        &["data.tokenizer.vocab_size"],
+    );
+    plan_fails("train.eval_batches=10000000000000", &["train.eval_batches"]);
+    plan_fails("run.name=.", &["run.name"]);
+    plan_fails("run.output_dir=", &["run.output_dir"]);
+    // NaN and infinities, in the file (with its line) and on the command line.
+    for (good, bad, field) in [
+        ("min_lr: 1.0e-4", "min_lr: .nan", "optim.schedule.min_lr"),
+        ("lr: 3.0e-3", "lr: .inf", "optim.lr"),
+    ] {
+        let text = std::fs::read_to_string(&yaml).unwrap().replace(good, bad);
+        let path = d.join("nonfinite.yaml");
+        std::fs::write(&path, text).unwrap();
+        fails_naming(
+            &["train", path.to_str().unwrap()],
+            &[field, "not a finite number", "nonfinite.yaml:"],
+        );
+    }
+    fails_naming(
+        &["generate", "--model", "x", "--temperature", "nan"],
+        &["--temperature", "not a finite number"],
+    );
+    // An empty config file is refused rather than starting a default run.
+    let empty = d.join("empty.yaml");
+    std::fs::write(&empty, "# nothing here\n").unwrap();
+    fails_naming(
+        &["train", empty.to_str().unwrap()],
+        &["empty.yaml", "empty"],
+    );
+    assert!(!out.exists(), "a refused config wrote {}", out.display());
+
+    // Data that is not a regular file: a FIFO would block forever; a symlink loop is not
+    // "not found"; a path given by --set is blamed on --set.
+    let fifo = d.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let r = kiln_within(
+        &[
+            "train",
+            y,
+            "--set",
+            &format!("data.train={}", fifo.display()),
+        ],
+        20,
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--set") && err.contains("not a regular file"),
+        "{err}"
+    );
+    let (a, b) = (d.join("loop-a"), d.join("loop-b"));
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    fails_naming(
+        &["train", y, "--set", &format!("data.train={}", a.display())],
+        &["loop-a", "symbolic links"],
+    );
+    fails_naming(
+        &["train", y, "--set", "model.pretrained=/no/such/model"],
+        &["--set", "model.pretrained", "not found"],
+    );
+
+    // A tokenizer with more ids than the model has embedding rows.
+    let big = d.join("big-tokenizer");
+    copy_dir(&repo().join("tests/fixtures/families/qwen3"), &big);
+    let mut ids = serde_json::Map::new();
+    for i in 0..200u32 {
+        ids.insert(format!("t{i}"), i.into());
+    }
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(big.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let mut tok = tok;
+    tok["model"] = serde_json::json!({"type": "WordLevel", "vocab": ids, "unk_token": "t0"});
+    tok["added_tokens"] = serde_json::json!([]);
+    std::fs::write(big.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = d.join("t.txt");
+    std::fs::write(&text, "t1 t2 t199").unwrap();
+    for cmd in ["eval", "generate"] {
+        let mut args = vec![cmd, "--model", big.to_str().unwrap(), "--backend", "cpu"];
+        if cmd == "eval" {
+            args.extend(["--data", text.to_str().unwrap()]);
+        }
+        fails_naming(&args, &["tokenizer has ids up to 199", "vocab_size is 96"]);
+    }
+
+    // A UTF-8 byte-order mark starts a JSONL file; a record far longer than the window is cut
+    // before it is tokenized whole (a 50 MB line took a minute).
+    let jsonl = d.join("bom.jsonl");
+    let long = "word ".repeat(2_000_000);
+    std::fs::write(
+        &jsonl,
+        format!(
+            "\u{feff}{}\n{}\n",
+            serde_json::json!({"text": "t1 t2"}),
+            serde_json::json!({ "text": long })
+        ),
+    )
+    .unwrap();
+    let qwen3 = repo().join("tests/fixtures/families/qwen3");
+    let r = kiln_within(
+        &[
+            "eval",
+            "--model",
+            qwen3.to_str().unwrap(),
+            "--data",
+            jsonl.to_str().unwrap(),
+            "--seq-len",
+            "16",
+            "--backend",
+            "cpu",
+            "--json",
+        ],
+        30,
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// Checkpoints damaged in the ways the campaign found: every reader (resume, eval, generate,
+/// fuse, --adapter) checks the manifest and says why it passes one over; resume falls back past
+/// a checkpoint that verifies but does not load.
+#[test]
+fn damaged_checkpoints_are_refused_by_every_reader_with_the_reason() {
+    let (dir, corpus) = scratch("damaged");
+    let out = dir.path().join("runs");
+    let config = write_tiny_config(
+        dir.path(),
+        &out,
+        &corpus,
+        "d",
+        &[
+            "train.max_steps=40",
+            "train.save_every=10",
+            "train.keep_last=9",
+            "train.eval_every=0",
+        ],
+    );
+    let r = kiln(&["train", config.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let run = out.join("d");
+    let step = |n: usize| run.join(format!("step-{n:07}"));
+    use kiln::train::checkpoint::{self, verify};
+    // Each damage, to its own copy of step 40, and what verify must say.
+    type Damage = Box<dyn Fn(&Path)>;
+    let damage: Vec<(&str, Damage, &str)> = vec![
+        (
+            "flipped weight bytes",
+            Box::new(|p: &Path| flip(&p.join("model.safetensors"), 100)),
+            "fails its checksum",
+        ),
+        (
+            "flipped manifest byte",
+            Box::new(|p: &Path| flip(&p.join("manifest.json"), 0)),
+            "manifest.json is damaged",
+        ),
+        (
+            "deleted trainer state",
+            Box::new(|p: &Path| std::fs::remove_file(p.join("trainer_state.json")).unwrap()),
+            "trainer_state.json is missing",
+        ),
+        (
+            "empty manifest file list",
+            Box::new(|p: &Path| {
+                std::fs::write(p.join("manifest.json"), r#"{"files": []}"#).unwrap()
+            }),
+            "lists neither",
+        ),
+        (
+            "a step beyond the run, resealed",
+            Box::new(|p: &Path| {
+                let s = std::fs::read_to_string(p.join("trainer_state.json")).unwrap();
+                let s = s.replace("\"step\": 40", "\"step\": 40000000000");
+                std::fs::write(p.join("trainer_state.json"), s).unwrap();
+                checkpoint::write_manifest(p).unwrap();
+            }),
+            "trainer_state.json: step 40000000000",
+        ),
+    ];
+    let spare = dir.path().join("spare");
+    for (what, hurt, needle) in &damage {
+        let _ = std::fs::remove_dir_all(&spare);
+        copy_dir(&step(40), &spare);
+        let spare_step = spare.parent().unwrap().join("step-0000040");
+        let _ = std::fs::remove_dir_all(&spare_step);
+        std::fs::rename(&spare, &spare_step).unwrap();
+        hurt(&spare_step);
+        let why = verify(&spare_step).unwrap_err();
+        assert!(why.contains(needle), "{what}: {why}");
+        std::fs::remove_dir_all(&spare_step).unwrap();
+    }
+
+    // eval and generate refuse a damaged checkpoint, and pointed at the run, use the previous
+    // one, saying why.
+    flip(&step(40).join("model.safetensors"), 100);
+    let c = corpus.to_str().unwrap();
+    let s40 = step(40);
+    fails_naming(
+        &[
+            "eval",
+            "--checkpoint",
+            s40.to_str().unwrap(),
+            "--data",
+            c,
+            "--backend",
+            "cpu",
+        ],
+        &["step-0000040", "checksum"],
+    );
+    let r = kiln(&[
+        "eval",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--data",
+        c,
+        "--backend",
+        "cpu",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("not using") && err.contains("step-0000040"),
+        "{err}"
+    );
+    // A checkpoint that verifies but does not load (a renamed tensor, the manifest resealed):
+    // resume passes it over for the intact one before it and ends where an intact run ends.
+    let st = step(30).join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"q_proj")
+        .expect("a q_proj tensor");
+    let mut bytes = bytes;
+    bytes[at..at + 6].copy_from_slice(b"q_prxj");
+    std::fs::write(&st, bytes).unwrap();
+    checkpoint::write_manifest(&step(30)).unwrap();
+    let r = kiln(&[
+        "train",
+        config.to_str().unwrap(),
+        "--resume",
+        "--set",
+        "train.max_steps=50",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("step-0000040")
+            && err.contains("step-0000030")
+            && err.contains("missing from the weights"),
+        "{err}"
+    );
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        stdout.contains("resuming from") && stdout.contains("step-0000020"),
+        "{stdout}"
+    );
+}
+
+fn flip(path: &Path, at: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = at.min(bytes.len() - 1);
+    bytes[i] ^= 0x5a;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A closed stdout, a full disk under the event file, a full disk under the checkpoint, a
+/// signal while loading, and many runs starting on one directory at once.
+#[test]
+fn sinks_disks_signals_and_races_cannot_kill_a_run_uncleanly() {
+    let (dir, corpus) = scratch("sinks");
+    let out = dir.path().join("runs");
+    let config = write_tiny_config(
+        dir.path(),
+        &out,
+        &corpus,
+        "p",
+        &[
+            "train.max_steps=400",
+            "train.save_every=0",
+            "train.eval_every=0",
+            "logging.log_every=1",
+        ],
+    );
+    // stdout closed after a few lines (`| head`): a warning, a checkpoint, exit 1, no panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["train", config.to_str().unwrap()])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        for _ in 0..8 {
+            lines.next();
+        }
+    } // the pipe closes here
+    let r = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("Broken pipe") && err.contains("stopped at step"),
+        "{err}"
+    );
+    let saved = kiln::train::checkpoint::latest(&out.join("p")).expect("a checkpoint");
+    assert!(err.contains(saved.to_str().unwrap()), "{err}");
+
+    // Forty starts on one fresh run directory: exactly one trains, every other is told why.
+    let race = write_tiny_config(
+        dir.path(),
+        &out,
+        &corpus,
+        "race",
+        &[
+            "train.max_steps=30",
+            "train.save_every=0",
+            "train.eval_every=0",
+        ],
+    );
+    let children: Vec<_> = (0..40)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["train", race.to_str().unwrap()])
+                .current_dir(repo())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut won = 0;
+    for c in children {
+        let r = c.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        if r.status.success() {
+            won += 1;
+        } else {
+            assert!(
+                err.contains("in use by another kiln run") || err.contains("already holds"),
+                "{err}"
+            );
+        }
+    }
+    assert_eq!(won, 1);
+
+    // A signal while the model loads ends the process at once (nothing is half-written then).
+    let gguf = smollm2().expect("KILN_SMOLLM2_GGUF: run the tests through scripts/test");
+    let data = dir.path().join("chat");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in ["train.jsonl", "valid.jsonl"] {
+        std::fs::write(data.join(f), "{\"text\": \"hello there\"}\n").unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "finetune",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+            "--name",
+            "sig",
+        ])
+        .current_dir(repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(sent.elapsed().as_secs_f64() < 2.0, "{:?}", sent.elapsed());
+    assert!(kiln::train::checkpoint::list(&out.join("sig")).is_empty());
+
+    // A full disk (a small tmpfs; needs root to mount, as in CI): under the event file, a warning
+    // and a checkpoint then exit 1 (`stop`) or training on (`continue`); under the checkpoint,
+    // the reason reaches the user.
+    let full = dir.path().join("full");
+    std::fs::create_dir_all(full.join("run/tensorboard")).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(full.join("run/tensorboard"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("note: cannot mount a tmpfs (not root): the disk-full cases are not run");
+        return;
+    }
+    let tb = write_tiny_config(
+        dir.path(),
+        &full,
+        &corpus,
+        "run",
+        &[
+            "train.max_steps=60",
+            "train.save_every=0",
+            "train.eval_every=0",
+            "logging.histograms_every=5",
+        ],
+    );
+    let r = kiln(&["train", tb.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("stopped at step"),
+        "{err}"
+    );
+    let r = kiln(&[
+        "train",
+        tb.to_str().unwrap(),
+        "--resume",
+        "--set",
+        "train.on_save_error=continue",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(
+        err.contains("training goes on without that output"),
+        "{err}"
+    );
+    let _ = Command::new("umount")
+        .arg(full.join("run/tensorboard"))
+        .status();
+
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok);
+    let wide = write_tiny_config(
+        dir.path(),
+        &small,
+        &corpus,
+        "w",
+        &[
+            "model.hidden_size=128",
+            "train.max_steps=10",
+            "logging.tensorboard=false",
+        ],
+    );
+    let r = kiln(&["train", wide.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    let _ = Command::new("umount").arg(&small).status();
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpoint failed") && err.contains("No space left on device"),
+        "{err}"
+    );
 }

@@ -117,9 +117,9 @@ struct FinetuneArgs {
     full: bool,
     #[arg(long, default_value_t = 8)]
     rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, value_parser = finite_f64)]
     alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = finite_f64)]
     dropout: f64,
     /// Comma-separated HF module names, or all-linear.
     #[arg(long, default_value = "q_proj,v_proj")]
@@ -130,7 +130,7 @@ struct FinetuneArgs {
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     iters: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = finite_f64)]
     lr: f64,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
@@ -218,9 +218,9 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = finite_f64)]
     temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = finite_f64)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -254,6 +254,23 @@ struct EvalArgs {
     logits_out: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArgs,
+}
+
+/// A float flag: NaN and infinities are refused (`--temperature nan` would sample from NaN).
+fn finite_f64(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() => Ok(x),
+        Ok(x) => Err(format!("{x} is not a finite number")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `println!` that cannot panic: stdout closed early (`kiln eval ... | head -1`) is not an error
+/// of the command.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 /// A failure with the exit code it maps to.
@@ -323,7 +340,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            let _ = writeln!(std::io::stderr(), "error: {:#}", f.error);
             ExitCode::from(f.code)
         }
     }
@@ -332,12 +349,13 @@ pub fn main() -> ExitCode {
 fn train(args: TrainArgs) -> Result<(), Failure> {
     let config = Config::load(&args.config, &args.set).map_err(usage)?;
     if args.print_config {
-        print!("{}", config.to_yaml());
+        let _ = write!(std::io::stdout(), "{}", config.to_yaml());
         return Ok(());
     }
     run_training(
         config,
         &args.config.display().to_string(),
+        &args.set,
         args.resume,
         args.stop_after,
     )
@@ -397,38 +415,65 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
 fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
     let config = finetune_config(&args)?;
     if args.print_config {
-        print!("{}", config.to_yaml());
+        let _ = write!(std::io::stdout(), "{}", config.to_yaml());
         return Ok(());
     }
-    run_training(config, "kiln finetune", args.resume, None)
+    run_training(config, "kiln finetune", &[], args.resume, None)
 }
 
 fn run_training(
     config: Config,
     origin: &str,
+    overrides: &[String],
     resume: bool,
     stop_after: Option<usize>,
 ) -> Result<(), Failure> {
-    for (field, path) in [
-        ("data.train", Some(&config.data.train)),
-        ("data.valid", config.data.valid.as_ref()),
+    // A field set by `--set` is blamed on the override, not on the file.
+    let origin_of = |field: &str| {
+        if overrides
+            .iter()
+            .any(|o| o.split('=').next().is_some_and(|k| k.trim() == field))
+        {
+            "--set".to_string()
+        } else {
+            origin.to_string()
+        }
+    };
+    for (field, path, check) in [
+        (
+            "data.train",
+            Some(&config.data.train),
+            kiln_config::paths::check_file_or_dir as fn(&Path) -> std::io::Result<()>,
+        ),
+        (
+            "data.valid",
+            config.data.valid.as_ref(),
+            kiln_config::paths::check_regular_file,
+        ),
+        (
+            "data.tokenizer.path",
+            config.data.tokenizer.path.as_ref(),
+            kiln_config::paths::check_regular_file,
+        ),
+        (
+            "model.pretrained",
+            config.model.pretrained.as_ref(),
+            kiln_config::paths::check_file_or_dir,
+        ),
     ] {
         if let Some(p) = path
-            && !p.exists()
+            && let Err(e) = check(p)
         {
+            let why = match e.kind() {
+                std::io::ErrorKind::NotFound => "not found".to_string(),
+                _ => e.to_string(),
+            };
             return Err(usage(anyhow::anyhow!(
-                "{origin}: field `{field}`: {} not found",
+                "{}: field `{field}`: {}: {why}",
+                origin_of(field),
                 p.display()
             )));
         }
-    }
-    if let Some(p) = &config.model.pretrained
-        && !p.exists()
-    {
-        return Err(usage(anyhow::anyhow!(
-            "{origin}: field `model.pretrained`: {} not found",
-            p.display()
-        )));
     }
     let options = kiln_train::TrainOptions {
         resume,
@@ -452,32 +497,34 @@ fn run_training(
             ),
         });
     }
-    println!(
+    out!(
         "done: {} of {} steps on {}",
-        summary.steps, summary.total_steps, summary.device
+        summary.steps,
+        summary.total_steps,
+        summary.device
     );
     if let Some(l) = summary.final_train_loss {
-        println!("  train loss {l:.4}");
+        out!("  train loss {l:.4}");
     }
     if let Some(l) = summary.final_val_loss {
-        println!(
+        out!(
             "  val loss   {l:.4} (best {:.4})",
             summary.best_val_loss.unwrap_or(l)
         );
     }
-    println!("  {:.0} tokens/s", summary.tokens_per_s);
+    out!("  {:.0} tokens/s", summary.tokens_per_s);
     if let Some(p) = summary.peak_memory_bytes {
-        println!(
+        out!(
             "  peak memory {} (estimated {})",
             human_bytes(p),
             human_bytes(summary.estimated_peak_bytes)
         );
     }
     if let Some(dir) = &summary.last_checkpoint {
-        println!("  checkpoint {}", dir.display());
+        out!("  checkpoint {}", dir.display());
     }
     if let Some(e) = &summary.event_file {
-        println!(
+        out!(
             "  TensorBoard: tensorboard --logdir {}",
             e.parent().unwrap_or(Path::new(".")).display()
         );
@@ -485,13 +532,15 @@ fn run_training(
     Ok(())
 }
 
-/// A model directory or GGUF file itself, or a run directory's `latest` checkpoint.
+/// A model directory or GGUF file itself, a kiln checkpoint (verified against its manifest), or
+/// a run directory's newest checkpoint that verifies.
 fn resolve_model(path: &Path) -> Result<PathBuf, Failure> {
-    if kiln_models::pretrained::is_gguf(path) || path.join("config.json").is_file() {
-        return Ok(path.to_path_buf());
+    if let Err(e) = kiln_config::paths::check_file_or_dir(path) {
+        return Err(usage(anyhow::anyhow!("{}: {e}", path.display())));
     }
-    if let Some(latest) = checkpoint::latest(path) {
-        return Ok(latest);
+    let path = checkpoint::resolve(path).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
+    if kiln_models::pretrained::is_gguf(&path) || path.join("config.json").is_file() {
+        return Ok(path);
     }
     Err(usage(anyhow::anyhow!(
         "{}: not a model (no config.json, not GGUF) and no checkpoints inside",
@@ -510,10 +559,10 @@ fn load(
     let mut p = Pretrained::load(&path, &selected.device)
         .with_context(|| format!("loading {}", path.display()))?;
     if let Some(dir) = adapter {
-        let dir = match checkpoint::latest(dir) {
-            Some(latest) if !dir.join(checkpoint::ADAPTER_FILE).is_file() => latest,
-            _ => dir.to_path_buf(),
-        };
+        if let Err(e) = kiln_config::paths::check_file_or_dir(dir) {
+            return Err(usage(anyhow::anyhow!("--adapter {}: {e}", dir.display())));
+        }
+        let dir = checkpoint::resolve(dir).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
         p.model = kiln_train::setup::apply_adapter_dir(p.model, &dir)
             .with_context(|| format!("applying adapter {}", dir.display()))?;
     }
@@ -523,6 +572,11 @@ fn load(
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         return Err(usage(anyhow::anyhow!("--top-p must be in (0, 1]")));
+    }
+    if args.temperature < 0.0 {
+        return Err(usage(anyhow::anyhow!(
+            "--temperature must be 0 (greedy) or positive"
+        )));
     }
     let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
     let text = if args.chat {
@@ -660,12 +714,12 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
         inference::evaluate_tokens(&p.model, &tokens, seq_len)
     };
     if args.json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": scored})
         );
     } else {
-        println!(
+        out!(
             "loss {loss:.4}  perplexity {:.3}  tokens {scored}",
             loss.exp()
         );
@@ -702,7 +756,7 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
         base,
     )
     .context("writing the fused model")?;
-    println!(
+    out!(
         "wrote {} ({} {:.1}M parameters, f32)",
         args.out.display(),
         model.config().model_type,
@@ -721,25 +775,25 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             Ok(p) => serde_json::to_value(p).context("report")?,
             Err(e) => serde_json::json!({ "error": e }),
         };
-        println!("{v}");
+        out!("{v}");
     } else {
-        println!("device: {}", r.device);
-        println!("model: {}", r.model);
-        println!(
+        out!("device: {}", r.device);
+        out!("model: {}", r.model);
+        out!(
             "parameters: {:.3}M trainable of {:.3}M; batch {} x sequence {}",
             r.trainable_params as f64 / 1e6,
             r.total_params as f64 / 1e6,
             r.batch_size,
             r.seq_len
         );
-        println!(
+        out!(
             "budget: {} ({})",
             r.budget
                 .map(human_bytes)
                 .unwrap_or_else(|| "unknown".into()),
             r.budget_source
         );
-        println!(
+        out!(
             "{:<12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
             "checkpoint",
             "weights",
@@ -751,7 +805,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             "total"
         );
         for (name, e) in &r.options {
-            println!(
+            out!(
                 "{:<12} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
                 name,
                 human_bytes(e.weights),
@@ -764,7 +818,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
             );
         }
         match &r.plan {
-            Ok(p) => println!(
+            Ok(p) => out!(
                 "plan: micro-batch {} x {} accumulated, {}: estimated peak {} of {} usable ({} budget less the {:.0}% margin)",
                 p.micro_batch,
                 p.grad_accum,
@@ -774,7 +828,7 @@ fn plan(args: PlanArgs) -> Result<(), Failure> {
                 human_bytes(p.budget),
                 kiln_train::plan::SAFETY_MARGIN * 100.0
             ),
-            Err(e) => println!("plan: none fits: {e}"),
+            Err(e) => out!("plan: none fits: {e}"),
         }
     }
     match r.plan {
@@ -790,17 +844,17 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     }
     let r = kiln_train::bench::bench(&config, args.steps, args.warmup).context("bench failed")?;
     if args.json {
-        println!("{}", serde_json::to_string(&r).context("report")?);
+        out!("{}", serde_json::to_string(&r).context("report")?);
         return Ok(());
     }
-    println!("device: {} ({} threads)", r.device, r.threads);
-    println!(
+    out!("device: {} ({} threads)", r.device, r.threads);
+    out!(
         "model: {:.3}M parameters; {} tokens per step (mean)",
         r.parameters as f64 / 1e6,
         r.tokens_per_step
     );
-    println!("first step done after {:.2} s", r.first_step_secs);
-    println!(
+    out!("first step done after {:.2} s", r.first_step_secs);
+    out!(
         "tokens/s over {} steps: median {:.0} (min {:.0}, max {:.0})",
         r.step_secs.len(),
         r.median_tokens_per_s,
@@ -808,10 +862,10 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         r.max_tokens_per_s
     );
     if let Some(p) = r.peak_rss_bytes {
-        println!("peak RSS: {}", human_bytes(p));
+        out!("peak RSS: {}", human_bytes(p));
     }
     if let (Some(p), Some(before)) = (r.peak_steps_bytes, r.rss_before_steps) {
-        println!(
+        out!(
             "while stepping: peak RSS {} (estimated {}; {} before the first step), {}",
             human_bytes(p),
             human_bytes(r.estimate.total),
@@ -820,7 +874,7 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
         );
     }
     if let Some(p) = r.peak_device_bytes {
-        println!(
+        out!(
             "peak device memory reserved: {} (estimated {})",
             human_bytes(p),
             human_bytes(r.estimate.total)
@@ -837,27 +891,27 @@ fn devices() -> Result<()> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    println!("cpu: Burn Flex, {threads} threads");
+    out!("cpu: Burn Flex, {threads} threads");
     if let Some((total, available)) = kiln_train::memory::host_memory() {
-        println!(
+        out!(
             "  memory: {} total, {} available",
             human_bytes(total),
             human_bytes(available)
         );
     }
     if let Some(limit) = kiln_train::memory::cgroup_limit() {
-        println!("  cgroup limit: {}", human_bytes(limit));
+        out!("  cgroup limit: {}", human_bytes(limit));
     }
     match device::cpu_budget() {
-        Some(b) => println!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
-        None => println!("  memory budget: unknown (set memory.budget)"),
+        Some(b) => out!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
+        None => out!("  memory budget: unknown (set memory.budget)"),
     }
     let adapters = device::list_adapters();
     if adapters.is_empty() {
-        println!("gpu: no adapters found through wgpu");
+        out!("gpu: no adapters found through wgpu");
     }
     for a in adapters {
-        println!(
+        out!(
             "gpu: {} ({}, {}{}){}",
             a.name,
             a.device_type,
@@ -873,19 +927,19 @@ fn devices() -> Result<()> {
                 ""
             }
         );
-        println!(
+        out!(
             "  max buffer {}, max storage binding {}",
             human_bytes(a.max_buffer_size),
             human_bytes(a.max_storage_binding)
         );
         match device::gpu_budget(&a) {
-            Some(b) => println!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
-            None => println!("  memory budget: not reported (set memory.budget)"),
+            Some(b) => out!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
+            None => out!("  memory budget: not reported (set memory.budget)"),
         }
     }
     let auto = device::select(&BackendConfig::default()).map(|d| d.description);
     match auto {
-        Ok(d) => println!("backend: auto would use {d}"),
+        Ok(d) => out!("backend: auto would use {d}"),
         Err(e) => bail!("backend: auto failed: {e}"),
     }
     Ok(())

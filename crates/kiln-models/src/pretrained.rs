@@ -37,6 +37,35 @@ pub fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
+/// Every id the tokenizer (and the end-of-turn list) can produce must have an embedding row:
+/// a larger tokenizer than the model would index past the embedding table.
+fn check_vocabulary(
+    path: &Path,
+    model: &Model,
+    tokenizer: &Tokenizer,
+    stop_ids: &[u32],
+) -> Result<(), ModelError> {
+    let rows = model.config().vocab_size;
+    let ids = tokenizer.id_bound();
+    if ids > rows {
+        return Err(file_err(
+            path,
+            format!(
+                "the tokenizer has ids up to {} but the model's vocab_size is {rows}: they do not \
+                 belong together",
+                ids - 1
+            ),
+        ));
+    }
+    if let Some(bad) = stop_ids.iter().find(|&&id| id as usize >= rows) {
+        return Err(file_err(
+            path,
+            format!("end-of-turn token id {bad} is beyond the model's vocab_size {rows}"),
+        ));
+    }
+    Ok(())
+}
+
 fn token_text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
@@ -100,6 +129,7 @@ impl Pretrained {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
+        check_vocabulary(path, &model, &tokenizer, &stop_ids)?;
         Ok(Self {
             path: path.to_path_buf(),
             model,
@@ -148,6 +178,7 @@ impl Pretrained {
             kwargs: Default::default(),
         });
         let model = crate::gguf::load_model(&file, device)?;
+        check_vocabulary(path, &model, &tokenizer, &stop_ids)?;
         Ok(Self {
             path: path.to_path_buf(),
             model,

@@ -71,6 +71,14 @@ fn ckpt_err(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
+/// An I/O error on a checkpoint file, kept as the error's source.
+fn io_err(path: &Path, source: std::io::Error) -> TrainError {
+    TrainError::CheckpointIo {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 pub fn step_dir_name(step: usize) -> String {
     format!("step-{step:07}")
 }
@@ -95,7 +103,7 @@ pub fn save(
 ) -> Result<PathBuf, TrainError> {
     let final_dir = run_dir.join(step_dir_name(state.step));
     let tmp = run_dir.join(format!(".{}.tmp", step_dir_name(state.step)));
-    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let io = io_err;
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     }
@@ -150,7 +158,7 @@ pub fn write_model_dir(
     chat_template: Option<&ChatTemplate>,
     base: Option<&Path>,
 ) -> Result<(), TrainError> {
-    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let io = io_err;
     let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
     safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
     let hf = serde_json::to_vec_pretty(&model.config().to_hf_json())
@@ -196,7 +204,7 @@ pub fn write_mlx_adapter(
     spec: &LoraSpec,
     dropout: f64,
 ) -> Result<(), TrainError> {
-    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let io = io_err;
     let n = model.config().num_hidden_layers;
     let suffix: Vec<usize> = (n - spec.layers.len().min(n)..n).collect();
     let mut sorted = spec.layers.clone();
@@ -256,7 +264,7 @@ pub fn write_adapter(
     base: &Path,
     dropout: f64,
 ) -> Result<(), TrainError> {
-    let io = |p: &Path, e: std::io::Error| ckpt_err(p, e.to_string());
+    let io = io_err;
     let tensors: BTreeMap<String, HostTensor> = model
         .hf_tensors_where(|k| matches!(k, ParamKind::LoraA | ParamKind::LoraB))
         .into_iter()
@@ -294,16 +302,15 @@ pub fn point(run_dir: &Path, link: &str, target: &Path) -> Result<(), TrainError
     let tmp = run_dir.join(format!(".{link}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     #[cfg(unix)]
-    std::os::unix::fs::symlink(name, &tmp).map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    std::os::unix::fs::symlink(name, &tmp).map_err(|e| io_err(&tmp, e))?;
     #[cfg(not(unix))]
-    std::fs::write(&tmp, name.to_string_lossy().as_bytes())
-        .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
-    std::fs::rename(&tmp, run_dir.join(link)).map_err(|e| ckpt_err(run_dir, e.to_string()))?;
+    std::fs::write(&tmp, name.to_string_lossy().as_bytes()).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, run_dir.join(link)).map_err(|e| io_err(run_dir, e))?;
     sync_dir(run_dir);
     Ok(())
 }
 
-/// Step checkpoints in `run_dir`, oldest first.
+/// Step checkpoint directories in `run_dir`, oldest first, whole or not ([`verify`] says which).
 pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(run_dir)
         .into_iter()
@@ -312,10 +319,7 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join(STATE_FILE)
-                .is_file()
-                .then(|| (step, e.path()))
+            e.path().is_dir().then(|| (step, e.path()))
         })
         .collect();
     out.sort();
@@ -339,39 +343,57 @@ fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) {
     }
 }
 
-/// Records every file's size and CRC-32C in `manifest.json`, written last.
-fn write_manifest(dir: &Path) -> Result<(), TrainError> {
+/// Records every file's size and CRC-32C in `manifest.json`, written last (also how a checkpoint
+/// edited by hand is sealed again).
+pub fn write_manifest(dir: &Path) -> Result<(), TrainError> {
     let mut files = Vec::new();
     files_under(dir, "", &mut files);
     let mut entries = Vec::new();
     for (name, path) in files {
-        let bytes = std::fs::read(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
+        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
         entries.push(serde_json::json!({"file": name, "bytes": bytes.len(), "crc32c": crc32c::crc32c(&bytes)}));
     }
     let manifest = serde_json::json!({"kiln_version": env!("CARGO_PKG_VERSION"), "files": entries});
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| ckpt_err(dir, e.to_string()))?;
-    atomic_write(&dir.join(MANIFEST_FILE), &text).map_err(|e| ckpt_err(dir, e.to_string()))
+    atomic_write(&dir.join(MANIFEST_FILE), &text).map_err(|e| io_err(dir, e))
 }
 
-/// Checks a checkpoint against its manifest: every file present, with its size and checksum.
+/// Checks a checkpoint against its manifest: the manifest lists what a checkpoint must hold
+/// (trainer state, optimizer state, weights or adapter, configs), every listed file is present
+/// with its size and checksum, the safetensors files parse, and the trainer state is one this
+/// directory can hold. A checkpoint that fails is never read.
 pub fn verify(dir: &Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(dir.join(MANIFEST_FILE))
-        .map_err(|_| "no manifest (incomplete write)".to_string())?;
-    let m: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("manifest unreadable: {e}"))?;
+    let text = match std::fs::read(dir.join(MANIFEST_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("no {MANIFEST_FILE} (an incomplete write)"));
+        }
+        Err(e) => return Err(format!("{MANIFEST_FILE}: {e}")),
+    };
+    let m: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| format!("{MANIFEST_FILE} is damaged (not JSON: {e})"))?;
     let files = m
         .get("files")
         .and_then(|f| f.as_array())
-        .ok_or("manifest has no file list")?;
+        .ok_or_else(|| format!("{MANIFEST_FILE} is damaged (no file list)"))?;
+    let mut listed = Vec::new();
     for f in files {
         let name = f
             .get("file")
             .and_then(|v| v.as_str())
-            .ok_or("manifest entry without a name")?;
-        if name.contains("..") || name.starts_with('/') {
-            return Err(format!("manifest names `{name}` outside the checkpoint"));
+            .ok_or_else(|| format!("{MANIFEST_FILE} is damaged (an entry without a name)"))?;
+        if name.split('/').any(|part| part == ".." || part.is_empty()) || name.starts_with('/') {
+            return Err(format!(
+                "{MANIFEST_FILE} names `{name}` outside the checkpoint"
+            ));
         }
-        let bytes = std::fs::read(dir.join(name)).map_err(|_| format!("{name} is missing"))?;
+        let bytes = match std::fs::read(dir.join(name)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{name} is missing"));
+            }
+            Err(e) => return Err(format!("{name}: {e}")),
+        };
         if Some(bytes.len() as u64) != f.get("bytes").and_then(|v| v.as_u64()) {
             return Err(format!(
                 "{name} has {} bytes, the manifest says {}",
@@ -382,6 +404,62 @@ pub fn verify(dir: &Path) -> Result<(), String> {
         if Some(crc32c::crc32c(&bytes) as u64) != f.get("crc32c").and_then(|v| v.as_u64()) {
             return Err(format!("{name} fails its checksum"));
         }
+        if name.ends_with(".safetensors") {
+            safetensors_io::check(&bytes, &dir.join(name)).map_err(|e| format!("{name}: {e}"))?;
+        }
+        listed.push(name);
+    }
+    let weights = [MODEL_FILE, ADAPTER_FILE];
+    if !weights.iter().any(|w| listed.contains(w)) {
+        return Err(format!(
+            "{MANIFEST_FILE} lists neither {MODEL_FILE} nor {ADAPTER_FILE}"
+        ));
+    }
+    for required in [STATE_FILE, OPTIMIZER_FILE, KILN_CONFIG_FILE] {
+        if !listed.contains(&required) {
+            return Err(format!("{MANIFEST_FILE} does not list {required}"));
+        }
+    }
+    let state = read_state(dir).map_err(|e| crate::error::chain(&e))?;
+    check_state(dir, &state)
+}
+
+/// A trainer state this checkpoint directory can hold: its step is the directory's, within the
+/// run's horizon, and the data position and counters are ones a run of that many steps reaches.
+fn check_state(dir: &Path, state: &TrainerState) -> Result<(), String> {
+    use kiln_config::limits::{MAX_BATCH, MAX_STEPS};
+    let bad = |what: String| Err(format!("{STATE_FILE}: {what}"));
+    if let Some(step) = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<usize>().ok())
+        && step != state.step
+    {
+        return bad(format!(
+            "step {} in a directory for step {step}",
+            state.step
+        ));
+    }
+    if state.total_steps == 0 || state.total_steps > MAX_STEPS || state.step > state.total_steps {
+        return bad(format!(
+            "step {} of total_steps {} is not a step of a run",
+            state.step, state.total_steps
+        ));
+    }
+    if state.micro_batches > (state.step as u64).saturating_mul(MAX_BATCH as u64)
+        || state.optimizer_t > state.step as u64
+    {
+        return bad(format!(
+            "micro_batches {} / optimizer_t {} do not fit step {}",
+            state.micro_batches, state.optimizer_t, state.step
+        ));
+    }
+    if state.micro_batch.is_some_and(|b| b == 0 || b > MAX_BATCH) {
+        return bad("micro_batch is outside 1..=MAX_BATCH".into());
+    }
+    if !(state.learning_rate.is_finite() && state.elapsed_secs.is_finite()) {
+        return bad("learning_rate or elapsed_secs is not finite".into());
     }
     Ok(())
 }
@@ -398,6 +476,39 @@ pub fn latest_verified(run_dir: &Path) -> (Option<PathBuf>, Vec<String>) {
     (None, skipped)
 }
 
+/// What `path` names, checked before anything reads it (for `generate`, `eval`, `fuse` and
+/// `--adapter`, as for resume): a kiln checkpoint (it has a manifest or a trainer state) must
+/// verify; a run directory gives its newest checkpoint that verifies, with a warning for each
+/// newer one passed over; any other file or directory (a Hugging Face model, a PEFT adapter, a
+/// GGUF file) is returned as it is.
+pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
+    if path.join(MANIFEST_FILE).exists() || path.join(STATE_FILE).exists() {
+        return verify(path)
+            .map(|()| path.to_path_buf())
+            .map_err(|why| ckpt_err(path, why));
+    }
+    let steps = list(path);
+    if steps.is_empty() {
+        return Ok(path.to_path_buf());
+    }
+    for (_, dir) in steps.iter().rev() {
+        match verify(dir) {
+            Ok(()) => return Ok(dir.clone()),
+            Err(why) => crate::sinks::warn(&format!(
+                "not using {}: {why}; trying the previous checkpoint",
+                dir.display()
+            )),
+        }
+    }
+    Err(ckpt_err(
+        path,
+        format!(
+            "none of its {} checkpoints is complete (each is named above)",
+            steps.len()
+        ),
+    ))
+}
+
 /// The newest complete, verified checkpoint of a run.
 pub fn latest(run_dir: &Path) -> Option<PathBuf> {
     latest_verified(run_dir).0
@@ -411,14 +522,14 @@ pub fn prune(run_dir: &Path, keep_last: usize, best_step: Option<usize>) -> Resu
         if Some(*step) == best_step {
             continue;
         }
-        std::fs::remove_dir_all(path).map_err(|e| ckpt_err(path, e.to_string()))?;
+        std::fs::remove_dir_all(path).map_err(|e| io_err(path, e))?;
     }
     Ok(())
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
     let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| ckpt_err(&path, e.to_string()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
     serde_json::from_str(&text).map_err(|e| ckpt_err(&path, e.to_string()))
 }
 

@@ -33,6 +33,7 @@ pub mod bench;
 mod lock;
 mod progress;
 pub mod signals;
+pub mod sinks;
 pub mod trainer;
 
 pub use error::TrainError;

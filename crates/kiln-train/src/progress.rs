@@ -1,12 +1,14 @@
 //! The terminal view of a run: a progress bar with step, loss, tokens/s, memory and ETA on a
 //! terminal; plain log lines when stdout is a file or a pipe.
 
+use crate::sinks::Console;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
-pub struct Progress {
+pub struct Progress<'a> {
     bar: Option<ProgressBar>,
-    quiet: bool,
+    /// Log lines when there is no bar (stdout is a file or a pipe); a closed pipe cannot fail the run.
+    console: &'a Console<'a>,
 }
 
 pub struct StepReport {
@@ -28,9 +30,9 @@ fn eta(secs: f64) -> String {
     }
 }
 
-impl Progress {
-    pub fn new(start_step: usize, total: usize, quiet: bool) -> Self {
-        let bar = (!quiet && std::io::stdout().is_terminal()).then(|| {
+impl<'a> Progress<'a> {
+    pub fn new(start_step: usize, total: usize, console: &'a Console<'a>) -> Self {
+        let bar = (!console.quiet() && std::io::stdout().is_terminal()).then(|| {
             let bar =
                 ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout());
             bar.set_style(
@@ -42,15 +44,14 @@ impl Progress {
             bar.set_position(start_step as u64);
             bar
         });
-        Self { bar, quiet }
+        Self { bar, console }
     }
 
     /// Prints a line above the bar (or on its own without one).
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None if !self.quiet => println!("{line}"),
-            None => {}
+            None => self.console.line(line),
         }
     }
 
@@ -70,13 +71,12 @@ impl Progress {
                 bar.set_position(r.step as u64);
                 bar.set_message(msg);
             }
-            None if !self.quiet => println!(
+            None => self.console.line(&format!(
                 "step {:>6}/{} | {msg} | eta {}",
                 r.step,
                 r.total,
                 eta(r.eta_secs)
-            ),
-            None => {}
+            )),
         }
     }
 

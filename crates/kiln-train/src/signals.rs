@@ -1,18 +1,29 @@
-//! SIGINT / SIGTERM: the first one asks the run to stop after the current step and write a
-//! checkpoint; a second SIGINT exits at once (the last complete checkpoint stays intact, since
-//! checkpoints are renamed into place only when whole).
+//! SIGINT / SIGTERM: while the run loads (data, tokenizer, weights: reads that may block), a
+//! signal ends the process at once, since nothing is half-written then. Once training runs, the
+//! first one asks the run to stop after the current step and write a checkpoint; a second SIGINT
+//! exits at once (the last complete checkpoint stays intact, since checkpoints are renamed into
+//! place only when whole).
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
+static LOADING: AtomicBool = AtomicBool::new(true);
 
 #[cfg(unix)]
 extern "C" fn on_signal(sig: libc::c_int) {
-    if sig == libc::SIGINT && REQUESTED.load(Ordering::SeqCst) != 0 {
+    if LOADING.load(Ordering::SeqCst)
+        || (sig == libc::SIGINT && REQUESTED.load(Ordering::SeqCst) != 0)
+    {
         // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(130) };
+        unsafe { libc::_exit(128 + sig) };
     }
     REQUESTED.store(sig, Ordering::SeqCst);
+}
+
+/// Marks the end of loading: from now on a signal asks for a checkpoint (the trainer calls it
+/// just before its first step).
+pub fn loading_done() {
+    LOADING.store(false, Ordering::SeqCst);
 }
 
 /// Installs the handlers (the CLI does; library users keep their own).

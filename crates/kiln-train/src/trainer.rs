@@ -10,16 +10,17 @@ use crate::plan::{self, Plan};
 use crate::progress::{Progress, StepReport};
 use crate::setup;
 use crate::shape::Method;
+use crate::sinks::{Console, Events, SinkFailure};
 use crate::step::{self, StepShape};
 use crate::{TrainError, inference};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use kiln_config::Config;
 use kiln_data::Rng;
 use kiln_models::Dropout;
 use kiln_models::lora;
 use kiln_models::safetensors_io;
 use kiln_models::{Model, ParamKind, ParamVisitor};
-use kiln_tensorboard::EventWriter;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -81,13 +82,35 @@ fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Checks that `dir` can be created and written before any work starts.
-fn ensure_writable(dir: &Path) -> Result<(), TrainError> {
+/// Creates the run directory and takes its lock before any work starts. Creating the lock file
+/// is the check that the directory is writable (a shared probe file would race with a second
+/// run starting beside this one).
+fn open_run_dir(dir: &Path) -> Result<crate::lock::RunLock, TrainError> {
     std::fs::create_dir_all(dir).map_err(output_err(dir))?;
-    let probe = dir.join(".kiln-write-test");
-    std::fs::write(&probe, b"ok").map_err(output_err(dir))?;
-    std::fs::remove_file(&probe).map_err(output_err(dir))?;
-    Ok(())
+    crate::lock::RunLock::acquire(dir)
+}
+
+/// True when every trained weight of `model` is finite (frozen ones never change): one
+/// reduction per parameter (`sum(w · 0)` is NaN exactly when some element is NaN or infinite),
+/// one host read in all.
+pub fn weights_are_finite(model: &Model) -> bool {
+    struct Probe(Option<Tensor<1>>);
+    impl ParamVisitor for Probe {
+        fn visit<const D: usize>(&mut self, _: &str, _: ParamKind, p: &Tensor<D>) {
+            if !p.is_require_grad() {
+                return;
+            }
+            let w = kiln_models::dtype::to_dtype(p.clone().detach(), FloatDType::F32);
+            let zero = (w * 0.0).sum();
+            self.0 = Some(match self.0.take() {
+                Some(acc) => acc + zero,
+                None => zero,
+            });
+        }
+    }
+    let mut probe = Probe(None);
+    model.visit_params(&mut probe);
+    probe.0.is_none_or(|t| t.into_scalar::<f32>().is_finite())
 }
 
 /// Total optimizer steps the config asks for.
@@ -98,7 +121,7 @@ pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
             let per_step = t.batch_size.get() * t.grad_accum * config.data.seq_len;
             ((epochs * train_tokens as f64) / per_step as f64)
                 .ceil()
-                .max(1.0) as usize
+                .clamp(1.0, kiln_config::limits::MAX_STEPS as f64) as usize
         }
         None => t.max_steps,
     }
@@ -297,70 +320,40 @@ pub fn train_step(
     )
 }
 
-/// Trains a model as `config` describes. Returns when the run ends (or at `stop_after`).
-pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
-    mark_process_start();
-    let run_dir = config.run.output_dir.join(&config.run.name);
-    ensure_writable(&run_dir)?;
-    let _lock = crate::lock::RunLock::acquire(&run_dir)?;
-    let resume_from = if options.resume {
-        let (found, skipped) = checkpoint::latest_verified(&run_dir);
-        for why in &skipped {
-            eprintln!("warning: not resuming from {why}; trying the previous checkpoint");
-        }
-        Some(found.ok_or_else(|| {
-            TrainError::Other(format!(
-                "--resume: no complete checkpoint in {} to resume from{}",
-                run_dir.display(),
-                if skipped.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({} damaged)", skipped.len())
-                }
-            ))
-        })?)
-    } else {
-        // Any step directory counts here (no need to checksum it): never write over a run.
-        if let Some((_, existing)) = checkpoint::list(&run_dir).pop() {
-            return Err(TrainError::Other(format!(
-                "{} already holds checkpoints (newest: {}); pass --resume to continue it, or choose \
-                 another run.name",
-                run_dir.display(),
-                existing.display()
-            )));
-        }
-        None
-    };
+/// A run ready for its first step: the model on the training device, its setup and plan, the
+/// config as the plan resolved it, and the optimizer and trainer state (fresh, or a checkpoint's).
+struct Loaded {
+    model: Model,
+    setup: setup::Setup,
+    plan: Plan,
+    config: Config,
+    total: usize,
+    optimizer: AdamW,
+    state: TrainerState,
+}
 
-    let selected: SelectedDevice = device::select(&config.backend)?;
-    device::check_dtype(&selected, config.train.dtype)?;
-    let progress_quiet = options.quiet;
-    let say = |line: &str| {
-        if !progress_quiet {
-            println!("{line}");
-        }
-    };
-    say(&format!("device: {}", selected.description));
+fn load_run(
+    config: &Config,
+    selected: &SelectedDevice,
+    resume_from: Option<&Path>,
+) -> Result<Loaded, TrainError> {
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
-
     // A resumed run keeps the micro-batch and recompute it started with (the data order and the
     // float rounding depend on them).
-    let resumed = match &resume_from {
-        Some(dir) => {
-            let s = checkpoint::read_state(dir)?;
-            plan::Resumed {
-                micro_batch: s.micro_batch,
-                recompute_every: s.recompute_every,
-            }
-        }
+    let saved = resume_from.map(checkpoint::read_state).transpose()?;
+    let resumed = match &saved {
+        Some(s) => plan::Resumed {
+            micro_batch: s.micro_batch,
+            recompute_every: s.recompute_every,
+        },
         None => plan::Resumed::default(),
     };
     let (base, setup) = setup::setup(
         config,
         &device,
-        resume_from.as_deref(),
-        &plan::planner(config, &selected, resumed),
+        resume_from,
+        &plan::planner(config, selected, resumed),
     )?;
     let lora_only = matches!(setup.method, Method::Lora { .. });
     let mut model = lora::set_trainable(base, &train_device, lora_only);
@@ -368,29 +361,21 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         model = step::frozen_to(model, device::compute_dtype(config.train.dtype));
     }
     let plan = setup.plan.clone();
-    let resolved = plan::resolve(config, &plan);
-    let config = &resolved;
-    let total = total_steps(config, setup.data.train_tokens());
-    let seed = config.run.seed;
+    let config = plan::resolve(config, &plan);
+    let total = total_steps(&config, setup.data.train_tokens());
     let mut optimizer = AdamW::new(&config.optim);
-    let mut state = match &resume_from {
-        Some(dir) => {
-            let state = checkpoint::read_state(dir)?;
+    let state = match (resume_from, saved) {
+        (Some(dir), Some(state)) => {
             let opt_tensors = safetensors_io::read_all(&dir.join(checkpoint::OPTIMIZER_FILE))?;
             optimizer
                 .load_state(&opt_tensors, state.optimizer_t, &device)
                 .map_err(|message| TrainError::Checkpoint {
-                    path: dir.clone(),
+                    path: dir.to_path_buf(),
                     message,
                 })?;
-            say(&format!(
-                "resuming from {} (step {})",
-                dir.display(),
-                state.step
-            ));
             state
         }
-        None => TrainerState {
+        _ => TrainerState {
             step: 0,
             total_steps: total,
             micro_batches: 0,
@@ -398,7 +383,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             recompute_every: Some(plan.recompute_every.unwrap_or(0)),
             optimizer_t: 0,
             tokens_seen: 0,
-            seed,
+            seed: config.run.seed,
             learning_rate: 0.0,
             last_train_loss: None,
             last_val_loss: None,
@@ -408,6 +393,99 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             kiln_version: env!("CARGO_PKG_VERSION").into(),
         },
     };
+    Ok(Loaded {
+        model,
+        setup,
+        plan,
+        config,
+        total,
+        optimizer,
+        state,
+    })
+}
+
+/// Trains a model as `config` describes. Returns when the run ends (or at `stop_after`).
+pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
+    mark_process_start();
+    let run_dir = config.run.output_dir.join(&config.run.name);
+    let _lock = open_run_dir(&run_dir)?;
+    if !options.resume
+        && let Some((_, existing)) = checkpoint::list(&run_dir).pop()
+    {
+        // Any step directory counts here (no need to checksum it): never write over a run.
+        return Err(TrainError::Other(format!(
+            "{} already holds checkpoints (newest: {}); pass --resume to continue it, or choose \
+             another run.name",
+            run_dir.display(),
+            existing.display()
+        )));
+    }
+
+    let selected: SelectedDevice = device::select(&config.backend)?;
+    device::check_dtype(&selected, config.train.dtype)?;
+    let sink_failure = SinkFailure::default();
+    let console = Console::new(options.quiet, &sink_failure);
+    let say = |line: &str| console.line(line);
+    say(&format!("device: {}", selected.description));
+
+    // Resume from the newest checkpoint that verifies and loads; each newer one is passed over
+    // with the reason (a damaged file, a state or weights that do not load).
+    let (resume_from, loaded) = if options.resume {
+        let mut passed_over = 0;
+        let mut found = None;
+        for (_, dir) in checkpoint::list(&run_dir).into_iter().rev() {
+            let why = match checkpoint::verify(&dir) {
+                Err(why) => why,
+                Ok(()) => match load_run(config, &selected, Some(&dir)) {
+                    Ok(loaded) => {
+                        found = Some((Some(dir), loaded));
+                        break;
+                    }
+                    // Only a failure in the checkpoint's own files moves on to an older one.
+                    Err(e) if crate::error::chain(&e).contains(&dir.display().to_string()) => {
+                        crate::error::chain(&e)
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            passed_over += 1;
+            crate::sinks::warn(&format!(
+                "not resuming from {}: {why}; trying the previous checkpoint",
+                dir.display()
+            ));
+        }
+        found.ok_or_else(|| {
+            TrainError::Other(format!(
+                "--resume: no complete checkpoint in {} to resume from{}",
+                run_dir.display(),
+                match passed_over {
+                    0 => String::new(),
+                    n => format!(" ({n} damaged)"),
+                }
+            ))
+        })?
+    } else {
+        (None, load_run(config, &selected, None)?)
+    };
+    let Loaded {
+        mut model,
+        setup,
+        plan,
+        config: resolved,
+        total,
+        mut optimizer,
+        mut state,
+    } = loaded;
+    let config = &resolved;
+    let device = selected.device.clone();
+    let seed = config.run.seed;
+    if let Some(dir) = &resume_from {
+        say(&format!(
+            "resuming from {} (step {})",
+            dir.display(),
+            state.step
+        ));
+    }
     let (n_trainable, n_total) = count_params(&model);
     let mc = model.config();
     let what = match &setup.method {
@@ -473,18 +551,23 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         resolved.as_bytes(),
     )
     .map_err(output_err(&run_dir))?;
-    let mut events = if config.logging.tensorboard {
-        let mut w = EventWriter::create(&run_dir.join("tensorboard"))?;
-        w.add_text(
-            "config",
-            &format!("```yaml\n{resolved}\n```"),
-            state.step as i64,
-        )?;
-        w.flush()?;
-        Some(w)
-    } else {
-        None
-    };
+    let mut events = Events::create(
+        &run_dir.join("tensorboard"),
+        config.logging.tensorboard,
+        &sink_failure,
+    );
+    events.text("config", &format!("```yaml\n{resolved}\n```"), state.step);
+    events.flush();
+    // A sink that fails before the first step stops the run at once (nothing to save yet),
+    // unless the run is to go on without it.
+    if let Some(why) = sink_failure.get()
+        && config.train.on_save_error == kiln_config::OnSaveError::Stop
+    {
+        return Err(TrainError::Other(format!(
+            "{why}; stopping before the first step (set train.on_save_error: continue to train \
+             without that output)"
+        )));
+    }
 
     let (bs, seq, accum) = (
         config.train.batch_size.get(),
@@ -492,7 +575,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         config.train.grad_accum,
     );
     let last_step = options.stop_after.unwrap_or(total).min(total);
-    let progress = Progress::new(state.step, total, options.quiet);
+    let progress = Progress::new(state.step, total, &console);
     let started = Instant::now();
     let elapsed_before = state.elapsed_secs;
     let mut interval_start = Instant::now();
@@ -509,9 +592,20 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut skips = SkipCounter::new(&device);
     let mut prefetch = Prefetched::default();
     let (mut skips_reported, mut checked_through) = (0usize, state.step);
+    // A sink that failed (see `crate::sinks`), once acted on: stop after a checkpoint, or go on.
+    let mut sink_stop: Option<String> = None;
+    let mut sink_reported = false;
+    // From here a signal asks for a checkpoint; before, it ended the process at once.
+    crate::signals::loading_done();
     while state.step < last_step {
         let step = state.step + 1;
         let lr = learning_rate(&config.optim, step, total);
+        if !lr.is_finite() {
+            progress.finish();
+            return Err(TrainError::Other(format!(
+                "step {step}: the learning rate is {lr}; check optim.lr and optim.schedule"
+            )));
+        }
         let (next, out) = train_step(
             model,
             &mut optimizer,
@@ -533,9 +627,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             progress.println(&format!(
                 "step {step} done {secs:.2} s after start (device, loading, first kernels)"
             ));
-            if let Some(w) = events.as_mut() {
-                w.add_scalar("perf/first_step_secs", secs as f32, step as i64)?;
-            }
+            events.scalar("perf/first_step_secs", secs as f32, step);
         }
         state.step = step;
         state.optimizer_t = optimizer.t;
@@ -569,9 +661,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     all - skips_reported,
                     step - checked_through,
                 ));
-                if let Some(w) = events.as_mut() {
-                    w.add_scalar("train/skipped_steps", all as f32, step as i64)?;
-                }
+                events.scalar("train/skipped_steps", all as f32, step);
                 skips_reported = all;
             }
             checked_through = step;
@@ -617,31 +707,25 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 eta_secs: steps_left * started.elapsed().as_secs_f64()
                     / (step - first_step).max(1) as f64,
             });
-            if let Some(w) = events.as_mut() {
-                let s = step as i64;
-                w.add_scalar("train/loss", loss as f32, s)?;
-                w.add_scalar("train/lr", lr as f32, s)?;
-                w.add_scalar("train/grad_norm", grad_norm as f32, s)?;
-                w.add_scalar("train/tokens_per_s", tps as f32, s)?;
-                if let Some(m) = mem {
-                    w.add_scalar("memory/bytes", m as f32, s)?;
-                }
-                if let Some(p) = memory::peak_rss() {
-                    w.add_scalar("memory/peak_rss_bytes", p as f32, s)?;
-                }
-                w.flush()?;
+            events.scalar("train/loss", loss as f32, step);
+            events.scalar("train/lr", lr as f32, step);
+            events.scalar("train/grad_norm", grad_norm as f32, step);
+            events.scalar("train/tokens_per_s", tps as f32, step);
+            if let Some(m) = mem {
+                events.scalar("memory/bytes", m as f32, step);
             }
+            if let Some(p) = memory::peak_rss() {
+                events.scalar("memory/peak_rss_bytes", p as f32, step);
+            }
+            events.flush();
         }
 
         let hist_every = config.logging.histograms_every;
-        if let Some(w) = events.as_mut()
-            && hist_every > 0
-            && (step % hist_every == 0 || at_end)
-        {
+        if events.active() && hist_every > 0 && (step % hist_every == 0 || at_end) {
             for (name, t) in model.hf_tensors_where(|_| true) {
-                w.add_histogram(&format!("weights/{name}"), &t.data, step as i64)?;
+                events.histogram(&format!("weights/{name}"), &t.data, step);
             }
-            w.flush()?;
+            events.flush();
         }
 
         let eval_due = ((config.train.eval_every > 0 && step % config.train.eval_every == 0)
@@ -669,18 +753,53 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 state.best_val_loss.unwrap_or(val),
                 state.best_step.unwrap_or(step)
             ));
-            if let Some(w) = events.as_mut() {
-                w.add_scalar("val/loss", val as f32, step as i64)?;
-                w.add_scalar("val/perplexity", val.exp() as f32, step as i64)?;
-                w.flush()?;
+            events.scalar("val/loss", val as f32, step);
+            events.scalar("val/perplexity", val.exp() as f32, step);
+            events.flush();
+        }
+
+        // A failed sink (a closed stdout, a full disk under the event file) warned once when it
+        // failed; here the run acts on it as for a failed checkpoint.
+        if let Some(why) = sink_failure.get()
+            && !sink_reported
+        {
+            sink_reported = true;
+            if config.train.on_save_error == kiln_config::OnSaveError::Continue {
+                crate::sinks::warn(&format!(
+                    "step {step}: training goes on without that output (train.on_save_error: continue)"
+                ));
+            } else {
+                crate::sinks::warn(&format!(
+                    "step {step}: writing a checkpoint and stopping (train.on_save_error: stop)"
+                ));
+                sink_stop = Some(why);
             }
         }
 
         let save_due = (config.train.save_every > 0 && step % config.train.save_every == 0)
             || at_end
+            || sink_stop.is_some()
             || (new_best && config.train.keep_best);
         if save_due {
             state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+            let kept = || {
+                last_checkpoint
+                    .as_ref()
+                    .or(resume_from.as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none (no checkpoint was written yet)".into())
+            };
+            // Weights that are no longer finite (an update overflowed) are never saved: they
+            // cannot train on, and a checkpoint of them would pass for a good one.
+            if !weights_are_finite(&model) {
+                progress.finish();
+                return Err(TrainError::Other(format!(
+                    "stopping at step {step}: the weights are not finite (an update overflowed: \
+                     lower optim.lr or set optim.grad_clip); not saving them; the last good \
+                     checkpoint is {}",
+                    kept()
+                )));
+            }
             let saved = checkpoint::save(
                 &run_dir,
                 config,
@@ -696,21 +815,23 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     let _ = std::fs::remove_dir_all(
                         run_dir.join(format!(".{}.tmp", checkpoint::step_dir_name(step))),
                     );
-                    let kept = last_checkpoint
-                        .as_ref()
-                        .or(resume_from.as_ref())
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "none yet".into());
-                    if config.train.on_save_error == kiln_config::OnSaveError::Continue && !at_end {
+                    if config.train.on_save_error == kiln_config::OnSaveError::Continue
+                        && !at_end
+                        && sink_stop.is_none()
+                    {
                         progress.println(&format!(
-                            "step {step}: checkpoint failed ({e}); training goes on, last checkpoint {kept}"
+                            "step {step}: checkpoint failed ({}); training goes on, last checkpoint {}",
+                            crate::error::chain(&e),
+                            kept()
                         ));
                         continue;
                     }
                     progress.finish();
-                    return Err(TrainError::Other(format!(
-                        "step {step}: checkpoint failed: {e}; the last complete checkpoint is {kept}"
-                    )));
+                    return Err(TrainError::SaveFailed {
+                        step,
+                        kept: kept(),
+                        source: Box::new(e),
+                    });
                 }
             };
             if new_best && config.train.keep_best {
@@ -727,6 +848,17 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         if interrupted.is_some() {
             break;
         }
+        if let Some(why) = sink_stop {
+            progress.finish();
+            return Err(TrainError::Other(format!(
+                "{why}; stopped at step {step} with checkpoint {} (continue with --resume, or set \
+                 train.on_save_error: continue to train on without that output)",
+                last_checkpoint
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "none".into())
+            )));
+        }
     }
     progress.finish();
 
@@ -736,14 +868,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         (a, b) => a.or(b),
     };
     let peak = peak_device.or_else(memory::peak_rss_window);
-    if let (Some(w), Some(p)) = (events.as_mut(), peak) {
-        w.add_scalar(
+    if let Some(p) = peak {
+        events.scalar(
             "memory/estimated_peak_bytes",
             plan.estimate.total as f32,
-            state.step as i64,
-        )?;
-        w.add_scalar("memory/measured_peak_bytes", p as f32, state.step as i64)?;
-        w.flush()?;
+            state.step,
+        );
+        events.scalar("memory/measured_peak_bytes", p as f32, state.step);
+        events.flush();
     }
     let summary = RunSummary {
         run_dir,
@@ -758,7 +890,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         tokens_per_s: run_tokens as f64 / secs,
         peak_memory_bytes: peak,
         estimated_peak_bytes: plan.estimate.total,
-        event_file: events.as_ref().map(|w| w.path().to_path_buf()),
+        event_file: events.path().map(Path::to_path_buf),
         interrupted_by: crate::signals::requested(),
         first_step_secs,
     };
