@@ -107,7 +107,7 @@ pub(crate) fn field_at_line(text: &str, line: usize) -> Option<String> {
         }
         let colon = body.find(':')?;
         let key = body[..colon].trim().trim_matches(|c| c == '"' || c == '\'');
-        if key.is_empty() || key.contains(' ') {
+        if key.is_empty() || key.contains([' ', '{', '[', '"']) {
             return None;
         }
         Some((indent, key.to_string()))
@@ -136,7 +136,7 @@ fn flow_key_before(text: &str, line: usize, column: usize) -> Option<String> {
     let brace = prefix.rfind('{')?;
     let inside = &prefix[brace + 1..];
     let entry = inside.rsplit(',').next()?;
-    let key = entry.split(':').next()?.trim();
+    let key = entry.split(':').next()?.trim().trim_matches('"');
     (!key.is_empty() && key.chars().all(|c| c.is_alphanumeric() || c == '_'))
         .then(|| key.to_string())
 }
