@@ -43,17 +43,18 @@ impl TrainData {
         count: usize,
         batch_size: usize,
         seq_len: usize,
-    ) -> Vec<Batch> {
+    ) -> Box<dyn Iterator<Item = Batch> + '_> {
+        // Built one at a time as evaluation consumes them: `train.eval_batches` may be large.
         match self {
-            TrainData::Text(c) => (0..count as u64)
-                .map(|i| c.valid_batch(seed, i, batch_size, seq_len))
-                .collect(),
+            TrainData::Text(c) => Box::new(
+                (0..count as u64).map(move |i| c.valid_batch(seed, i, batch_size, seq_len)),
+            ),
             TrainData::Examples {
                 dataset, pad_id, ..
             } => {
                 let mut b = jsonl::sequential_batches(&dataset.valid, batch_size, *pad_id);
                 b.truncate(count.max(1));
-                b
+                Box::new(b.into_iter())
             }
         }
     }

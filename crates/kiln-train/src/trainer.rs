@@ -739,8 +739,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 &view,
                 setup
                     .data
-                    .valid_batches(seed, config.train.eval_batches, bs, seq)
-                    .into_iter(),
+                    .valid_batches(seed, config.train.eval_batches, bs, seq),
             );
             state.last_val_loss = Some(val);
             if state.best_val_loss.is_none_or(|b| val < b) {
