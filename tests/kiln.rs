@@ -2221,6 +2221,51 @@ fn hostile_configs_and_files_get_named_errors_not_panics_or_hangs() {
         &["--set", "model.pretrained", "not found"],
     );
 
+    // An update that overflows f32 (a learning rate past f32's range, no clipping) leaves
+    // weights that are not finite while the step's loss was: they are never saved.
+    let r = kiln(&[
+        "train",
+        y,
+        "--set",
+        "optim.lr=1e39",
+        "--set",
+        "optim.grad_clip=null",
+        "--set",
+        "optim.schedule.warmup_steps=0",
+        "--set",
+        "optim.schedule.min_lr=0",
+        "--set",
+        "train.save_every=1",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("the weights are not finite"), "{err}");
+    assert!(kiln::train::checkpoint::list(&out.join("h")).is_empty());
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // A config.json with no positions.
+    let no_pos = d.join("no-positions");
+    copy_dir(&repo().join("tests/fixtures/families/qwen3"), &no_pos);
+    let cfg = std::fs::read_to_string(no_pos.join("config.json")).unwrap();
+    let at = cfg.find("\"max_position_embeddings\"").unwrap();
+    let end = at + cfg[at..].find(',').unwrap();
+    let cfg = format!(
+        "{}\"max_position_embeddings\": 0{}",
+        &cfg[..at],
+        &cfg[end..]
+    );
+    std::fs::write(no_pos.join("config.json"), cfg).unwrap();
+    fails_naming(
+        &[
+            "generate",
+            "--model",
+            no_pos.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ],
+        &["config.json", "max_position_embeddings", "outside"],
+    );
+
     // A tokenizer with more ids than the model has embedding rows.
     let big = d.join("big-tokenizer");
     copy_dir(&repo().join("tests/fixtures/families/qwen3"), &big);
