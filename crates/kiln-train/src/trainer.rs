@@ -460,7 +460,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 run_dir.display(),
                 match passed_over {
                     0 => String::new(),
-                    n => format!(" ({n} damaged)"),
+                    n => format!(" ({n} passed over, each with its reason above)"),
                 }
             ))
         })?
