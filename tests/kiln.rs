@@ -1137,7 +1137,7 @@ fn hf_models_match_transformers_logits() {
 #[test]
 fn model_families_match_transformers_logits_from_hf_and_gguf() {
     let device = burn::tensor::Device::flex();
-    for name in ["qwen3", "gemma3", "phi3", "smollm3"] {
+    for name in ["qwen3", "gemma3", "phi3", "smollm3", "llama3"] {
         let dir = repo().join("tests/fixtures/families").join(name);
         let hf = kiln::models::hf::load_model(&dir, &device)
             .unwrap_or_else(|e| panic!("{name} (HF): {e}"));

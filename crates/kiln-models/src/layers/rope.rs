@@ -96,6 +96,88 @@ impl Rope {
         }
     }
 
+    /// The Llama 3 scaling whose per-frequency divisors (`f / inv_freq`) are `divisors`: what a
+    /// GGUF file holds instead of the parameters (llama.cpp's `rope_freqs` tensor). Only the ratios
+    /// of the three lengths change the divisors, so `low_freq_factor` is taken as 1 (as every Llama
+    /// 3.x has it), and as 1 and 4 when fewer than two frequencies lie between the bands. `Some(None)`
+    /// for divisors that scale nothing; `None` when no Llama 3 scaling reproduces them.
+    pub fn llama3_from_divisors(
+        theta: f64,
+        rotary_dim: usize,
+        divisors: &[f32],
+    ) -> Option<RopeScaling> {
+        let half = rotary_dim / 2;
+        if half == 0 || divisors.len() != half || divisors.iter().any(|v| v.is_nan() || *v < 1.0) {
+            return None;
+        }
+        let v: Vec<f64> = divisors.iter().map(|&x| x as f64).collect();
+        let factor = v.iter().copied().fold(1.0, f64::max);
+        if factor <= 1.0 + 1e-6 {
+            return Some(RopeScaling::None);
+        }
+        let wavelen =
+            |i: usize| 2.0 * std::f64::consts::PI * theta.powf(2.0 * i as f64 / rotary_dim as f64);
+        let tol = 1e-4;
+        let middle: Vec<usize> = (0..half)
+            .filter(|&i| v[i] > 1.0 + tol && v[i] < factor * (1.0 - tol))
+            .collect();
+        // With low = 1: smooth(i) = a / wavelen(i) - b, a = original / (high - 1), b = 1 / (high - 1).
+        let smooth = |i: usize| (1.0 / v[i] - 1.0 / factor) / (1.0 - 1.0 / factor);
+        let (high, original) = match middle.as_slice() {
+            [] => {
+                let last_one = (0..half).rev().find(|&i| v[i] <= 1.0 + tol).map(wavelen);
+                let first_scaled = (0..half)
+                    .find(|&i| v[i] >= factor * (1.0 - tol))
+                    .map(wavelen);
+                let original = match (last_one, first_scaled) {
+                    (Some(a), Some(b)) => (4.0 * a * b).sqrt(),
+                    (None, Some(b)) => b / 2.0,
+                    (Some(a), None) => 8.0 * a,
+                    (None, None) => return None,
+                };
+                (4.0, original)
+            }
+            [i] => {
+                let b = 1.0 / 3.0;
+                (4.0, (smooth(*i) + b) * wavelen(*i) / b)
+            }
+            [first, .., last] => {
+                let (s1, s2, w1, w2) = (
+                    smooth(*first),
+                    smooth(*last),
+                    wavelen(*first),
+                    wavelen(*last),
+                );
+                let a = (s1 - s2) / (1.0 / w1 - 1.0 / w2);
+                let b = a / w1 - s1;
+                if !(a > 0.0 && b > 0.0) {
+                    return None;
+                }
+                (1.0 + 1.0 / b, a / b)
+            }
+        };
+        if !((1.0..1e12).contains(&original) && high.is_finite()) {
+            return None;
+        }
+        let scaling = RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: high,
+            original_max_position_embeddings: original.round() as usize,
+        };
+        let rope = Rope {
+            theta,
+            rotary_dim,
+            scaling: scaling.clone(),
+        };
+        let inv = rope.inv_freq(0);
+        let reproduced = (0..half).all(|i| {
+            let f = 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64);
+            ((f / inv[i]) - v[i]).abs() <= 1e-3 * v[i]
+        });
+        reproduced.then_some(scaling)
+    }
+
     /// The factor on cos and sin (LongRoPE's attention factor; 1 otherwise).
     pub fn attention_factor(&self) -> f64 {
         match &self.scaling {
@@ -247,4 +329,74 @@ pub fn rope_params(hf: &Map<String, Value>) -> Option<&Map<String, Value>> {
     hf.get("rope_parameters")
         .and_then(Value::as_object)
         .or_else(|| hf.get("rope_scaling").and_then(Value::as_object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The divisors llama.cpp writes as `rope_freqs` for a Llama 3 scaling.
+    fn divisors(theta: f64, dim: usize, scaling: &RopeScaling) -> Vec<f32> {
+        let rope = Rope {
+            theta,
+            rotary_dim: dim,
+            scaling: scaling.clone(),
+        };
+        let inv = rope.inv_freq(0);
+        (0..dim / 2)
+            .map(|i| ((1.0 / theta.powf(2.0 * i as f64 / dim as f64)) / inv[i]) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn llama3_parameters_are_recovered_from_gguf_divisors() {
+        let llama3 = |factor, high, original| RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: high,
+            original_max_position_embeddings: original,
+        };
+        // Llama 3.1 8B and Llama 3.2 1B, then a tiny one with a single frequency between the bands.
+        for (theta, dim, scaling) in [
+            (500000.0, 128, llama3(8.0, 4.0, 8192)),
+            (500000.0, 64, llama3(32.0, 4.0, 8192)),
+            (10000.0, 32, llama3(8.0, 4.0, 256)),
+        ] {
+            let v = divisors(theta, dim, &scaling);
+            let found = Rope::llama3_from_divisors(theta, dim, &v).expect("recovered");
+            let RopeScaling::Llama3 {
+                factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+                ..
+            } = found
+            else {
+                panic!("{found:?}");
+            };
+            let RopeScaling::Llama3 {
+                factor: f0,
+                high_freq_factor: h0,
+                original_max_position_embeddings: o0,
+                ..
+            } = scaling
+            else {
+                unreachable!()
+            };
+            assert!((factor - f0).abs() < 1e-5 && original_max_position_embeddings == o0);
+            // Where no frequency pins it, `high` may differ; the divisors must not.
+            assert_eq!(divisors(theta, dim, &found).len(), v.len());
+            if dim == 128 {
+                assert!((high_freq_factor - h0).abs() < 1e-3, "{high_freq_factor}");
+            }
+        }
+        assert_eq!(
+            Rope::llama3_from_divisors(10000.0, 8, &[1.0; 4]),
+            Some(RopeScaling::None)
+        );
+        assert_eq!(
+            Rope::llama3_from_divisors(10000.0, 8, &[1.0, 5.0, 2.0, 8.0]),
+            None
+        );
+        assert_eq!(Rope::llama3_from_divisors(10000.0, 8, &[f32::NAN; 4]), None);
+    }
 }

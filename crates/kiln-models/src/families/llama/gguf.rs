@@ -3,6 +3,7 @@
 use crate::config::ModelConfig;
 use crate::family::{GGUF_GLOBAL, GgufNames, gguf_common_config};
 use crate::gguf::GgufFile;
+use crate::layers::rope::{Rope, RopeScaling};
 use crate::safetensors_io::HostTensor;
 use serde_json::{Map, Value};
 
@@ -31,14 +32,67 @@ pub fn config(file: &GgufFile) -> Result<Map<String, Value>, String> {
         super::super::set_identity(&mut m, "llama", "LlamaForCausalLM");
         m.insert("attention_bias".into(), has("attn_q.bias").into());
     }
-    if file.tensors.iter().any(|t| t.name == "rope_freqs.weight") {
-        return Err(
-            "Llama 3 RoPE scaling stored as `rope_freqs` is not supported yet (load the Hugging Face directory)"
-                .into(),
-        );
+    if let Some(info) = file.tensors.iter().find(|t| t.name == "rope_freqs.weight") {
+        llama3_rope(&mut m, file, &file.dequantize(info))?;
     }
     m.insert("hidden_act".into(), "silu".into());
     Ok(m)
+}
+
+/// Llama 3.x's RoPE scaling, which llama.cpp stores as the per-frequency divisors `rope_freqs`
+/// rather than as parameters: the parameters that reproduce them go into `rope_parameters`.
+fn llama3_rope(
+    m: &mut Map<String, Value>,
+    file: &GgufFile,
+    divisors: &[f32],
+) -> Result<(), String> {
+    let theta = m
+        .get("rope_theta")
+        .and_then(Value::as_f64)
+        .unwrap_or(10000.0);
+    let hidden = m.get("hidden_size").and_then(Value::as_u64).unwrap_or(0);
+    let heads = m
+        .get("num_attention_heads")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1);
+    let head_dim = m
+        .get("head_dim")
+        .and_then(Value::as_u64)
+        .unwrap_or(hidden / heads);
+    let dim = file
+        .metadata
+        .get(&format!("{}.rope.dimension_count", file.architecture()))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(head_dim) as usize;
+    match Rope::llama3_from_divisors(theta, dim, divisors) {
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            m.remove("rope_theta");
+            m.insert(
+                "rope_parameters".into(),
+                serde_json::json!({
+                    "rope_type": "llama3",
+                    "rope_theta": theta,
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                }),
+            );
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => Err(format!(
+            "tensor `rope_freqs.weight` ({} divisors) matches Llama 3's RoPE scaling for no \
+             parameters (load the Hugging Face directory)",
+            divisors.len()
+        )),
+    }
 }
 
 /// Undoes llama.cpp's Q/K permutation: `w.reshape(h, rows/h/2, 2, cols).swapaxes(1, 2)`.

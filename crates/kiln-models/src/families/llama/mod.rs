@@ -111,6 +111,11 @@ impl Family for Llama {
         gguf::NAMES
     }
 
+    /// Llama 3.x's `rope_freqs` is read into the config's RoPE parameters, not loaded.
+    fn gguf_ignored(&self, gguf_name: &str) -> bool {
+        gguf_name == "rope_freqs.weight"
+    }
+
     fn gguf_values_to_hf(&self, config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
         // llama.cpp permutes Q/K rows for the llama-style ("NORM") RoPE only; Qwen2 is NEOX.
         if config.model_type != "qwen2" {
