@@ -2,6 +2,7 @@
 //! Models are tiny so the suite stays fast on two cores.
 
 use kiln::config::Config;
+use kiln::models::layers::rope::{Rope, RopeScaling};
 use kiln::train::{TrainOptions, train};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -2664,4 +2665,71 @@ fn sinks_disks_signals_and_races_cannot_kill_a_run_uncleanly() {
         err.contains("checkpoint failed") && err.contains("No space left on device"),
         "{err}"
     );
+}
+
+// kiln-models builds no test binary of its own (each links Burn): its unit-level checks live here.
+
+/// The divisors llama.cpp writes as `rope_freqs` for a Llama 3 scaling.
+fn llama3_divisors(theta: f64, dim: usize, scaling: &RopeScaling) -> Vec<f32> {
+    let rope = Rope {
+        theta,
+        rotary_dim: dim,
+        scaling: scaling.clone(),
+    };
+    let inv = rope.inv_freq(0);
+    (0..dim / 2)
+        .map(|i| ((1.0 / theta.powf(2.0 * i as f64 / dim as f64)) / inv[i]) as f32)
+        .collect()
+}
+
+#[test]
+fn llama3_parameters_are_recovered_from_gguf_divisors() {
+    let llama3 = |factor, high, original| RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: high,
+        original_max_position_embeddings: original,
+    };
+    // Llama 3.1 8B and Llama 3.2 1B, then a tiny one with a single frequency between the bands.
+    for (theta, dim, scaling) in [
+        (500000.0, 128, llama3(8.0, 4.0, 8192)),
+        (500000.0, 64, llama3(32.0, 4.0, 8192)),
+        (10000.0, 32, llama3(8.0, 4.0, 256)),
+    ] {
+        let v = llama3_divisors(theta, dim, &scaling);
+        let found = Rope::llama3_from_divisors(theta, dim, &v).expect("recovered");
+        let RopeScaling::Llama3 {
+            factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+            ..
+        } = found
+        else {
+            panic!("{found:?}");
+        };
+        let RopeScaling::Llama3 {
+            factor: f0,
+            high_freq_factor: h0,
+            original_max_position_embeddings: o0,
+            ..
+        } = scaling
+        else {
+            unreachable!()
+        };
+        assert!((factor - f0).abs() < 1e-5 && original_max_position_embeddings == o0);
+        // Where no frequency pins it, `high` may differ; the divisors must not.
+        assert_eq!(llama3_divisors(theta, dim, &found).len(), v.len());
+        if dim == 128 {
+            assert!((high_freq_factor - h0).abs() < 1e-3, "{high_freq_factor}");
+        }
+    }
+    assert_eq!(
+        Rope::llama3_from_divisors(10000.0, 8, &[1.0; 4]),
+        Some(RopeScaling::None)
+    );
+    assert_eq!(
+        Rope::llama3_from_divisors(10000.0, 8, &[1.0, 5.0, 2.0, 8.0]),
+        None
+    );
+    assert_eq!(Rope::llama3_from_divisors(10000.0, 8, &[f32::NAN; 4]), None);
 }
