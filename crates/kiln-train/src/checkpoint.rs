@@ -487,26 +487,22 @@ pub fn resolve(path: &Path) -> Result<PathBuf, TrainError> {
             .map(|()| path.to_path_buf())
             .map_err(|why| ckpt_err(path, why));
     }
-    let steps = list(path);
-    if steps.is_empty() {
+    if list(path).is_empty() {
         return Ok(path.to_path_buf());
     }
-    for (_, dir) in steps.iter().rev() {
-        match verify(dir) {
-            Ok(()) => return Ok(dir.clone()),
-            Err(why) => crate::sinks::warn(&format!(
-                "not using {}: {why}; trying the previous checkpoint",
-                dir.display()
-            )),
-        }
+    let (found, skipped) = latest_verified(path);
+    for why in &skipped {
+        crate::sinks::warn(&format!("not using {why}; trying the previous checkpoint"));
     }
-    Err(ckpt_err(
-        path,
-        format!(
-            "none of its {} checkpoints is complete (each is named above)",
-            steps.len()
-        ),
-    ))
+    found.ok_or_else(|| {
+        ckpt_err(
+            path,
+            format!(
+                "none of its {} checkpoints is complete (each is named above)",
+                skipped.len()
+            ),
+        )
+    })
 }
 
 /// The newest complete, verified checkpoint of a run.
