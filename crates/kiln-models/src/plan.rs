@@ -17,6 +17,9 @@ pub struct BlockProfile {
     pub per_score: f64,
     /// Per attention score with dropout on.
     pub per_score_dropout: f64,
+    /// Per token, what the block's backward holds for a moment beyond its tape (the planner
+    /// adds the largest block's once).
+    pub backward_per_token: f64,
 }
 
 /// Per-element counts fitted to Flex's measured peaks with kiln's fused operations (a Llama
@@ -24,14 +27,24 @@ pub struct BlockProfile {
 /// in flight (5 × hidden), the scaled queries and the attention output (2 × q), the rotated keys
 /// and the values (2 × kv), the SwiGLU's gate, up and product (3 × ffn), the softmax output (1
 /// per score; its backward works in place). What other families add is counted by the same
-/// rule: an output kept per extra operation.
+/// rule, an output kept per extra operation, and checked on one shape per family
+/// (docs/PERFORMANCE.md, "Per model family").
 const PER_NORM: f64 = 2.0;
+/// A norm whose output goes straight into the residual sum (Gemma's post-norms) keeps only its
+/// input: the addition keeps nothing.
+const PER_POST_NORM: f64 = 1.0;
 const RESIDUAL: f64 = 1.0;
 const PER_Q: f64 = 2.0;
 const PER_KV: f64 = 2.0;
 const PER_FFN: f64 = 3.0;
-/// GELU(tanh) composed of element-wise operations keeps its inner terms.
-const PER_FFN_GELU: f64 = 4.0;
+/// GELU(tanh) composed of element-wise operations keeps the tanh, 1 + tanh and the GELU itself.
+const PER_FFN_GELU: f64 = 3.0;
+/// A fused gate/up projection keeps one more FFN width than two linears (measured; the q/k/v
+/// slices of a fused projection are copied out and keep nothing more).
+const PER_FFN_FUSED: f64 = 1.0;
+/// The gradient of a slice is the whole fused output, zero outside the slice: two such
+/// buffers are alive while the slices' gradients are summed.
+const FUSED_SLICE_GRADIENTS: f64 = 2.0;
 const PER_SCORE: f64 = 1.0;
 const PER_SCORE_SOFTCAP: f64 = 2.0;
 const PER_SCORE_DROPOUT: f64 = 1.0;
@@ -44,22 +57,23 @@ impl Block {
         let q = (a.heads * a.head_dim) as f64;
         let kv = (a.kv_heads * a.head_dim) as f64;
         let ff = self.mlp.width as f64;
-        let norms = 2.0
-            + self.attn_out_norm.is_some() as u8 as f64
-            + self.mlp_out_norm.is_some() as u8 as f64;
-        let mut per_token = (PER_NORM * norms + RESIDUAL) * d + PER_Q * q + PER_KV * kv;
+        let post_norms =
+            self.attn_out_norm.is_some() as u8 as f64 + self.mlp_out_norm.is_some() as u8 as f64;
+        let mut per_token =
+            (PER_NORM * 2.0 + PER_POST_NORM * post_norms + RESIDUAL) * d + PER_Q * q + PER_KV * kv;
         per_token += match self.mlp.activation {
             Activation::Silu => PER_FFN * ff,
             Activation::GeluTanh => (PER_FFN + PER_FFN_GELU) * ff,
         };
         // q/k norms keep their outputs.
         per_token += (a.q_norm.is_some() as u8 as f64) * q + (a.k_norm.is_some() as u8 as f64) * kv;
-        // Fused projections keep the whole output beside the slices the ops read.
+        let mut backward_per_token: f64 = 0.0;
         if matches!(a.qkv, QkvProjection::Fused(_)) {
-            per_token += q + 2.0 * kv;
+            backward_per_token = backward_per_token.max(FUSED_SLICE_GRADIENTS * (q + 2.0 * kv));
         }
         if matches!(self.mlp.gate_up, GateUpProjection::Fused(_)) {
-            per_token += 2.0 * ff;
+            per_token += PER_FFN_FUSED * ff;
+            backward_per_token = backward_per_token.max(FUSED_SLICE_GRADIENTS * 2.0 * ff);
         }
         BlockProfile {
             per_token,
@@ -72,6 +86,7 @@ impl Block {
                     0.0
                 },
             per_score_dropout: PER_SCORE_DROPOUT,
+            backward_per_token,
         }
     }
 }

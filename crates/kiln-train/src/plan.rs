@@ -88,15 +88,24 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
         .collect();
     // A recomputed span is as large as its largest blocks (they differ where layers do).
     let block = blocks.iter().copied().max().unwrap_or(0);
-    let activations = match every {
-        None => blocks.iter().sum::<u64>() + hidden_state,
-        Some(k) => {
-            let k = (k.max(1) as u64).min(layers.max(1));
-            // Span inputs kept through the step, one span taped in backward, and the gradient
-            // of the hidden state passed between spans.
-            layers.div_ceil(k) * hidden_state + k * block + 2 * hidden_state
-        }
-    };
+    // One block's backward at a time holds its transients.
+    let tokens = (w.batch * w.seq) as f64;
+    let transient = m
+        .memory_profile()
+        .iter()
+        .map(|b| (elem as f64 * tokens * b.backward_per_token) as u64)
+        .max()
+        .unwrap_or(0);
+    let activations = transient
+        + match every {
+            None => blocks.iter().sum::<u64>() + hidden_state,
+            Some(k) => {
+                let k = (k.max(1) as u64).min(layers.max(1));
+                // Span inputs kept through the step, one span taped in backward, and the gradient
+                // of the hidden state passed between spans.
+                layers.div_ceil(k) * hidden_state + k * block + 2 * hidden_state
+            }
+        };
     let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
     let vocab = m.config.vocab_size;
     let mut logits = (4.0 * PER_LOGIT * rows * vocab as f64) as u64;
