@@ -2733,3 +2733,77 @@ fn llama3_parameters_are_recovered_from_gguf_divisors() {
     );
     assert_eq!(Rope::llama3_from_divisors(10000.0, 8, &[f32::NAN; 4]), None);
 }
+
+/// Every GGUF vocabulary kiln rebuilds (`kiln_formats::gguf_tokenizer`) tokenizes llama.cpp's
+/// tokenizer test inputs to the ids in llama.cpp's `.out` files, which llama.cpp made with
+/// transformers (`convert_hf_to_gguf_update.py`): SentencePiece (Llama 2, Phi-3) and byte-level
+/// BPE with each pre-tokenizer kiln reads. scripts/fetch-llama-vocab brings the files.
+#[test]
+fn gguf_tokenizers_match_llama_cpp_test_vectors() {
+    let Some(dir) = std::env::var_os("KILN_LLAMA_VOCAB_DIR").map(PathBuf::from) else {
+        panic!("KILN_LLAMA_VOCAB_DIR is not set: run the tests through scripts/test");
+    };
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for name in [
+        "llama-spm",
+        "phi-3",
+        "qwen2",
+        "llama-bpe",
+        "gpt-2",
+        "starcoder",
+        "refact",
+    ] {
+        let path = dir.join(format!("ggml-vocab-{name}.gguf"));
+        let file = kiln::models::gguf::GgufFile::read(&path).unwrap();
+        let json = file.tokenizer_json().unwrap().to_string();
+        let tokenizer = kiln::data::Tokenizer::from_hf_json(&json, &path).unwrap();
+        let inputs = std::fs::read_to_string(path.with_extension("gguf.inp")).unwrap();
+        let outputs = std::fs::read_to_string(path.with_extension("gguf.out")).unwrap();
+        let inputs: Vec<&str> = inputs
+            .strip_suffix("\n__ggml_vocab_test__\n")
+            .unwrap()
+            .split("\n__ggml_vocab_test__\n")
+            .collect();
+        let outputs: Vec<&str> = outputs.lines().collect();
+        assert_eq!(inputs.len(), outputs.len(), "{name}: tests and results");
+        for (text, ids) in inputs.iter().zip(&outputs) {
+            let want: Vec<u32> = ids.split_whitespace().map(|t| t.parse().unwrap()).collect();
+            let got = tokenizer.encode(text).unwrap();
+            if got != want {
+                failures.push(format!("{name}: {text:?}\n  kiln {got:?}\n  want {want:?}"));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 200, "{checked} vectors");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // SentencePiece text decodes back whole, and Gemma's files (`add_space_prefix = false`)
+    // get no space in front: " Hello world" then tokenizes as Llama's "Hello world" does.
+    let path = dir.join("ggml-vocab-llama-spm.gguf");
+    let mut file = kiln::models::gguf::GgufFile::read(&path).unwrap();
+    let spm = |file: &kiln::models::gguf::GgufFile| {
+        let json = file.tokenizer_json().unwrap().to_string();
+        kiln::data::Tokenizer::from_hf_json(&json, &path).unwrap()
+    };
+    let llama = spm(&file);
+    let text = "Hello world\n\tcafé 🦙 <0x0A>";
+    assert_eq!(llama.decode(&llama.encode(text).unwrap()).unwrap(), text);
+    file.metadata.insert(
+        "tokenizer.ggml.add_space_prefix".into(),
+        kiln::models::gguf::Value::Bool(false),
+    );
+    let gemma_like = spm(&file);
+    assert_eq!(
+        gemma_like.encode(" Hello world").unwrap(),
+        llama.encode("Hello world").unwrap()
+    );
+    assert_eq!(gemma_like.encode("Hello").unwrap(), vec![10994]); // "Hello", not "▁Hello"
+    assert_eq!(
+        gemma_like
+            .decode(&gemma_like.encode(" Hello world").unwrap())
+            .unwrap(),
+        " Hello world"
+    );
+}

@@ -200,6 +200,14 @@ mod tests {
         let tok = Tokenizer::from_hf_json(&json, Path::new("t.gguf")).unwrap();
         assert_eq!(tok.encode("Hi").unwrap(), vec![5]);
         assert!(g.chat_template().is_some());
+        // SentencePiece: a space in front of the text and after a special token; bytes for
+        // what no piece covers.
+        let g = GgufFile::parse(seed("gguf", "spm-tokenizer.gguf"), Path::new("s.gguf")).unwrap();
+        let json = g.tokenizer_json().unwrap().to_string();
+        let tok = Tokenizer::from_hf_json(&json, Path::new("s.gguf")).unwrap();
+        assert_eq!(tok.encode("Hi").unwrap(), vec![8]);
+        assert_eq!(tok.encode("<|user|>Hi\n").unwrap(), vec![9, 8, 3]);
+        assert_eq!(tok.decode(&[8, 3]).unwrap(), "Hi\n");
         let st = safetensors_io::parse(&seed("safetensors", "f32.safetensors"), Path::new("s"));
         assert_eq!(st.unwrap()["a"].shape, vec![2, 3]);
         let text = String::from_utf8(seed("hf_json", "index.json")).unwrap();

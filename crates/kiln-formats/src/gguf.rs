@@ -1,7 +1,7 @@
 //! GGUF files (llama.cpp's format), the container: metadata, tensor infos, and de-quantisation
 //! of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32 in GGUF element order. What the tensors mean
 //! (names, layouts, the config) is each model family's (`kiln_models::families`). The tokenizer
-//! is rebuilt from the `tokenizer.ggml.*` metadata as a Hugging Face `tokenizer.json`.
+//! is rebuilt from the `tokenizer.ggml.*` metadata (`gguf_tokenizer`).
 //!
 //! Every count and size read from the file is checked against the bytes that remain before
 //! anything is allocated, so a truncated or hostile file gives an error, not a panic or an OOM.
@@ -297,7 +297,7 @@ impl GgufFile {
         })
     }
 
-    fn meta(&self, key: &str) -> Result<&Value, ModelError> {
+    pub(crate) fn meta(&self, key: &str) -> Result<&Value, ModelError> {
         self.metadata.get(key).ok_or_else(|| ModelError::File {
             path: self.path.clone(),
             message: format!("metadata `{key}` is missing"),
@@ -355,117 +355,6 @@ impl GgufFile {
                 .collect(),
             _ => Vec::new(),
         }
-    }
-
-    /// Rebuilds the tokenizer as a Hugging Face `tokenizer.json` document.
-    pub fn tokenizer_json(&self) -> Result<serde_json::Value, ModelError> {
-        let model = self.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
-        if model != "gpt2" {
-            return Err(ModelError::File {
-                path: self.path.clone(),
-                message: format!(
-                    "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is)"
-                ),
-            });
-        }
-        let strings = |key: &str| -> Result<Vec<String>, ModelError> {
-            Ok(self
-                .meta(key)?
-                .as_array()
-                .unwrap_or(&[])
-                .iter()
-                .map(|v| v.as_str().unwrap_or("").to_string())
-                .collect())
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
-        let types: Vec<u64> = self
-            .metadata
-            .get("tokenizer.ggml.token_type")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
-            .unwrap_or_default();
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
-            .collect();
-        // Control (3) and user-defined (4) tokens are matched whole, before BPE.
-        let added: Vec<serde_json::Value> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
-            .map(|(i, t)| {
-                serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": types.get(i) == Some(&3)})
-            })
-            .collect();
-        let byte_level = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false,
-            "trim_offsets": true, "use_regex": true});
-        let pre = self
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer = match pre {
-            "smollm" | "starcoder" | "refact" => {
-                serde_json::json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Digits", "individual_digits": true}, byte_level]})
-            }
-            "gpt2" | "default" | "gpt-2" => byte_level.clone(),
-            // Qwen2/Qwen3 and Llama 3 (and the models that share their tokenizers): the split
-            // regex of their tokenizer.json (llama.cpp's `llama-vocab.cpp` keeps the same), then
-            // byte-level mapping without a regex of its own. They differ in digits: one at a
-            // time, or up to three.
-            "qwen2" | "llama-bpe" => {
-                let digits = if pre == "qwen2" {
-                    r"\p{N}"
-                } else {
-                    r"\p{N}{1,3}"
-                };
-                let pattern = format!(
-                    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{{L}}\p{{N}}]?\p{{L}}+|{digits}| ?[^\s\p{{L}}\p{{N}}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-                );
-                serde_json::json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
-                     "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
-                     "use_regex": false}]})
-            }
-            other => {
-                return Err(ModelError::File {
-                    path: self.path.clone(),
-                    message: format!("tokenizer pre-tokenizer `{other}` is not supported yet"),
-                });
-            }
-        };
-        Ok(serde_json::json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": false, "vocab": vocab, "merges": merges},
-        }))
-    }
-
-    pub fn chat_template(&self) -> Option<String> {
-        self.metadata
-            .get("tokenizer.chat_template")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    }
-
-    pub fn token_id(&self, key: &str) -> Option<u32> {
-        self.metadata
-            .get(key)
-            .and_then(Value::as_u64)
-            .map(|v| v as u32)
     }
 }
 

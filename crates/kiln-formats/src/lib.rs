@@ -6,6 +6,7 @@
 pub mod fsutil;
 pub mod fuzz;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf;
 pub mod safetensors_io;
 
