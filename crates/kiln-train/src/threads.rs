@@ -31,10 +31,11 @@ pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// Sets this thread's SSE/AVX control register to flush subnormal results to zero and to read
 /// subnormal inputs as zero (FTZ and DAZ), as TensorFlow and XLA do on their CPU threads.
 ///
-/// Attention probabilities far below the largest underflow into subnormals (below 1.2e-38), and
-/// every multiplication that touches one takes a microcode assist on Intel cores: on an Intel
-/// Xeon VM the from-scratch benchmark ran at 3.4k tokens/s instead of 15k, LoRA on SmolLM2 at
-/// 20 instead of ~200 (docs/PERFORMANCE.md). AMD's cores pay little for them, which is why the
+/// A training step's values underflow into subnormals (below 1.2e-38; attention probabilities far
+/// below their row's largest are the likely source), and every multiplication that touches one
+/// takes a microcode assist on Intel cores: on an Intel Xeon VM the from-scratch benchmark ran
+/// at 3.4k-5.6k tokens/s instead of 13.7k, LoRA on SmolLM2 at 20 instead of 205
+/// (docs/PERFORMANCE.md). AMD's cores pay little for them, which is why the
 /// figures measured there never showed it. Only values below 1.2e-38 change, far under any
 /// tolerance kiln checks against PyTorch; the result stays deterministic. Apple's cores (and
 /// other architectures) keep IEEE behaviour: nothing to set.
