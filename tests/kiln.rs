@@ -2807,3 +2807,62 @@ fn gguf_tokenizers_match_llama_cpp_test_vectors() {
         " Hello world"
     );
 }
+
+/// FNV-1a (64 bits) of f32 values' little-endian bytes, as tests/fixtures/make_kquants.py hashes
+/// gguf-py's.
+fn fnv1a64(values: &[f32]) -> u64 {
+    values
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
+/// Files llama.cpp's own quantizer wrote (tests/fixtures/make_kquants.py): Ollama's default mix,
+/// Q4_K_M, as a whole file, and a file holding every other type it writes for such a model, one
+/// per tensor. kiln's de-quantised values equal gguf-py's bit for bit (each tensor's FNV-1a), and
+/// kiln's logits equal transformers' on those values.
+#[test]
+fn llama_quantize_files_load_at_gguf_py_values_and_transformers_logits() {
+    let dir = repo().join("tests/fixtures/kquants");
+    let checks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("checks.json")).unwrap()).unwrap();
+    let mut types = std::collections::BTreeSet::new();
+    for name in ["Q4_K_M", "mixed"] {
+        let file = kiln::models::gguf::GgufFile::read(&dir.join(format!("{name}.gguf"))).unwrap();
+        let c = &checks[name];
+        assert_eq!(file.tensors.len(), c["types"].as_object().unwrap().len());
+        for t in &file.tensors {
+            let ty = kiln::models::ggml_types::type_name(t.ggml_type);
+            assert_eq!(
+                ty,
+                c["types"][&t.name].as_str().unwrap(),
+                "{name}: {}",
+                t.name
+            );
+            let hash = format!("{:016x}", fnv1a64(&file.dequantize(t)));
+            assert_eq!(
+                hash,
+                c["fnv1a64"][&t.name].as_str().unwrap(),
+                "{name}: {} ({ty}) differs from gguf-py",
+                t.name
+            );
+            types.insert(ty);
+        }
+        let model = kiln::models::gguf::load_model(&file, &burn::tensor::Device::flex()).unwrap();
+        let diff = logit_difference(&model, &dir, format!("expected-{name}.safetensors"));
+        assert!(
+            diff < 1e-4,
+            "{name}: logits differ from transformers by {diff}"
+        );
+    }
+    for ty in [
+        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "Q8_0",
+    ] {
+        assert!(
+            types.contains(ty),
+            "no tensor of {ty} in the fixtures: {types:?}"
+        );
+    }
+}

@@ -69,8 +69,8 @@ pub fn hf_json(data: &[u8]) {
     }
 }
 
-/// A GGUF file: header, metadata, tensor infos, then what loading does with them: the config, every
-/// tensor de-quantised and renamed, the tokenizer rebuilt and used, the chat template rendered.
+/// A GGUF file: header, metadata, tensor infos, then what loading does with them: every tensor
+/// de-quantised, the tokenizer rebuilt and used, the chat template rendered.
 pub fn gguf(data: &[u8]) {
     let Ok(file) = GgufFile::parse(data.to_vec(), Path::new("fuzz.gguf")) else {
         return;
@@ -79,6 +79,13 @@ pub fn gguf(data: &[u8]) {
         assert!(
             t.offset + t.n_bytes <= data.len(),
             "tensor {} lies past the end",
+            t.name
+        );
+        let elements: u64 = t.dims.iter().product();
+        assert_eq!(
+            file.dequantize(t).len() as u64,
+            elements,
+            "tensor {} de-quantises to the wrong length",
             t.name
         );
     }

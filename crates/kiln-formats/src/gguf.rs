@@ -1,5 +1,5 @@
-//! GGUF files (llama.cpp's format), the container: metadata, tensor infos, and de-quantisation
-//! of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 to f32 in GGUF element order. What the tensors mean
+//! GGUF files (llama.cpp's format), the container: metadata, tensor infos, and their tensors
+//! de-quantised to f32 in GGUF element order (the types: `ggml_types`). What the tensors mean
 //! (names, layouts, the config) is each model family's (`kiln_models::families`). The tokenizer
 //! is rebuilt from the `tokenizer.ggml.*` metadata (`gguf_tokenizer`).
 //!
@@ -72,39 +72,7 @@ pub struct GgufFile {
     bytes: Vec<u8>,
 }
 
-const GGML_F32: u32 = 0;
-const GGML_F16: u32 = 1;
-const GGML_Q4_0: u32 = 2;
-const GGML_Q4_1: u32 = 3;
-const GGML_Q8_0: u32 = 8;
-const GGML_BF16: u32 = 30;
-
-/// (block size in elements, bytes per block) of the supported types.
-fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
-    match ggml_type {
-        GGML_F32 => Some((1, 4)),
-        GGML_F16 | GGML_BF16 => Some((1, 2)),
-        GGML_Q4_0 => Some((32, 18)),
-        GGML_Q4_1 => Some((32, 20)),
-        GGML_Q8_0 => Some((32, 34)),
-        _ => None,
-    }
-}
-
-fn type_name(t: u32) -> String {
-    match t {
-        GGML_F32 => "F32".into(),
-        GGML_F16 => "F16".into(),
-        GGML_BF16 => "BF16".into(),
-        GGML_Q4_0 => "Q4_0".into(),
-        GGML_Q4_1 => "Q4_1".into(),
-        GGML_Q8_0 => "Q8_0".into(),
-        6 => "Q5_0".into(),
-        7 => "Q5_1".into(),
-        10..=15 => format!("Q{}_K", t - 8),
-        other => format!("type {other}"),
-    }
-}
+use crate::ggml_types::{block_layout, readable_types, type_name};
 
 struct Cursor<'a> {
     bytes: &'a [u8],
@@ -258,13 +226,17 @@ impl GgufFile {
                 .ok_or_else(|| c.err(format!("tensor `{name}`: element count overflows")))?;
             let (block, block_bytes) = block_layout(ggml_type).ok_or_else(|| {
                 c.err(format!(
-                    "tensor `{name}` is {}: kiln reads F32, F16, BF16, Q8_0, Q4_0 and Q4_1",
-                    type_name(ggml_type)
+                    "tensor `{name}` is {}: kiln reads {}",
+                    type_name(ggml_type),
+                    readable_types()
                 ))
             })?;
-            if elements % block as u64 != 0 {
+            // GGML quantises row by row: a row is whole blocks.
+            let row = dims.first().copied().unwrap_or(1);
+            if row % block as u64 != 0 {
                 return Err(c.err(format!(
-                    "tensor `{name}`: {elements} elements are not whole blocks"
+                    "tensor `{name}`: rows of {row} elements are not whole {} blocks of {block}",
+                    type_name(ggml_type)
                 )));
             }
             let n_bytes = (elements / block as u64).saturating_mul(block_bytes as u64);
@@ -315,46 +287,8 @@ impl GgufFile {
     /// De-quantises one tensor to f32 in GGUF element order.
     pub fn dequantize(&self, info: &TensorInfo) -> Vec<f32> {
         let raw = &self.bytes[info.offset..info.offset + info.n_bytes];
-        let f16 = |b: &[u8]| crate::safetensors_io::f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-        match info.ggml_type {
-            GGML_F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            GGML_F16 => raw.chunks_exact(2).map(f16).collect(),
-            GGML_BF16 => raw
-                .chunks_exact(2)
-                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-                .collect(),
-            GGML_Q8_0 => raw
-                .chunks_exact(34)
-                .flat_map(|b| {
-                    let d = f16(&b[0..2]);
-                    b[2..34].iter().map(move |&q| d * (q as i8) as f32)
-                })
-                .collect(),
-            GGML_Q4_0 => raw
-                .chunks_exact(18)
-                .flat_map(|b| {
-                    let d = f16(&b[0..2]);
-                    let q = &b[2..18];
-                    let lo = q.iter().map(move |&x| d * ((x & 0x0f) as f32 - 8.0));
-                    let hi = q.iter().map(move |&x| d * ((x >> 4) as f32 - 8.0));
-                    lo.chain(hi).collect::<Vec<_>>()
-                })
-                .collect(),
-            GGML_Q4_1 => raw
-                .chunks_exact(20)
-                .flat_map(|b| {
-                    let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
-                    let q = &b[4..20];
-                    let lo = q.iter().map(move |&x| d * (x & 0x0f) as f32 + m);
-                    let hi = q.iter().map(move |&x| d * (x >> 4) as f32 + m);
-                    lo.chain(hi).collect::<Vec<_>>()
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
+        // Parsing admitted only types `block_layout` knows, and those all decode.
+        crate::ggml_types::dequantize(info.ggml_type, raw).unwrap_or_default()
     }
 }
 

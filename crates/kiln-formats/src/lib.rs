@@ -5,6 +5,7 @@
 
 pub mod fsutil;
 pub mod fuzz;
+pub mod ggml_types;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf;

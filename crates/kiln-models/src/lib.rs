@@ -6,7 +6,7 @@
 //! [`registry`]) reads a config and declares an [`arch::Architecture`] from the shared
 //! [`layers`]; a [`Model`] is that declaration with its weights.
 
-pub use kiln_formats::{fsutil, safetensors_io};
+pub use kiln_formats::{fsutil, ggml_types, safetensors_io};
 pub mod arch;
 pub mod config;
 pub mod dtype;
