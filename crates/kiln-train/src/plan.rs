@@ -81,8 +81,8 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     let layers = m.blocks.len() as u64;
     let elem = if w.half { 2 } else { 4 };
     let hidden_state = elem * (w.batch * w.seq * m.config.hidden_size) as u64;
-    let blocks: Vec<u64> = m
-        .memory_profile()
+    let profiles = m.memory_profile();
+    let blocks: Vec<u64> = profiles
         .iter()
         .map(|b| block_activation_bytes(b, w))
         .collect();
@@ -90,8 +90,7 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     let block = blocks.iter().copied().max().unwrap_or(0);
     // One block's backward at a time holds its transients.
     let tokens = (w.batch * w.seq) as f64;
-    let transient = m
-        .memory_profile()
+    let transient = profiles
         .iter()
         .map(|b| (elem as f64 * tokens * b.backward_per_token) as u64)
         .max()
