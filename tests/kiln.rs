@@ -2866,3 +2866,154 @@ fn llama_quantize_files_load_at_gguf_py_values_and_transformers_logits() {
         );
     }
 }
+
+/// `kiln … --model NAME` and `model.pretrained: NAME` find models where people keep them
+/// (`kiln_config::locate`), in layouts this test builds under a scratch HOME: a Hugging Face
+/// repo id in the Hub cache (the snapshot `refs/main` names, not the newer stray one), an Ollama
+/// `NAME:TAG` through its manifest to the GGUF blob, an LM Studio `PUBLISHER/REPO`; a name on
+/// no list, a missing tag and an ambiguous folder are refused (exit 2) saying where kiln looked.
+#[test]
+fn models_are_found_by_hub_ollama_and_lm_studio_names() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let family = repo().join("tests/fixtures/families/llama3");
+    let copy_model = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(family.join(f), dir.join(f)).unwrap();
+        }
+    };
+    let hub = h.join(".cache/huggingface/hub/models--kiln-test--tiny-llama");
+    copy_model(&hub.join("snapshots/0123abcd"));
+    std::fs::create_dir_all(hub.join("snapshots/ffff0000")).unwrap(); // newer, empty
+    std::fs::create_dir_all(hub.join("refs")).unwrap();
+    std::fs::write(hub.join("refs/main"), "0123abcd\n").unwrap();
+    let store = h.join(".ollama/models");
+    let digest = "ab".repeat(32);
+    let manifest = store.join("manifests/registry.ollama.ai/library/tiny");
+    std::fs::create_dir_all(&manifest).unwrap();
+    std::fs::write(
+        manifest.join("q4"),
+        format!(
+            r#"{{"schemaVersion":2,"layers":[{{"mediaType":"application/vnd.ollama.image.template","digest":"sha256:{}"}},{{"mediaType":"application/vnd.ollama.image.model","digest":"sha256:{digest}"}}]}}"#,
+            "cd".repeat(32)
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(store.join("blobs")).unwrap();
+    let kquants = repo().join("tests/fixtures/kquants/Q4_K_M.gguf");
+    std::fs::copy(&kquants, store.join(format!("blobs/sha256-{digest}"))).unwrap();
+    let lms = h.join(".lmstudio/models/kiln-test/tiny-GGUF");
+    std::fs::create_dir_all(&lms).unwrap();
+    std::fs::copy(&kquants, lms.join("tiny-Q4_K_M.gguf")).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(repo())
+            .env("HOME", h)
+            .env_remove("HF_HOME")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("OLLAMA_MODELS")
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // The Hub cache: generate from the repo id.
+    let o = run(&[
+        "generate",
+        "--model",
+        "kiln-test/tiny-llama",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Ollama and LM Studio, as `model.pretrained` (kiln plan reads the GGUF's shape).
+    for name in [
+        "ollama:tiny:q4",
+        "kiln-test/tiny-GGUF",
+        "lmstudio:kiln-test/tiny-GGUF",
+    ] {
+        let set = format!("model.pretrained={name}");
+        let o = run(&["plan", "configs/smollm2-lora.yaml", "--set", &set]);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(
+            text(&o).contains("width 256, 4 heads (2 kv)"),
+            "{name}: {}",
+            text(&o)
+        );
+    }
+    // HF_HUB_CACHE moves the Hub cache; the Ollama store follows OLLAMA_MODELS.
+    let moved = tempfile::tempdir().unwrap();
+    std::fs::rename(h.join(".cache/huggingface/hub"), moved.path().join("hub")).unwrap();
+    std::fs::rename(&store, moved.path().join("ollama")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plan", "configs/smollm2-lora.yaml", "--set"])
+        .arg("model.pretrained=kiln-test/tiny-llama")
+        .current_dir(repo())
+        .env("HOME", h)
+        .env("HF_HUB_CACHE", moved.path().join("hub"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plan", "configs/smollm2-lora.yaml", "--set"])
+        .arg("model.pretrained=ollama:tiny:q4")
+        .current_dir(repo())
+        .env("HOME", h)
+        .env("OLLAMA_MODELS", moved.path().join("ollama"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // Refusals: exit 2, naming where kiln looked and how to fetch.
+    std::fs::copy(&kquants, lms.join("tiny-Q6_K.gguf")).unwrap();
+    for (args, wants) in [
+        (
+            vec![
+                "generate",
+                "--model",
+                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "--prompt",
+                "hi",
+            ],
+            vec![
+                "models--HuggingFaceTB--SmolLM2-135M-Instruct",
+                ".lmstudio/models/HuggingFaceTB/SmolLM2-135M-Instruct",
+                "huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct",
+            ],
+        ),
+        (
+            vec!["generate", "--model", "ollama:tiny:q8", "--prompt", "hi"],
+            vec!["library/tiny/q8", "ollama pull tiny:q8"],
+        ),
+        (
+            vec![
+                "plan",
+                "configs/smollm2-lora.yaml",
+                "--set",
+                "model.pretrained=kiln-test/tiny-GGUF",
+            ],
+            vec![
+                "model.pretrained",
+                "2 GGUF files",
+                "kiln-test/tiny-GGUF/tiny-Q6_K.gguf",
+            ],
+        ),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        for w in wants {
+            assert!(text(&o).contains(w), "{args:?}: no `{w}` in {}", text(&o));
+        }
+    }
+}

@@ -408,7 +408,7 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     items.extend(args.set.iter().cloned());
     Config::default()
         .with_overrides(&items)
-        .map(Config::expand_home)
+        .and_then(|c| c.expand_home().locate_pretrained("--model"))
         .map_err(usage)
 }
 
@@ -535,6 +535,9 @@ fn run_training(
 /// A model directory or GGUF file itself, a kiln checkpoint (verified against its manifest), or
 /// a run directory's newest checkpoint that verifies.
 fn resolve_model(path: &Path) -> Result<PathBuf, Failure> {
+    // A name (an HF repo id, `ollama:NAME`, an LM Studio model) becomes the path it names.
+    let path =
+        &kiln_config::locate::locate_model(path).map_err(|e| usage(anyhow::Error::from(e)))?;
     if let Err(e) = kiln_config::paths::check_file_or_dir(path) {
         return Err(usage(anyhow::anyhow!("{}: {e}", path.display())));
     }

@@ -8,6 +8,7 @@
 mod error;
 mod finite;
 pub mod limits;
+pub mod locate;
 mod overrides;
 pub mod paths;
 mod schema;
@@ -36,7 +37,24 @@ impl Config {
             });
         }
         let config = Self::from_yaml_str(&text, &path.display().to_string())?;
-        Ok(config.with_overrides(overrides)?.expand_home())
+        config
+            .with_overrides(overrides)?
+            .expand_home()
+            .locate_pretrained(&path.display().to_string())
+    }
+
+    /// Finds `model.pretrained` when it names a model rather than a path (`locate`: a Hugging
+    /// Face repo id in the local cache, `ollama:NAME`, an LM Studio model); `origin` names the
+    /// config in errors.
+    pub fn locate_pretrained(mut self, origin: &str) -> Result<Self, ConfigError> {
+        if let Some(p) = self.model.pretrained.as_mut() {
+            *p = locate::locate_model(p).map_err(|e| ConfigError::Invalid {
+                origin: origin.to_string(),
+                field: "model.pretrained".into(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(self)
     }
 
     /// Expands a leading `~/` in path fields to `$HOME/`.
