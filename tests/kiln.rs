@@ -1629,6 +1629,126 @@ fn lora_finetune_of_smollm2_learns_and_writes_a_peft_adapter() {
         (after["loss"].as_f64().unwrap() - a).abs() < 1e-3,
         "{after} vs {a}"
     );
+    // The run directory alone stands for its base with the adapter applied, and its run's
+    // `data.mask_prompt` is eval's default: the same loss over the same answer tokens.
+    let run_dir = dir.path().join("roman");
+    let run_eval = kiln(&[
+        "eval",
+        "--model",
+        run_dir.to_str().unwrap(),
+        "--data",
+        data.join("valid.jsonl").to_str().unwrap(),
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(run_eval.status.success(), "{}", text(&run_eval));
+    let by_run: serde_json::Value = serde_json::from_slice(&run_eval.stdout).unwrap();
+    assert_eq!(by_run["tokens"], after["tokens"], "{by_run} vs {after}");
+    assert!((by_run["loss"].as_f64().unwrap() - after["loss"].as_f64().unwrap()).abs() < 1e-6);
+    // mlx-lm's spellings: --adapter-path, and a dataset directory scored on its test.jsonl.
+    let test_eval = kiln(&[
+        "eval",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter-path",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(test_eval.status.success(), "{}", text(&test_eval));
+    let on_test: serde_json::Value = serde_json::from_slice(&test_eval.stdout).unwrap();
+    let explicit = kiln(&[
+        "eval",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.join("test.jsonl").to_str().unwrap(),
+        "--mask-prompt",
+        "--json",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&explicit.stdout).unwrap(),
+        on_test
+    );
+    // generate from the run directory with the prompt on stdin and mlx-lm's --temp, against
+    // base + --adapter with the prompt as a flag.
+    let prompt = "Write 14 in Roman numerals.";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", "--model", run_dir.to_str().unwrap(), "--chat"])
+        .args([
+            "--prompt",
+            "-",
+            "--temp",
+            "0",
+            "--max-tokens",
+            "8",
+            "--backend",
+            "cpu",
+        ])
+        .current_dir(repo())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), prompt.as_bytes()).unwrap();
+    let from_run = child.wait_with_output().unwrap();
+    assert!(from_run.status.success(), "{}", text(&from_run));
+    let flagged = kiln(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--adapter",
+        ckpt.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--backend",
+        "cpu",
+    ]);
+    assert_eq!(from_run.stdout, flagged.stdout, "{}", text(&flagged));
+    // fuse without --model: the run names its base.
+    let fused = dir.path().join("fused");
+    let f = kiln(&[
+        "fuse",
+        "--adapter",
+        run_dir.to_str().unwrap(),
+        "--out",
+        fused.to_str().unwrap(),
+    ]);
+    assert!(f.status.success(), "{}", text(&f));
+    assert!(fused.join("config.json").is_file() && fused.join("model.safetensors").is_file());
+    // A run given as the model and another adapter: refused, exit 2.
+    let both = kiln(&[
+        "eval",
+        "--model",
+        run_dir.to_str().unwrap(),
+        "--adapter",
+        ckpt.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(both.status.code(), Some(2), "{}", text(&both));
+    assert!(text(&both).contains("is a LoRA adapter"), "{}", text(&both));
 }
 
 #[test]

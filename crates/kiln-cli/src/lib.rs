@@ -77,11 +77,12 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct FuseArgs {
-    /// The base: a Hugging Face model directory or a GGUF file.
+    /// The base: a Hugging Face model directory, a GGUF file or a model name (see `generate`);
+    /// without it, the base the adapter's run was trained on.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// A LoRA adapter directory (PEFT layout), or a run directory (its latest checkpoint).
-    #[arg(long)]
+    #[arg(long, visible_alias = "adapter-path")]
     adapter: Option<PathBuf>,
     /// Where to write the model directory (must not exist, or be empty).
     #[arg(long)]
@@ -199,12 +200,13 @@ impl BackendArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, or a run directory (its
-    /// `latest` checkpoint).
+    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, a run directory (its
+    /// `latest` checkpoint; a LoRA run applies itself to its base), or a model name: a Hugging
+    /// Face repo id in the local cache, `ollama:NAME[:TAG]`, an LM Studio `PUBLISHER/REPO`.
     #[arg(long, visible_alias = "checkpoint")]
     model: PathBuf,
     /// A LoRA adapter directory (PEFT layout, e.g. a kiln LoRA checkpoint) to apply.
-    #[arg(long)]
+    #[arg(long, visible_alias = "adapter-path")]
     adapter: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template and stop at end of turn.
     #[arg(long)]
@@ -213,12 +215,13 @@ struct GenerateArgs {
     /// `--chat-template-config` (`'{"enable_thinking": false}'` for Qwen3 and SmolLM3).
     #[arg(long, value_name = "JSON")]
     chat_template_config: Option<String>,
+    /// The prompt; `-` reads it from standard input.
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 200)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8, value_parser = finite_f64)]
+    #[arg(long, visible_alias = "temp", default_value_t = 0.8, value_parser = finite_f64)]
     temperature: f64,
     #[arg(long, default_value_t = 1.0, value_parser = finite_f64)]
     top_p: f64,
@@ -230,13 +233,16 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, or a run directory.
+    /// A Hugging Face model directory, a GGUF file, a kiln checkpoint, a run directory (a LoRA
+    /// run applies itself to its base), or a model name (see `generate`).
     #[arg(long, visible_alias = "checkpoint")]
     model: PathBuf,
-    /// A LoRA adapter directory (PEFT layout) to apply.
-    #[arg(long)]
+    /// A LoRA adapter directory (PEFT layout) to apply; its run's `data.seq_len` and
+    /// `data.mask_prompt` are the defaults.
+    #[arg(long, visible_alias = "adapter-path")]
     adapter: Option<PathBuf>,
-    /// UTF-8 text file, or a JSONL file of text/completions/chat records, to score.
+    /// UTF-8 text file, or a JSONL file of text/completions/chat records, to score; a dataset
+    /// directory is scored on its test.jsonl (mlx-lm's `--test`).
     #[arg(long)]
     data: PathBuf,
     /// Window length (default: the run's data.seq_len, else the model's context).
@@ -542,34 +548,101 @@ fn resolve_model(path: &Path) -> Result<PathBuf, Failure> {
         return Err(usage(anyhow::anyhow!("{}: {e}", path.display())));
     }
     let path = checkpoint::resolve(path).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-    if kiln_models::pretrained::is_gguf(&path) || path.join("config.json").is_file() {
+    if kiln_models::pretrained::is_gguf(&path)
+        || path.join("config.json").is_file()
+        || is_adapter(&path)
+    {
         return Ok(path);
     }
     Err(usage(anyhow::anyhow!(
-        "{}: not a model (no config.json, not GGUF) and no checkpoints inside",
+        "{}: not a model (no config.json, not GGUF, no adapter) and no checkpoints inside",
         path.display()
     )))
+}
+
+/// A LoRA checkpoint or PEFT adapter directory: adapter weights without a model of their own.
+fn is_adapter(dir: &Path) -> bool {
+    dir.join(checkpoint::ADAPTER_CONFIG_FILE).is_file() && !dir.join("config.json").is_file()
+}
+
+/// The base model a LoRA checkpoint was trained on: its run's `model.pretrained`, else the
+/// adapter's `base_model_name_or_path` where that is a path on this machine.
+fn base_of_adapter(dir: &Path) -> Result<PathBuf, Failure> {
+    let from_run = Config::load(&dir.join(checkpoint::KILN_CONFIG_FILE), &[])
+        .ok()
+        .and_then(|c| c.model.pretrained);
+    let from_peft = || {
+        let text = std::fs::read_to_string(dir.join(checkpoint::ADAPTER_CONFIG_FILE)).ok()?;
+        let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let base = PathBuf::from(doc["base_model_name_or_path"].as_str()?);
+        kiln_config::locate::locate_model(&base).ok()
+    };
+    from_run.or_else(from_peft).ok_or_else(|| {
+        usage(anyhow::anyhow!(
+            "{}: the adapter names no base model found on this machine (its kiln.yaml has no \
+             model.pretrained, and adapter_config.json's base_model_name_or_path is not here); \
+             give it with --model BASE --adapter {}",
+            dir.display(),
+            dir.display()
+        ))
+    })
+}
+
+/// The base to load and the adapter to apply: a LoRA checkpoint given as the model stands for its
+/// base with itself applied.
+fn model_and_adapter(
+    model_arg: &Path,
+    adapter: Option<&Path>,
+) -> Result<(PathBuf, Option<PathBuf>), Failure> {
+    let path = resolve_model(model_arg)?;
+    let adapter = match adapter {
+        Some(dir) => {
+            if let Err(e) = kiln_config::paths::check_file_or_dir(dir) {
+                return Err(usage(anyhow::anyhow!("--adapter {}: {e}", dir.display())));
+            }
+            Some(checkpoint::resolve(dir).map_err(|e| Failure::from(anyhow::Error::from(e)))?)
+        }
+        None => None,
+    };
+    if !is_adapter(&path) {
+        return Ok((path, adapter));
+    }
+    if adapter.is_some() {
+        return Err(usage(anyhow::anyhow!(
+            "--model {} is a LoRA adapter, and --adapter gives another: give the base model as \
+             --model",
+            model_arg.display()
+        )));
+    }
+    Ok((resolve_model(&base_of_adapter(&path)?)?, Some(path)))
 }
 
 fn load(
     model_arg: &Path,
     adapter: Option<&Path>,
     backend: &BackendArgs,
-) -> Result<Pretrained, Failure> {
-    let path = resolve_model(model_arg)?;
+) -> Result<(Pretrained, Option<PathBuf>), Failure> {
+    let (path, adapter) = model_and_adapter(model_arg, adapter)?;
     let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
     let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
     let mut p = Pretrained::load(&path, &selected.device)
         .with_context(|| format!("loading {}", path.display()))?;
-    if let Some(dir) = adapter {
-        if let Err(e) = kiln_config::paths::check_file_or_dir(dir) {
-            return Err(usage(anyhow::anyhow!("--adapter {}: {e}", dir.display())));
-        }
-        let dir = checkpoint::resolve(dir).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-        p.model = kiln_train::setup::apply_adapter_dir(p.model, &dir)
+    if let Some(dir) = &adapter {
+        p.model = kiln_train::setup::apply_adapter_dir(p.model, dir)
             .with_context(|| format!("applying adapter {}", dir.display()))?;
     }
-    Ok(p)
+    Ok((p, adapter))
+}
+
+/// `--prompt -` reads the prompt from standard input.
+fn read_prompt(prompt: &str) -> Result<String, Failure> {
+    if prompt != "-" {
+        return Ok(prompt.to_string());
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| usage(anyhow::anyhow!("--prompt -: reading standard input: {e}")))?;
+    Ok(text)
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Failure> {
@@ -581,7 +654,8 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
             "--temperature must be 0 (greedy) or positive"
         )));
     }
-    let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
+    let (p, _) = load(&args.model, args.adapter.as_deref(), &args.backend)?;
+    let prompt = read_prompt(&args.prompt)?;
     let text = if args.chat {
         let mut template = p.chat_template.clone().ok_or_else(|| {
             usage(anyhow::anyhow!(
@@ -599,12 +673,12 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
             template.kwargs.extend(kwargs);
         }
         template
-            .render(&[Message::new("user", &args.prompt)], true)
+            .render(&[Message::new("user", &prompt)], true)
             .map_err(|e| Failure::from(anyhow::Error::from(e)))?
-    } else if args.prompt.is_empty() {
+    } else if prompt.is_empty() {
         "\n".to_string()
     } else {
-        args.prompt.clone()
+        prompt.clone()
     };
     let ids = p
         .tokenizer
@@ -619,7 +693,7 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     };
     let mut out = std::io::stdout().lock();
     if !args.chat {
-        let _ = write!(out, "{}", args.prompt);
+        let _ = write!(out, "{prompt}");
     }
     let mut produced = Vec::new();
     let mut printed = String::new();
@@ -643,32 +717,58 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
 }
 
 fn eval(args: EvalArgs) -> Result<(), Failure> {
-    if !args.data.is_file() {
+    // A dataset directory is scored on its test split, as mlx-lm's `--test` does.
+    let data = if args.data.is_dir() {
+        let test = args.data.join("test.jsonl");
+        if !test.is_file() {
+            return Err(usage(anyhow::anyhow!(
+                "--data {}: a dataset directory is scored on its test.jsonl, which it lacks \
+                 (name a file to score another split: --data {}/valid.jsonl)",
+                args.data.display(),
+                args.data.display()
+            )));
+        }
+        test
+    } else if args.data.is_file() {
+        args.data.clone()
+    } else {
         return Err(usage(anyhow::anyhow!(
             "--data {}: file not found",
             args.data.display()
         )));
-    }
-    let p = load(&args.model, args.adapter.as_deref(), &args.backend)?;
+    };
+    let (p, adapter) = load(&args.model, args.adapter.as_deref(), &args.backend)?;
+    // The run that made the adapter (or the checkpoint given as the model) says how its data was
+    // cut and scored.
+    let run = Config::load(
+        &adapter
+            .as_deref()
+            .unwrap_or(&p.path)
+            .join(checkpoint::KILN_CONFIG_FILE),
+        &[],
+    )
+    .ok();
     let max = p.model.config().max_position_embeddings;
     let seq_len = match args.seq_len {
         Some(s) => s,
-        None => Config::load(&p.path.join(checkpoint::KILN_CONFIG_FILE), &[])
+        None => run
+            .as_ref()
             .map(|c| c.data.seq_len)
             .unwrap_or(max.min(1024)),
     };
+    let mask_prompt = args.mask_prompt || run.as_ref().is_some_and(|c| c.data.mask_prompt);
     if seq_len == 0 || seq_len > max {
         return Err(usage(anyhow::anyhow!("--seq-len must be in 1..={max}")));
     }
-    let (loss, scored) = if args.data.extension().is_some_and(|e| e == "jsonl") {
+    let (loss, scored) = if data.extension().is_some_and(|e| e == "jsonl") {
         let enc = kiln_data::jsonl::Encoding {
             tokenizer: &p.tokenizer,
             chat_template: p.chat_template.as_ref(),
             eos_id: p.stop_ids.first().copied(),
-            mask_prompt: args.mask_prompt,
+            mask_prompt,
             max_seq_len: seq_len,
         };
-        let (_, split) = kiln_data::jsonl::read_split(&args.data, None, &enc)
+        let (_, split) = kiln_data::jsonl::read_split(&data, None, &enc)
             .map_err(|e| usage(anyhow::Error::from(e)))?;
         let batches = kiln_data::jsonl::sequential_batches(&split, 8, enc.eos_id.unwrap_or(0));
         let scored: usize = batches
@@ -681,13 +781,10 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
             .sum();
         (inference::mean_loss(&p.model, batches.into_iter()), scored)
     } else {
-        let tokens = kiln_data::tokenize_file(&args.data, &p.tokenizer)
+        let tokens = kiln_data::tokenize_file(&data, &p.tokenizer)
             .map_err(|e| usage(anyhow::Error::from(e)))?;
         if tokens.len() < 2 {
-            bail_usage(&format!(
-                "{}: fewer than 2 tokens to score",
-                args.data.display()
-            ))?;
+            bail_usage(&format!("{}: fewer than 2 tokens to score", data.display()))?;
         }
         if let Some(out) = &args.logits_out {
             let ids = &tokens[..seq_len.min(tokens.len())];
@@ -745,7 +842,17 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
         backend: "cpu".into(),
         software_adapter: false,
     };
-    let p = load(&args.model, args.adapter.as_deref(), &cpu)?;
+    // Without --model, the adapter's run names the base.
+    let (model_arg, adapter) = match (&args.model, &args.adapter) {
+        (Some(m), a) => (m.clone(), a.clone()),
+        (None, Some(a)) => (a.clone(), None),
+        (None, None) => {
+            return Err(usage(anyhow::anyhow!(
+                "give --model BASE, or --adapter DIR (a LoRA run names its base)"
+            )));
+        }
+    };
+    let (p, _) = load(&model_arg, adapter.as_deref(), &cpu)?;
     let model = kiln_models::lora::fuse(p.model);
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;

@@ -37,10 +37,19 @@ impl Config {
             });
         }
         let config = Self::from_yaml_str(&text, &path.display().to_string())?;
+        // A model named by `--set` is blamed on the override, not on the file.
+        let set_here = overrides
+            .iter()
+            .any(|o| o.split('=').next().map(str::trim) == Some("model.pretrained"));
+        let origin = if set_here {
+            "--set".to_string()
+        } else {
+            path.display().to_string()
+        };
         config
             .with_overrides(overrides)?
             .expand_home()
-            .locate_pretrained(&path.display().to_string())
+            .locate_pretrained(&origin)
     }
 
     /// Finds `model.pretrained` when it names a model rather than a path (`locate`: a Hugging

@@ -47,7 +47,7 @@ pub fn locate_model(reference: &Path) -> Result<PathBuf, LocateError> {
         });
     }
     let Some(id) = repo_id(&text) else {
-        return Err(fail("no such file or directory".into()));
+        return Err(fail("not found (no such file or directory)".into()));
     };
     let mut looked = Vec::new();
     for lookup in [hugging_face, lm_studio] {
@@ -67,7 +67,7 @@ pub fn locate_model(reference: &Path) -> Result<PathBuf, LocateError> {
 fn not_found(looked: &[PathBuf], fetch: &str) -> String {
     let places: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
     format!(
-        "no such file or directory, and no model of that name in {}{fetch}",
+        "not found: no such file or directory, and no model of that name in {}{fetch}",
         places.join(", ")
     )
 }
