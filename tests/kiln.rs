@@ -1737,6 +1737,17 @@ fn lora_finetune_of_smollm2_learns_and_writes_a_peft_adapter() {
     ]);
     assert!(f.status.success(), "{}", text(&f));
     assert!(fused.join("config.json").is_file() && fused.join("model.safetensors").is_file());
+    // transformers' generate() stops at the end of the turn: the stop token is in
+    // generation_config.json and config.json (the GGUF base had neither file).
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(fused.join(name)).unwrap()).unwrap()
+    };
+    let im_end = kiln::data::Tokenizer::load_dir(&fused)
+        .unwrap()
+        .token_id("<|im_end|>")
+        .unwrap();
+    assert_eq!(json("generation_config.json")["eos_token_id"], im_end);
+    assert_eq!(json("config.json")["eos_token_id"], im_end);
     // A run given as the model and another adapter: refused, exit 2.
     let both = kiln(&[
         "eval",

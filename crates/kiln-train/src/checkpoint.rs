@@ -161,8 +161,35 @@ pub fn write_model_dir(
     let io = io_err;
     let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
     safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
-    let hf = serde_json::to_vec_pretty(&model.config().to_hf_json())
-        .map_err(|e| ckpt_err(dir, e.to_string()))?;
+    let base_dir = base.filter(|b| b.is_dir());
+    let copied = |name: &str| base_dir.map(|b| b.join(name)).filter(|p| p.is_file());
+    // Where the base brings no generation_config.json (a GGUF base, a model trained here),
+    // transformers' generate() would not know where a turn ends: the chat template's end token
+    // (the model's stop token) goes into one, and into config.json.
+    let mut config = model.config().to_hf_json();
+    let mut generation = serde_json::Map::new();
+    if copied("generation_config.json").is_none() {
+        let id = |text: &str| {
+            (!text.is_empty())
+                .then(|| tokenizer.token_id(text))
+                .flatten()
+        };
+        let ids = chat_template.map(|t| {
+            [
+                ("bos_token_id", id(&t.bos_token)),
+                ("eos_token_id", id(&t.eos_token)),
+            ]
+        });
+        for (key, value) in ids.into_iter().flatten() {
+            if let Some(v) = value {
+                generation.insert(key.into(), v.into());
+                if let Some(c) = config.as_object_mut() {
+                    c.entry(key).or_insert(v.into());
+                }
+            }
+        }
+    }
+    let hf = serde_json::to_vec_pretty(&config).map_err(|e| ckpt_err(dir, e.to_string()))?;
     atomic_write(&dir.join(CONFIG_FILE), &hf).map_err(|e| io(dir, e))?;
     match tokenizer_json {
         Some(json) => atomic_write(&dir.join("tokenizer.json"), json.to_string().as_bytes())
@@ -171,16 +198,20 @@ pub fn write_model_dir(
             tokenizer.save(dir)?;
         }
     }
-    let base_dir = base.filter(|b| b.is_dir());
     for name in [
         "tokenizer_config.json",
         "generation_config.json",
         "special_tokens_map.json",
     ] {
-        if let Some(src) = base_dir.map(|b| b.join(name)).filter(|p| p.is_file()) {
+        if let Some(src) = copied(name) {
             let bytes = std::fs::read(&src).map_err(|e| io(&src, e))?;
             atomic_write(&dir.join(name), &bytes).map_err(|e| io(dir, e))?;
         }
+    }
+    if !generation.is_empty() {
+        let text =
+            serde_json::to_vec_pretty(&generation).map_err(|e| ckpt_err(dir, e.to_string()))?;
+        atomic_write(&dir.join("generation_config.json"), &text).map_err(|e| io(dir, e))?;
     }
     if base_dir.is_none()
         && let Some(t) = chat_template
