@@ -3148,3 +3148,49 @@ fn models_are_found_by_hub_ollama_and_lm_studio_names() {
         }
     }
 }
+
+/// mlx-lm's `--fine-tune-type` means what `--full` does; DoRA is refused by name (exit 2).
+#[test]
+fn finetune_takes_mlx_lm_fine_tune_type() {
+    let model = repo().join("tests/fixtures/families/llama3");
+    let config = |extra: &[&str]| {
+        let mut args = vec![
+            "finetune",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "datasets/roman-numerals",
+            "--print-config",
+        ];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let method = |o: &std::process::Output| {
+        let yaml = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(
+            o.status.success(),
+            "{yaml}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        yaml.lines()
+            .skip_while(|l| !l.starts_with("finetune:"))
+            .find(|l| l.trim_start().starts_with("method:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(method(&config(&[])), "method: lora");
+    assert_eq!(
+        method(&config(&["--fine-tune-type", "full"])),
+        "method: full"
+    );
+    assert_eq!(method(&config(&["--full"])), "method: full");
+    for bad in [
+        vec!["--fine-tune-type", "dora"],
+        vec!["--fine-tune-type", "lora", "--full"],
+    ] {
+        let o = config(&bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--"), "{bad:?}");
+    }
+}

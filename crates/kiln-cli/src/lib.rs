@@ -116,6 +116,9 @@ struct FinetuneArgs {
     /// Train every weight instead of LoRA adapters.
     #[arg(long)]
     full: bool,
+    /// mlx-lm's spelling: `lora` (the default) or `full` (as --full).
+    #[arg(long, value_name = "lora|full", value_parser = ["lora", "full", "dora"])]
+    fine_tune_type: Option<String>,
     #[arg(long, default_value_t = 8)]
     rank: usize,
     #[arg(long, default_value_t = 16.0, value_parser = finite_f64)]
@@ -370,6 +373,21 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
 /// The config `kiln finetune` flags describe: the same a YAML file would give `kiln train`.
 fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     let set = |k: &str, v: String| format!("{k}={v}");
+    let full = match args.fine_tune_type.as_deref() {
+        Some("dora") => {
+            return Err(usage(anyhow::anyhow!(
+                "--fine-tune-type dora: kiln trains LoRA and full fine-tunes; DoRA is not built yet"
+            )));
+        }
+        Some("full") => true,
+        Some(_) if args.full => {
+            return Err(usage(anyhow::anyhow!(
+                "--full and --fine-tune-type lora disagree: give one"
+            )));
+        }
+        Some(_) => false,
+        None => args.full,
+    };
     let targets = if args.targets == "all-linear" {
         "all-linear".to_string()
     } else {
@@ -382,11 +400,7 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         set("model.pretrained", args.model.display().to_string()),
         set(
             "finetune.method",
-            if args.full {
-                "full".into()
-            } else {
-                "lora".into()
-            },
+            if full { "full".into() } else { "lora".into() },
         ),
         set("finetune.lora.rank", args.rank.to_string()),
         set("finetune.lora.alpha", args.alpha.to_string()),
