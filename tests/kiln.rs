@@ -2047,14 +2047,44 @@ fn sigterm_exits_143_with_a_checkpoint_and_a_second_sigint_exits_at_once() {
     let newest = newest.expect("a complete checkpoint");
     assert!(damaged.is_empty(), "{damaged:?}");
     assert!(kiln::train::checkpoint::read_state(&newest).unwrap().step >= step + 5);
+    // A changed config is refused on resume, naming each change, and nothing is written...
+    let more = format!("train.max_steps={}", step + 20);
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&run);
     let r = kiln(&[
         "train",
         config.to_str().unwrap(),
         "--resume",
         "--set",
-        &format!("train.max_steps={}", step + 20),
+        &more,
     ]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("train.max_steps: ") && err.contains("--allow-config-change"),
+        "{err}"
+    );
+    assert_eq!(listing(&run), before);
+    // ...and continues when allowed, printing the change.
+    let r = kiln(&[
+        "train",
+        config.to_str().unwrap(),
+        "--resume",
+        "--allow-config-change",
+        "--set",
+        &more,
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains(&format!("-> {}", step + 20)), "{err}");
 }
 
 #[test]
@@ -2575,6 +2605,7 @@ fn damaged_checkpoints_are_refused_by_every_reader_with_the_reason() {
         "train",
         config.to_str().unwrap(),
         "--resume",
+        "--allow-config-change",
         "--set",
         "train.max_steps=50",
     ]);
@@ -2756,6 +2787,7 @@ fn sinks_disks_signals_and_races_cannot_kill_a_run_uncleanly() {
         "train",
         tb.to_str().unwrap(),
         "--resume",
+        "--allow-config-change",
         "--set",
         "train.on_save_error=continue",
     ]);

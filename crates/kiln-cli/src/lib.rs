@@ -67,6 +67,10 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in the run directory.
     #[arg(long)]
     resume: bool,
+    /// With --resume: continue although the config differs from the run's (the differences are
+    /// printed; the run's kiln.yaml becomes the new config).
+    #[arg(long, requires = "resume")]
+    allow_config_change: bool,
     /// Print the resolved config (file plus overrides) and exit.
     #[arg(long)]
     print_config: bool,
@@ -161,8 +165,12 @@ struct FinetuneArgs {
     /// Print the config these flags make (as YAML for `kiln train`) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Continue the run `--name` names from its newest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// With --resume: continue although the flags make another config than the run's.
+    #[arg(long, requires = "resume")]
+    allow_config_change: bool,
 }
 
 #[derive(Args, Clone)]
@@ -365,9 +373,66 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         config,
         &args.config.display().to_string(),
         &args.set,
-        args.resume,
+        Resume::from_flags(args.resume, args.allow_config_change),
         args.stop_after,
     )
+}
+
+/// Whether a run continues, and whether its config may change on the way.
+#[derive(Clone, Copy, PartialEq)]
+enum Resume {
+    No,
+    Same,
+    AllowChange,
+}
+
+impl Resume {
+    fn from_flags(resume: bool, allow_change: bool) -> Self {
+        match (resume, allow_change) {
+            (false, _) => Resume::No,
+            (true, false) => Resume::Same,
+            (true, true) => Resume::AllowChange,
+        }
+    }
+}
+
+/// A resumed run continues the config it was trained with: the differences of `config` from the
+/// one its newest checkpoint holds are refused (exit 2) unless allowed, and printed either way.
+fn check_resumed_config(config: &Config, resume: Resume) -> Result<(), Failure> {
+    if resume == Resume::No {
+        return Ok(());
+    }
+    let run_dir = config.run.output_dir.join(&config.run.name);
+    let Some((_, newest)) = checkpoint::list(&run_dir).pop() else {
+        return Ok(());
+    };
+    let Ok(saved) = Config::load(&newest.join(checkpoint::KILN_CONFIG_FILE), &[]) else {
+        return Ok(()); // the trainer's checkpoint checks name what is wrong with it
+    };
+    // The micro-batch and accumulation `auto` chose are stored resolved.
+    let auto_batch = matches!(config.train.batch_size, kiln_config::BatchSize::Auto);
+    let changed: Vec<String> = kiln_config::diff::differences(&saved, config)
+        .into_iter()
+        .filter(|(f, ..)| !(auto_batch && (f == "train.batch_size" || f == "train.grad_accum")))
+        .map(|(f, old, new)| format!("  {f}: {old} -> {new}"))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let list = changed.join("\n");
+    if resume == Resume::AllowChange {
+        eprintln!(
+            "--resume --allow-config-change: {} continues with these changes:\n{list}",
+            run_dir.display()
+        );
+        return Ok(());
+    }
+    Err(usage(anyhow::anyhow!(
+        "--resume: the config differs from the one {} was trained with ({}):\n{list}\npass \
+         --allow-config-change to continue with the new config",
+        run_dir.display(),
+        newest.join(checkpoint::KILN_CONFIG_FILE).display()
+    )))
 }
 
 /// The config `kiln finetune` flags describe: the same a YAML file would give `kiln train`.
@@ -438,14 +503,20 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
         let _ = write!(std::io::stdout(), "{}", config.to_yaml());
         return Ok(());
     }
-    run_training(config, "kiln finetune", &[], args.resume, None)
+    run_training(
+        config,
+        "kiln finetune",
+        &[],
+        Resume::from_flags(args.resume, args.allow_config_change),
+        None,
+    )
 }
 
 fn run_training(
     config: Config,
     origin: &str,
     overrides: &[String],
-    resume: bool,
+    resume: Resume,
     stop_after: Option<usize>,
 ) -> Result<(), Failure> {
     // A field set by `--set` is blamed on the override, not on the file.
@@ -495,8 +566,9 @@ fn run_training(
             )));
         }
     }
+    check_resumed_config(&config, resume)?;
     let options = kiln_train::TrainOptions {
-        resume,
+        resume: resume != Resume::No,
         quiet: false,
         stop_after,
     };

@@ -5,6 +5,7 @@
 //! refused, and `--set section.field=value` overrides any field after the file is read. Errors
 //! name the file, line, column and field.
 
+pub mod diff;
 mod error;
 mod finite;
 pub mod limits;
