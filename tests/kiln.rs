@@ -255,10 +255,23 @@ fn cli_trains_on_cpu_then_generates_and_evaluates() {
     assert_eq!(v["tokens"].as_u64().unwrap(), 40_000 - 1);
     assert!(loss < 2.7, "{loss}");
 
-    // Training into a run directory that has checkpoints, without --resume, is refused.
+    // Training into a run directory that has checkpoints, without --resume, is refused as an
+    // argument mistake (exit 2); so is --stop-after at a step the run has passed.
     let r = kiln(&["train", path.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&r.stderr).contains("--resume"));
+    let r = kiln(&[
+        "train",
+        path.to_str().unwrap(),
+        "--set",
+        "train.max_steps=300",
+        "--resume",
+        "--stop-after",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("is already at step 300"), "{err}");
 }
 
 #[test]
@@ -3181,9 +3194,10 @@ fn models_are_found_by_hub_ollama_and_lm_studio_names() {
     }
 }
 
-/// mlx-lm's `--fine-tune-type` means what `--full` does; DoRA is refused by name (exit 2).
+/// mlx-lm's `--fine-tune-type` means what `--full` does; DoRA is refused by name. Mistakes in
+/// `kiln finetune` name the flag, and one bad `--set` names itself (all exit 2).
 #[test]
-fn finetune_takes_mlx_lm_fine_tune_type() {
+fn finetune_takes_mlx_lm_fine_tune_type_and_errors_name_the_flag() {
     let model = repo().join("tests/fixtures/families/llama3");
     let config = |extra: &[&str]| {
         let mut args = vec![
@@ -3217,12 +3231,48 @@ fn finetune_takes_mlx_lm_fine_tune_type() {
         "method: full"
     );
     assert_eq!(method(&config(&["--full"])), "method: full");
-    for bad in [
-        vec!["--fine-tune-type", "dora"],
-        vec!["--fine-tune-type", "lora", "--full"],
+    // Mistakes name the flag that made them, exit 2.
+    for (bad, wants) in [
+        (vec!["--fine-tune-type", "dora"], "--fine-tune-type dora"),
+        (vec!["--fine-tune-type", "lora", "--full"], "--full"),
+        (vec!["--rank", "0"], "--rank: 0 is outside"),
+        (vec!["--backend", "gpu"], "--backend gpu: unknown variant"),
     ] {
         let o = config(&bad);
         assert_eq!(o.status.code(), Some(2), "{bad:?}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains("--"), "{bad:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(wants) && !err.contains("--set"),
+            "{bad:?}: {err}"
+        );
     }
+    // One bad `--set` among several is the one named; a section set whole lists its fields.
+    let o = kiln(&[
+        "train",
+        "configs/shakespeare-char.yaml",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        "optim.lr=abc",
+        "--set",
+        "train.batch_size=2",
+        "--print-config",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--set optim.lr=abc:") && !err.contains("max_steps"),
+        "{err}"
+    );
+    let o = kiln(&[
+        "train",
+        "configs/shakespeare-char.yaml",
+        "--set",
+        "backend=cpu",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("backend.kind") && o.status.code() == Some(2),
+        "{err}"
+    );
 }

@@ -435,6 +435,34 @@ fn check_resumed_config(config: &Config, resume: Resume) -> Result<(), Failure> 
     )))
 }
 
+/// How errors name a run that `kiln finetune` configured.
+const FINETUNE: &str = "kiln finetune";
+
+/// The `kiln finetune` flag that sets a config field.
+fn finetune_flag(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "run.name" => "--name",
+        "run.output_dir" => "--output-dir",
+        "backend.kind" => "--backend",
+        "model.pretrained" => "--model",
+        "finetune.method" => "--full",
+        "finetune.lora.rank" => "--rank",
+        "finetune.lora.alpha" => "--alpha",
+        "finetune.lora.dropout" => "--dropout",
+        "finetune.lora.target_modules" => "--targets",
+        "finetune.lora.num_layers" => "--num-layers",
+        "data.train" => "--data",
+        "data.seq_len" => "--seq-len",
+        "data.mask_prompt" => "--mask-prompt",
+        "optim.lr" => "--lr",
+        "train.max_steps" => "--iters",
+        "train.batch_size" => "--batch-size",
+        "train.eval_every" => "--eval-every",
+        "train.save_every" => "--save-every",
+        _ => return None,
+    })
+}
+
 /// The config `kiln finetune` flags describe: the same a YAML file would give `kiln train`.
 fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     let set = |k: &str, v: String| format!("{k}={v}");
@@ -491,10 +519,36 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         items.push(set("finetune.lora.num_layers", n.to_string()));
     }
     items.extend(args.set.iter().cloned());
+    let user_sets = args.set.len();
+    let from_flags = items.len() - user_sets;
     Config::default()
         .with_overrides(&items)
         .and_then(|c| c.expand_home().locate_pretrained("--model"))
-        .map_err(usage)
+        .map_err(|e| {
+            // Blame the flag that set the field, not the `--set` the flags became.
+            let flag = |key: &str| finetune_flag(key.trim());
+            match &e {
+                kiln_config::ConfigError::Invalid { field, message, .. }
+                    if flag(field).is_some()
+                        && !args.set.iter().any(|o| o.starts_with(field.as_str())) =>
+                {
+                    usage(anyhow::anyhow!(
+                        "{}: {message}",
+                        flag(field).unwrap_or_default()
+                    ))
+                }
+                kiln_config::ConfigError::Override { item, message }
+                    if items[..from_flags].contains(item) =>
+                {
+                    let (key, value) = item.split_once('=').unwrap_or((item, ""));
+                    match flag(key) {
+                        Some(f) => usage(anyhow::anyhow!("{f} {value}: {message}")),
+                        None => usage(e),
+                    }
+                }
+                _ => usage(e),
+            }
+        })
 }
 
 fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
@@ -505,7 +559,7 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
     }
     run_training(
         config,
-        "kiln finetune",
+        FINETUNE,
         &[],
         Resume::from_flags(args.resume, args.allow_config_change),
         None,
@@ -519,16 +573,23 @@ fn run_training(
     resume: Resume,
     stop_after: Option<usize>,
 ) -> Result<(), Failure> {
-    // A field set by `--set` is blamed on the override, not on the file.
+    // A field set by `--set` is blamed on the override, not on the file; `kiln finetune`'s
+    // fields on the flags that set them.
     let origin_of = |field: &str| {
         if overrides
             .iter()
             .any(|o| o.split('=').next().is_some_and(|k| k.trim() == field))
         {
             "--set".to_string()
+        } else if origin == FINETUNE {
+            finetune_flag(field).map_or_else(|| format!("{origin} --set"), str::to_string)
         } else {
             origin.to_string()
         }
+    };
+    let name_of = |field: &str| match finetune_flag(field).filter(|_| origin == FINETUNE) {
+        Some(flag) => flag.to_string(),
+        None => format!("{}: field `{field}`", origin_of(field)),
     };
     for (field, path, check) in [
         (
@@ -567,13 +628,47 @@ fn run_training(
         }
     }
     check_resumed_config(&config, resume)?;
+    let run_dir = config.run.output_dir.join(&config.run.name);
+    let newest = checkpoint::list(&run_dir).pop();
+    match (&newest, resume) {
+        // Never write over a run (the trainer refuses too; here it is an argument mistake).
+        (Some((_, dir)), Resume::No) => {
+            return Err(usage(anyhow::anyhow!(
+                "{} already holds checkpoints (newest: {}); pass --resume to continue it, or \
+                 choose another {}",
+                run_dir.display(),
+                dir.display(),
+                if origin == FINETUNE {
+                    "--name"
+                } else {
+                    "run.name"
+                }
+            )));
+        }
+        (Some((_, dir)), _) => {
+            let at = checkpoint::read_state(dir).map(|s| s.step).unwrap_or(0);
+            if let Some(stop) = stop_after.filter(|&s| s <= at) {
+                return Err(usage(anyhow::anyhow!(
+                    "--stop-after {stop}: {} is already at step {at}",
+                    run_dir.display()
+                )));
+            }
+        }
+        (None, _) => {}
+    }
     let options = kiln_train::TrainOptions {
         resume: resume != Resume::No,
         quiet: false,
         stop_after,
     };
     kiln_train::signals::install();
-    let summary = kiln_train::train(&config, &options).context("training failed")?;
+    let summary = kiln_train::train(&config, &options).map_err(|e| match e {
+        // A field the model refuses is a mistake in the arguments: named as the user gave it.
+        kiln_train::TrainError::Field { field, message } => {
+            usage(anyhow::anyhow!("{}: {message}", name_of(&field)))
+        }
+        e => Failure::from(anyhow::Error::from(e).context("training failed")),
+    })?;
     if let Some(sig) = summary.interrupted_by {
         return Err(Failure {
             code: (128 + sig).clamp(1, 255) as u8,

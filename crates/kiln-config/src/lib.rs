@@ -112,13 +112,22 @@ impl Config {
         }
         let mut tree =
             serde_json::to_value(&self).map_err(|e| ConfigError::Internal(e.to_string()))?;
+        let mut trees = Vec::with_capacity(overrides.len());
         for item in overrides {
             let (key, value) = parse_override(item)?;
             overrides::set_path(&mut tree, &key, value, item)?;
+            trees.push(tree.clone());
         }
-        let config: Config = serde_json::from_value(tree).map_err(|e| ConfigError::Override {
-            item: overrides.join(" "),
-            message: e.to_string(),
+        let config: Config = serde_json::from_value(tree).map_err(|e| {
+            // Blame the first override after which the config no longer reads, not all of them.
+            let culprit = trees
+                .into_iter()
+                .position(|t| serde_json::from_value::<Config>(t).is_err())
+                .map_or_else(|| overrides.join(" "), |i| overrides[i].clone());
+            ConfigError::Override {
+                item: culprit,
+                message: e.to_string(),
+            }
         })?;
         config
             .validate()

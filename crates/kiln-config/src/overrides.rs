@@ -73,6 +73,21 @@ pub(crate) fn set_path(
             });
         }
         if depth + 1 == key.len() {
+            // A top-level section set to a plain value is a missing field name (`--set
+            // backend=cpu` for `backend.kind=cpu`). Deeper objects may be enums with plain forms
+            // (`memory.checkpointing: {every: 2}` or `none`).
+            if let (0, Some(Value::Object(fields)), false) =
+                (depth, map.get(segment), value.is_object())
+            {
+                let names: Vec<String> = fields.keys().map(|f| format!("{path}.{f}")).collect();
+                return Err(ConfigError::Override {
+                    item: item.to_string(),
+                    message: format!(
+                        "`{path}` is a section; set one of its fields: {}",
+                        names.join(", ")
+                    ),
+                });
+            }
             map.insert(segment.clone(), value);
             return Ok(());
         }

@@ -33,6 +33,9 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A config field the model refuses (a LoRA target it lacks): a mistake in the arguments.
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
     #[error("{0}")]
     Other(String),
 }

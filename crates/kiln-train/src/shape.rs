@@ -35,17 +35,21 @@ pub fn lora_spec(config: &Config, arch: &Architecture) -> Result<LoraSpec, Train
         layers: l.layer_indices(arch.blocks.len()),
     };
     if let Some((bad, modules)) = spec.unknown_target(arch) {
-        return Err(TrainError::Other(format!(
-            "finetune.lora.target_modules: `{bad}` is not a module of this {} model (its linear modules: {}, or all-linear)",
-            arch.config.model_type,
-            modules.join(", ")
-        )));
+        return Err(TrainError::Field {
+            field: "finetune.lora.target_modules".into(),
+            message: format!(
+                "`{bad}` is not a module of this {} model (its linear modules: {}, or all-linear)",
+                arch.config.model_type,
+                modules.join(", ")
+            ),
+        });
     }
     let n_layers = arch.blocks.len();
     if let Some(bad) = spec.layers.iter().find(|&&i| i >= n_layers) {
-        return Err(TrainError::Other(format!(
-            "finetune.lora.layers: block {bad} does not exist (the model has {n_layers})"
-        )));
+        return Err(TrainError::Field {
+            field: "finetune.lora.layers".into(),
+            message: format!("block {bad} does not exist (the model has {n_layers})"),
+        });
     }
     Ok(spec)
 }
