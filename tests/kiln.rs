@@ -3246,6 +3246,23 @@ fn finetune_takes_mlx_lm_fine_tune_type_and_errors_name_the_flag() {
             "{bad:?}: {err}"
         );
     }
+    // A dataset directory without its splits is refused before loading, naming the flag.
+    let scratch_out = tempfile::tempdir().unwrap();
+    let o = kiln(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "tests/fixtures",
+        "--output-dir",
+        scratch_out.path().to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--data tests/fixtures: no train.jsonl"),
+        "{err}"
+    );
     // One bad `--set` among several is the one named; a section set whole lists its fields.
     let o = kiln(&[
         "train",

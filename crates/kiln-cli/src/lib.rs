@@ -627,6 +627,19 @@ fn run_training(
             )));
         }
     }
+    // A dataset directory needs its two splits before anything loads.
+    if config.data.train.is_dir() {
+        for split in ["train.jsonl", "valid.jsonl"] {
+            if !config.data.train.join(split).is_file() {
+                return Err(usage(anyhow::anyhow!(
+                    "{} {}: no {split} in this directory (a dataset directory holds train.jsonl \
+                     and valid.jsonl, and optionally test.jsonl)",
+                    name_of("data.train"),
+                    config.data.train.display()
+                )));
+            }
+        }
+    }
     check_resumed_config(&config, resume)?;
     let run_dir = config.run.output_dir.join(&config.run.name);
     let newest = checkpoint::list(&run_dir).pop();
