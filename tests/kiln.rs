@@ -3293,3 +3293,43 @@ fn finetune_takes_mlx_lm_fine_tune_type_and_errors_name_the_flag() {
         "{err}"
     );
 }
+
+/// The thread count kiln reports is the one it runs on (`RAYON_NUM_THREADS`), and `generate`
+/// reports its speed and peak memory on stderr as mlx-lm does, leaving stdout the text.
+#[test]
+fn generate_reports_speed_and_the_thread_count_follows_rayon() {
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("devices")
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Burn Flex, 1 threads"));
+    let model = repo().join("tests/fixtures/families/llama3");
+    let o = kiln(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "4",
+        "--temp",
+        "0",
+        "--backend",
+        "cpu",
+    ]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}");
+    assert!(out.starts_with("hi") && !out.contains("tokens/s"), "{out}");
+    for want in [
+        "prompt: ",
+        "generation: 4 tokens, ",
+        "tokens/s",
+        "peak memory: ",
+    ] {
+        assert!(err.contains(want), "no `{want}` in {err}");
+    }
+}

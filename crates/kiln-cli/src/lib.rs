@@ -891,7 +891,14 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
     }
     let mut produced = Vec::new();
     let mut printed = String::new();
+    // mlx-lm's figures, on stderr so that stdout stays the text: the prompt's pass (until the
+    // first new token) and the generation after it.
+    let start = std::time::Instant::now();
+    let mut first_token: Option<f64> = None;
+    let mut generated = 0usize;
     inference::generate(&p.model, &ids, &options, |id| {
+        generated += 1;
+        first_token.get_or_insert_with(|| start.elapsed().as_secs_f64());
         if p.stop_ids.contains(&id) {
             return;
         }
@@ -907,6 +914,22 @@ fn generate(args: GenerateArgs) -> Result<(), Failure> {
         }
     });
     let _ = writeln!(out);
+    let total = start.elapsed().as_secs_f64();
+    if let Some(first) = first_token {
+        let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        eprintln!(
+            "prompt: {} tokens, {:.1} tokens/s",
+            ids.len(),
+            rate(ids.len(), first)
+        );
+        eprintln!(
+            "generation: {generated} tokens, {:.1} tokens/s",
+            rate(generated.saturating_sub(1), total - first)
+        );
+        if let Some(peak) = kiln_train::memory::peak_rss() {
+            eprintln!("peak memory: {} (RSS)", human_bytes(peak));
+        }
+    }
     Ok(())
 }
 
@@ -1192,9 +1215,7 @@ fn bail_usage(message: &str) -> Result<(), Failure> {
 }
 
 fn devices() -> Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = kiln_train::threads::count();
     out!("cpu: Burn Flex, {threads} threads");
     if let Some((total, available)) = kiln_train::memory::host_memory() {
         out!(

@@ -108,11 +108,28 @@ fn f16(b: &[u8]) -> f32 {
 
 /// De-quantises `raw` (whole blocks of `ggml_type`) to f32; `None` for a type kiln does not read.
 pub fn dequantize(ggml_type: u32, raw: &[u8]) -> Option<Vec<f32>> {
+    // The unquantised types element by element (a call per element would cost seconds on a
+    // large f16 file).
+    match ggml_type {
+        F32 => {
+            return Some(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            );
+        }
+        F16 => return Some(raw.chunks_exact(2).map(f16).collect()),
+        BF16 => {
+            return Some(
+                raw.chunks_exact(2)
+                    .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                    .collect(),
+            );
+        }
+        _ => {}
+    }
     let (block, bytes) = block_layout(ggml_type)?;
     let decode: fn(&[u8], &mut [f32]) = match ggml_type {
-        F32 => |b, out| out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-        F16 => |b, out| out[0] = f16(b),
-        BF16 => |b, out| out[0] = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16),
         Q4_0 => q4_0,
         Q4_1 => q4_1,
         Q5_0 => q5_0,

@@ -132,9 +132,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let median_rate = rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(BenchReport {
         device: selected.description,
-        threads: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        threads: crate::threads::count(),
         parameters,
         tokens_per_step,
         first_step_secs,

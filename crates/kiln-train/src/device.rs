@@ -152,9 +152,7 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
 }
 
 fn cpu_device() -> SelectedDevice {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = crate::threads::count();
     let ram = memory::host_memory()
         .map(|(total, _)| format!(", {} RAM", memory::human_bytes(total)))
         .unwrap_or_default();

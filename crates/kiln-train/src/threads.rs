@@ -28,6 +28,12 @@ pub fn run_on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Threads the CPU kernels run on: the pool's ([`run_on_pool`] sizes it from `RAYON_NUM_THREADS`,
+/// else one per core), not the machine's core count.
+pub fn count() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Sets this thread's SSE/AVX control register to flush subnormal results to zero and to read
 /// subnormal inputs as zero (FTZ and DAZ), as TensorFlow and XLA do on their CPU threads.
 ///
