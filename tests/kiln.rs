@@ -3226,6 +3226,23 @@ fn finetune_takes_mlx_lm_fine_tune_type_and_errors_name_the_flag() {
             .to_string()
     };
     assert_eq!(method(&config(&[])), "method: lora");
+    // `--plan` prints kiln plan's report for the run the flags make.
+    let o = kiln(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "datasets/roman-numerals",
+        "--batch-size",
+        "2",
+        "--plan",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("model: llama") && out.contains("batch 2 x sequence") && out.contains("total"),
+        "{out}"
+    );
     assert_eq!(
         method(&config(&["--fine-tune-type", "full"])),
         "method: full"

@@ -165,6 +165,13 @@ struct FinetuneArgs {
     /// Print the config these flags make (as YAML for `kiln train`) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Print `kiln plan`'s memory estimate for the run these flags make, and exit.
+    #[arg(long)]
+    plan: bool,
+    /// Time the training step of the run these flags make (`kiln bench`: 30 steps after 5), and
+    /// exit; writes nothing.
+    #[arg(long)]
+    bench: bool,
     /// Continue the run `--name` names from its newest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -556,6 +563,12 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
     if args.print_config {
         let _ = write!(std::io::stdout(), "{}", config.to_yaml());
         return Ok(());
+    }
+    if args.plan {
+        return print_plan(&config, false);
+    }
+    if args.bench {
+        return print_bench(&config, 30, 5, false);
     }
     run_training(
         config,
@@ -1094,8 +1107,13 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
 
 fn plan(args: PlanArgs) -> Result<(), Failure> {
     let config = Config::load(&args.config, &args.set).map_err(usage)?;
-    let r = kiln_train::plan::plan_config(&config).context("plan failed")?;
-    if args.json {
+    print_plan(&config, args.json)
+}
+
+/// `kiln plan`'s report for a config (from a YAML file, or from `kiln finetune`'s flags).
+fn print_plan(config: &Config, json: bool) -> Result<(), Failure> {
+    let r = kiln_train::plan::plan_config(config).context("plan failed")?;
+    if json {
         let mut v = serde_json::to_value(&r).context("report")?;
         // `plan` as an object, or `{"error": ...}` when nothing fits.
         v["plan"] = match &r.plan {
@@ -1169,8 +1187,13 @@ fn bench(args: BenchArgs) -> Result<(), Failure> {
     if args.steps == 0 {
         return Err(usage(anyhow::anyhow!("--steps must be at least 1")));
     }
-    let r = kiln_train::bench::bench(&config, args.steps, args.warmup).context("bench failed")?;
-    if args.json {
+    print_bench(&config, args.steps, args.warmup, args.json)
+}
+
+/// `kiln bench`'s report for a config (from a YAML file, or from `kiln finetune`'s flags).
+fn print_bench(config: &Config, steps: usize, warmup: usize, json: bool) -> Result<(), Failure> {
+    let r = kiln_train::bench::bench(config, steps, warmup).context("bench failed")?;
+    if json {
         out!("{}", serde_json::to_string(&r).context("report")?);
         return Ok(());
     }
