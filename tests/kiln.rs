@@ -96,6 +96,15 @@ fn quiet() -> TrainOptions {
     }
 }
 
+/// A command's stdout then stderr, for assertion messages.
+fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn kiln(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -1655,13 +1664,7 @@ fn lora_finetune_of_smollm2_learns_and_writes_a_peft_adapter() {
         "--backend",
         "cpu",
     ]);
-    let text = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
+    let text = output_text;
     assert!(run_eval.status.success(), "{}", text(&run_eval));
     let by_run: serde_json::Value = serde_json::from_slice(&run_eval.stdout).unwrap();
     assert_eq!(by_run["tokens"], after["tokens"], "{by_run} vs {after}");
@@ -3094,13 +3097,7 @@ fn models_are_found_by_hub_ollama_and_lm_studio_names() {
             .output()
             .unwrap()
     };
-    let text = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
+    let text = output_text;
     // The Hub cache: generate from the repo id.
     let o = run(&[
         "generate",

@@ -404,15 +404,14 @@ impl Resume {
 }
 
 /// A resumed run continues the config it was trained with: the differences of `config` from the
-/// one its newest checkpoint holds are refused (exit 2) unless allowed, and printed either way.
-fn check_resumed_config(config: &Config, resume: Resume) -> Result<(), Failure> {
-    if resume == Resume::No {
-        return Ok(());
-    }
-    let run_dir = config.run.output_dir.join(&config.run.name);
-    let Some((_, newest)) = checkpoint::list(&run_dir).pop() else {
-        return Ok(());
-    };
+/// one its newest checkpoint (`newest`, in `run_dir`) holds are refused (exit 2) unless allowed,
+/// and printed either way.
+fn check_resumed_config(
+    config: &Config,
+    resume: Resume,
+    run_dir: &Path,
+    newest: &Path,
+) -> Result<(), Failure> {
     let Ok(saved) = Config::load(&newest.join(checkpoint::KILN_CONFIG_FILE), &[]) else {
         return Ok(()); // the trainer's checkpoint checks name what is wrong with it
     };
@@ -526,27 +525,26 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         items.push(set("finetune.lora.num_layers", n.to_string()));
     }
     items.extend(args.set.iter().cloned());
-    let user_sets = args.set.len();
-    let from_flags = items.len() - user_sets;
     Config::default()
         .with_overrides(&items)
         .and_then(|c| c.expand_home().locate_pretrained("--model"))
         .map_err(|e| {
-            // Blame the flag that set the field, not the `--set` the flags became.
-            let flag = |key: &str| finetune_flag(key.trim());
+            // Blame the flag that set the field, not the `--set` the flags became (a field the
+            // user's own `--set` gave stays theirs).
+            let flag = |key: &str| {
+                let key = key.trim();
+                let user_set = args
+                    .set
+                    .iter()
+                    .any(|o| o.split('=').next().map(str::trim) == Some(key));
+                finetune_flag(key).filter(|_| !user_set)
+            };
             match &e {
-                kiln_config::ConfigError::Invalid { field, message, .. }
-                    if flag(field).is_some()
-                        && !args.set.iter().any(|o| o.starts_with(field.as_str())) =>
-                {
-                    usage(anyhow::anyhow!(
-                        "{}: {message}",
-                        flag(field).unwrap_or_default()
-                    ))
-                }
-                kiln_config::ConfigError::Override { item, message }
-                    if items[..from_flags].contains(item) =>
-                {
+                kiln_config::ConfigError::Invalid { field, message, .. } => match flag(field) {
+                    Some(f) => usage(anyhow::anyhow!("{f}: {message}")),
+                    None => usage(e),
+                },
+                kiln_config::ConfigError::Override { item, message } => {
                     let (key, value) = item.split_once('=').unwrap_or((item, ""));
                     match flag(key) {
                         Some(f) => usage(anyhow::anyhow!("{f} {value}: {message}")),
@@ -653,7 +651,6 @@ fn run_training(
             }
         }
     }
-    check_resumed_config(&config, resume)?;
     let run_dir = config.run.output_dir.join(&config.run.name);
     let newest = checkpoint::list(&run_dir).pop();
     match (&newest, resume) {
@@ -672,6 +669,7 @@ fn run_training(
             )));
         }
         (Some((_, dir)), _) => {
+            check_resumed_config(&config, resume, &run_dir, dir)?;
             let at = checkpoint::read_state(dir).map(|s| s.step).unwrap_or(0);
             if let Some(stop) = stop_after.filter(|&s| s <= at) {
                 return Err(usage(anyhow::anyhow!(
