@@ -3347,3 +3347,368 @@ fn generate_reports_speed_and_the_thread_count_follows_rayon() {
         assert!(err.contains(want), "no `{want}` in {err}");
     }
 }
+
+/// splitmix64 from `seed`, each value `(u1 + u2 + u3 + u4 - 2) / 8` of four 53-bit uniforms in
+/// f64, then f32: tests/fixtures/make_gguf_writes.py computes the same values bit for bit.
+fn fixture_weights(seed: u64, n: usize) -> Vec<f32> {
+    let uniform = |i: u64| {
+        let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    };
+    (0..n as u64)
+        .map(|k| {
+            let s = ((uniform(4 * k + 1) + uniform(4 * k + 2)) + uniform(4 * k + 3))
+                + uniform(4 * k + 4);
+            ((s - 2.0) / 8.0) as f32
+        })
+        .collect()
+}
+
+/// The model of tests/fixtures/make_gguf_writes.py as a Hugging Face directory in `dir`.
+fn write_gguf_writes_model(
+    dir: &Path,
+) -> std::collections::BTreeMap<String, kiln::models::safetensors_io::HostTensor> {
+    use kiln::models::safetensors_io::HostTensor;
+    let (layers, width, heads, kv, ffn, vocab) = (8, 256, 4, 2, 288, 256);
+    let head_dim = width / heads;
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![vocab, width]),
+        ("model.norm.weight".into(), vec![width]),
+        ("lm_head.weight".into(), vec![vocab, width]),
+    ];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (name, shape) in [
+            ("input_layernorm.weight", vec![width]),
+            ("post_attention_layernorm.weight", vec![width]),
+            ("self_attn.q_proj.weight", vec![heads * head_dim, width]),
+            ("self_attn.k_proj.weight", vec![kv * head_dim, width]),
+            ("self_attn.v_proj.weight", vec![kv * head_dim, width]),
+            ("self_attn.o_proj.weight", vec![width, heads * head_dim]),
+            ("mlp.gate_proj.weight", vec![ffn, width]),
+            ("mlp.up_proj.weight", vec![ffn, width]),
+            ("mlp.down_proj.weight", vec![width, ffn]),
+        ] {
+            shapes.push((format!("{p}.{name}"), shape));
+        }
+    }
+    let tensors: std::collections::BTreeMap<String, HostTensor> = shapes
+        .into_iter()
+        .enumerate()
+        .map(|(seed, (name, shape))| {
+            let mut data = fixture_weights(seed as u64, shape.iter().product());
+            if name.contains("norm") {
+                data.iter_mut().for_each(|v| *v += 1.0);
+            }
+            (name, HostTensor { shape, data })
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    kiln::models::safetensors_io::write_f32(&dir.join("model.safetensors"), &tensors, &[]).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": width, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tokenizer = repo().join("tests/fixtures/families/llama3/tokenizer.json");
+    std::fs::copy(tokenizer, dir.join("tokenizer.json")).unwrap();
+    tensors
+}
+
+fn fnv1a64_bytes(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01B3);
+    }
+    format!("{h:016x}")
+}
+
+/// gguf-py's reading of `path` (tests/read_gguf.py).
+fn gguf_py_view(path: &Path) -> serde_json::Value {
+    let r = Command::new("python3")
+        .arg(repo().join("tests/read_gguf.py"))
+        .arg(path)
+        .output()
+        .expect("python3 with gguf is needed to read GGUF files with gguf-py");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    serde_json::from_slice(&r.stdout).unwrap()
+}
+
+/// gguf-py reads what kiln wrote as kiln does: the same tensors, shapes and types, and the
+/// metadata llama.cpp needs to load it.
+fn assert_gguf_py_agrees(path: &Path, architecture: &str) -> kiln::models::gguf::GgufFile {
+    let file = kiln::models::gguf::GgufFile::read(path).unwrap();
+    let view = gguf_py_view(path);
+    let theirs = view["tensors"].as_array().unwrap();
+    assert_eq!(theirs.len(), file.tensors.len());
+    for (t, g) in file.tensors.iter().zip(theirs) {
+        assert_eq!(g[0].as_str().unwrap(), t.name);
+        let dims: Vec<u64> = g[1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
+        assert_eq!(dims, t.dims, "{}", t.name);
+        assert_eq!(
+            g[2].as_str().unwrap(),
+            kiln::models::ggml_types::type_name(t.ggml_type),
+            "{}",
+            t.name
+        );
+    }
+    let meta = &view["metadata"];
+    assert_eq!(meta["general.architecture"], architecture);
+    for key in [
+        "block_count",
+        "embedding_length",
+        "attention.head_count",
+        "rope.freq_base",
+    ] {
+        assert!(
+            meta.get(format!("{architecture}.{key}")).is_some(),
+            "{key}: {meta}"
+        );
+    }
+    assert_eq!(
+        meta["tokenizer.ggml.tokens"]["len"].as_u64().unwrap() as usize,
+        file.metadata["tokenizer.ggml.tokens"]
+            .as_array()
+            .unwrap()
+            .len()
+    );
+    file
+}
+
+/// `kiln fuse --gguf --quant` for every K-quant mix, against what llama.cpp's `llama-quantize`
+/// made of the same weights (tests/fixtures/make_gguf_writes.py): each tensor gets the type
+/// llama.cpp chose, and reconstructs its weights no worse than 1.05× llama.cpp's error.
+#[test]
+fn gguf_k_quant_mixes_match_llama_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    let source = write_gguf_writes_model(&model_dir);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/gguf_writes/reference.json")).unwrap(),
+    )
+    .unwrap();
+    for quant in ["q4_k_m", "q5_k_m", "q6_k", "q8_0"] {
+        let out = tmp.path().join(format!("{quant}.gguf"));
+        let r = kiln(&[
+            "fuse",
+            "--model",
+            model_dir.to_str().unwrap(),
+            "--gguf",
+            out.to_str().unwrap(),
+            "--quant",
+            quant,
+        ]);
+        assert!(r.status.success(), "{}", output_text(&r));
+        let file = assert_gguf_py_agrees(&out, "llama");
+        let bytes = std::fs::read(&out).unwrap();
+        let (family, config) = kiln::models::gguf::read_config(&file).unwrap();
+        let hf = kiln::models::gguf::hf_tensors(&file, family, &config).unwrap();
+        let names = family.gguf_names();
+        let expected = reference[quant].as_object().unwrap();
+        assert_eq!(expected.len(), file.tensors.len(), "{quant}");
+        let (mut identical, mut worst) = (0, 0f64);
+        for t in &file.tensors {
+            let e = &expected[&t.name];
+            let ty = kiln::models::ggml_types::type_name(t.ggml_type);
+            assert_eq!(ty, e["type"].as_str().unwrap(), "{quant}: {}", t.name);
+            let hf_name = names.to_hf(&t.name).unwrap();
+            let sq: f64 = source[&hf_name]
+                .data
+                .iter()
+                .zip(&hf[&hf_name].data)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let theirs = e["sq_error"].as_f64().unwrap();
+            let ratio = if theirs > 0.0 { sq / theirs } else { sq };
+            assert!(
+                ratio <= 1.05 || sq <= 1e-12,
+                "{quant}: {} ({ty}) error {sq:.4e} vs llama.cpp's {theirs:.4e}",
+                t.name
+            );
+            worst = worst.max(ratio);
+            let raw = &bytes[t.offset..t.offset + t.n_bytes];
+            identical += usize::from(fnv1a64_bytes(raw) == e["fnv1a64"].as_str().unwrap());
+        }
+        eprintln!(
+            "{quant}: {} tensors, worst error {worst:.4}× llama.cpp's, {identical} byte-identical \
+             to llama-quantize's",
+            file.tensors.len()
+        );
+    }
+}
+
+/// `kiln fuse --gguf` round trips: every family kiln writes, from Hugging Face and from GGUF,
+/// in each unmixed encoding; gguf-py reads the file, kiln's logits from it follow
+/// transformers' within the encoding's rounding, and llama.cpp's names match its converter's.
+#[test]
+fn gguf_files_kiln_writes_read_back_at_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let device = burn::tensor::Device::flex();
+    for (name, arch) in [("llama3", "llama"), ("qwen3", "qwen3")] {
+        let dir = repo().join("tests/fixtures/families").join(name);
+        let converted = kiln::models::gguf::GgufFile::read(&dir.join("model.gguf")).unwrap();
+        let mut reference_names: Vec<&str> =
+            converted.tensors.iter().map(|t| t.name.as_str()).collect();
+        reference_names.sort_unstable();
+        let source = kiln::models::hf::load_model(&dir, &device)
+            .unwrap()
+            .to_hf_tensors();
+        // (encoding, worst relative RMS error of a tensor, of the logits): the type's rounding.
+        for (quant, tensor_bound, logit_bound) in [
+            ("f32", 0.0, 1e-5f32),
+            ("f16", 5e-4, 5e-3),
+            ("bf16", 4e-3, 3e-2),
+            ("q8_0", 1e-2, 0.1),
+        ] {
+            let out = tmp.path().join(format!("{name}-{quant}.gguf"));
+            let r = kiln(&[
+                "fuse",
+                "--model",
+                dir.to_str().unwrap(),
+                "--gguf",
+                out.to_str().unwrap(),
+                "--quant",
+                quant,
+            ]);
+            assert!(r.status.success(), "{name} {quant}: {}", output_text(&r));
+            let file = assert_gguf_py_agrees(&out, arch);
+            let mut names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, reference_names, "{name}: llama.cpp's tensor names");
+            let (family, config) = kiln::models::gguf::read_config(&file).unwrap();
+            let read = kiln::models::gguf::hf_tensors(&file, family, &config).unwrap();
+            assert_eq!(read.len(), source.len(), "{name} {quant}");
+            let mut worst = 0f64;
+            for (tensor, t) in &read {
+                let x = &source[tensor].data;
+                let (mut err, mut norm) = (0f64, 0f64);
+                for (a, b) in x.iter().zip(&t.data) {
+                    err += ((a - b) as f64).powi(2);
+                    norm += (*a as f64).powi(2);
+                }
+                worst = worst.max((err / norm.max(1e-30)).sqrt());
+            }
+            let model = kiln::models::gguf::load_model(&file, &device).unwrap();
+            let diff = logit_difference(&model, &dir, "expected.safetensors");
+            let max_logit = 7.6f32; // max |transformers' logit| of these fixtures is under 7.6
+            eprintln!(
+                "{name} {quant}: worst tensor error {worst:.2e}, max |kiln GGUF - transformers| \
+                 = {diff:.2e}"
+            );
+            assert!(
+                worst <= tensor_bound,
+                "{name} {quant}: a tensor is off by {worst}"
+            );
+            assert!(
+                diff <= logit_bound * max_logit,
+                "{name} {quant}: logits differ by {diff}"
+            );
+        }
+        // From a GGUF base (the f32 file just written), the tokenizer metadata is carried over
+        // as it was.
+        let base = tmp.path().join(format!("{name}-f32.gguf"));
+        let converted = kiln::models::gguf::GgufFile::read(&base).unwrap();
+        let out = tmp.path().join(format!("{name}-from-gguf.gguf"));
+        let r = kiln(&[
+            "fuse",
+            "--model",
+            base.to_str().unwrap(),
+            "--gguf",
+            out.to_str().unwrap(),
+            "--quant",
+            "f32",
+        ]);
+        assert!(r.status.success(), "{name}: {}", output_text(&r));
+        let file = kiln::models::gguf::GgufFile::read(&out).unwrap();
+        let tokenizer_keys = converted
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."));
+        assert!(
+            tokenizer_keys.clone().count() >= 5,
+            "{name}: {:?}",
+            converted.metadata.keys()
+        );
+        for (key, value) in tokenizer_keys {
+            assert_eq!(file.metadata.get(key), Some(value), "{name}: {key}");
+        }
+    }
+    // An existing file is never written over; an unknown encoding is named.
+    let existing = tmp.path().join("llama3-f32.gguf");
+    let llama3 = repo().join("tests/fixtures/families/llama3");
+    fails_naming(
+        &[
+            "fuse",
+            "--model",
+            llama3.to_str().unwrap(),
+            "--gguf",
+            existing.to_str().unwrap(),
+        ],
+        &["--gguf", "exists"],
+    );
+    fails_naming(
+        &[
+            "fuse",
+            "--model",
+            llama3.to_str().unwrap(),
+            "--gguf",
+            "x.gguf",
+            "--quant",
+            "q3_k",
+        ],
+        &["q3_k", "q4_k_m"],
+    );
+}
+
+/// `llama_tensor_get_type` for the mixes kiln writes, on the shapes that decide it.
+#[test]
+fn gguf_mixes_choose_types_as_llama_quantize_does() {
+    use kiln::models::ggml_types::{F16, F32, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
+    use kiln::models::gguf_export::{GgufQuant, MixContext, tensor_type, use_more_bits};
+    let ty = |quant: GgufQuant, name: &str, dims: &[u64], tied: bool| {
+        let mix = MixContext {
+            architecture: "llama",
+            n_layer: 8,
+            tied,
+        };
+        tensor_type(quant, name, dims, mix)
+    };
+    use GgufQuant::{Q4KM, Q5KM, Q6K};
+    // More bits for the first and last eighth and every third layer between: 0, 3, 6, 7 of 8.
+    let more: Vec<usize> = (0..8).filter(|&l| use_more_bits(l, 8)).collect();
+    assert_eq!(more, [0, 3, 6, 7]);
+    assert_eq!(ty(Q4KM, "blk.3.attn_v.weight", &[256, 64], false), Q6_K);
+    assert_eq!(ty(Q4KM, "blk.2.attn_v.weight", &[256, 64], false), Q4_K);
+    assert_eq!(ty(Q4KM, "blk.7.ffn_down.weight", &[512, 256], false), Q6_K);
+    assert_eq!(ty(Q5KM, "blk.1.ffn_down.weight", &[512, 256], false), Q5_K);
+    assert_eq!(ty(Q6K, "blk.0.ffn_down.weight", &[512, 256], false), Q6_K);
+    assert_eq!(ty(Q4KM, "output.weight", &[256, 1000], false), Q6_K);
+    assert_eq!(ty(Q4KM, "token_embd.weight", &[256, 1000], false), Q4_K);
+    assert_eq!(ty(Q4KM, "token_embd.weight", &[256, 1000], true), Q6_K);
+    // SmolLM2's width 576 is no multiple of 256: 32-block fallbacks.
+    assert_eq!(ty(Q4KM, "token_embd.weight", &[576, 1000], true), Q8_0);
+    assert_eq!(ty(Q4KM, "blk.1.attn_q.weight", &[576, 576], true), Q5_0);
+    assert_eq!(ty(Q5KM, "blk.1.attn_q.weight", &[576, 576], true), Q5_1);
+    assert_eq!(ty(Q4KM, "blk.0.attn_v.weight", &[576, 192], true), Q8_0);
+    assert_eq!(
+        ty(GgufQuant::Q8_0, "blk.0.attn_q.weight", &[40, 40], true),
+        F16
+    );
+    assert_eq!(ty(Q4KM, "blk.0.attn_norm.weight", &[576], true), F32);
+    assert_eq!(
+        ty(GgufQuant::F16, "blk.0.attn_q.weight", &[576, 576], true),
+        F16
+    );
+    assert_eq!(ty(GgufQuant::F16, "blk.0.attn_q.bias", &[576], true), F32);
+}

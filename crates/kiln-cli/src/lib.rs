@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use kiln_config::{AdapterChoice, BackendConfig, BackendKind, Config};
 use kiln_data::Message;
+use kiln_models::gguf_export::GgufQuant;
 use kiln_models::pretrained::Pretrained;
 use kiln_train::checkpoint;
 use kiln_train::device;
@@ -37,8 +38,8 @@ enum Command {
     Eval(EvalArgs),
     /// List the compute devices kiln can use.
     Devices,
-    /// Merge a LoRA adapter into its base and write a Hugging Face model directory (a GGUF base is
-    /// written de-quantized; without --adapter this converts the model).
+    /// Merge a LoRA adapter into its base and write a Hugging Face model directory (--out) or a
+    /// GGUF file (--gguf, --quant); without --adapter this converts the model.
     Fuse(FuseArgs),
     /// Time the training step of a config (tokens/s, peak memory). Prints figures; writes nothing.
     Bench(BenchArgs),
@@ -88,9 +89,19 @@ struct FuseArgs {
     /// A LoRA adapter directory (PEFT layout), or a run directory (its latest checkpoint).
     #[arg(long, visible_alias = "adapter-path")]
     adapter: Option<PathBuf>,
-    /// Where to write the model directory (must not exist, or be empty).
-    #[arg(long)]
-    out: PathBuf,
+    /// Where to write a Hugging Face model directory (must not exist, or be empty).
+    #[arg(long, required_unless_present = "gguf")]
+    out: Option<PathBuf>,
+    /// Where to write a GGUF file for llama.cpp, Ollama and LM Studio (must not exist).
+    #[arg(long, value_name = "OUT.gguf")]
+    gguf: Option<PathBuf>,
+    /// The GGUF's encoding: f32, f16, bf16, q8_0, or llama.cpp's mixes q4_k_m, q5_k_m, q6_k.
+    #[arg(long, requires = "gguf", default_value = "f16", value_parser = parse_quant)]
+    quant: GgufQuant,
+}
+
+fn parse_quant(text: &str) -> Result<GgufQuant, String> {
+    GgufQuant::parse(text).ok_or_else(|| format!("`{text}`: choose {}", GgufQuant::NAMES))
 }
 
 #[derive(Args)]
@@ -1056,15 +1067,33 @@ fn eval(args: EvalArgs) -> Result<(), Failure> {
 }
 
 fn fuse(args: FuseArgs) -> Result<(), Failure> {
-    if args.out.exists()
-        && std::fs::read_dir(&args.out)
+    if let Some(out) = &args.out
+        && out.exists()
+        && std::fs::read_dir(out)
             .map(|mut d| d.next().is_some())
             .unwrap_or(true)
     {
         return Err(usage(anyhow::anyhow!(
             "--out {}: exists and is not empty",
-            args.out.display()
+            out.display()
         )));
+    }
+    if let Some(gguf) = &args.gguf {
+        if gguf.exists() {
+            return Err(usage(anyhow::anyhow!(
+                "--gguf {}: exists (kiln does not write over a file)",
+                gguf.display()
+            )));
+        }
+        if let Some(dir) = gguf.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.is_dir()
+        {
+            return Err(usage(anyhow::anyhow!(
+                "--gguf {}: directory {} does not exist",
+                gguf.display(),
+                dir.display()
+            )));
+        }
     }
     let cpu = BackendArgs {
         backend: "cpu".into(),
@@ -1080,27 +1109,84 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
             )));
         }
     };
-    let (p, _) = load(&model_arg, adapter.as_deref(), &cpu)?;
-    let model = kiln_models::lora::fuse(p.model);
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let base = (!kiln_models::pretrained::is_gguf(&p.path)).then_some(p.path.as_path());
-    checkpoint::write_model_dir(
-        &args.out,
-        &model,
-        &p.tokenizer,
-        p.tokenizer_json.as_ref(),
-        p.chat_template.as_ref(),
-        base,
-    )
-    .context("writing the fused model")?;
-    out!(
-        "wrote {} ({} {:.1}M parameters, f32)",
-        args.out.display(),
+    let (mut p, _) = load(&model_arg, adapter.as_deref(), &cpu)?;
+    p.model = kiln_models::lora::fuse(p.model);
+    let model = &p.model;
+    let summary = format!(
+        "{} {:.1}M parameters",
         model.config().model_type,
         model.arch().num_params() as f64 / 1e6
     );
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let base = (!kiln_models::pretrained::is_gguf(&p.path)).then_some(p.path.as_path());
+        checkpoint::write_model_dir(
+            out,
+            model,
+            &p.tokenizer,
+            p.tokenizer_json.as_ref(),
+            p.chat_template.as_ref(),
+            base,
+        )
+        .context("writing the fused model")?;
+        out!("wrote {} ({summary}, f32)", out.display());
+    }
+    if let Some(path) = &args.gguf {
+        let vocab = kiln_models::gguf_export::vocab_metadata(&p).context("the tokenizer")?;
+        let name = model_name(&model_arg);
+        let report = kiln_models::gguf_export::write_gguf(path, model, vocab, &name, args.quant)
+            .context("writing the GGUF file")?;
+        out!(
+            "wrote {} ({summary}, {}: {}; {:.1} MB)",
+            path.display(),
+            args.quant.name(),
+            describe_types(&report),
+            report.bytes as f64 / 1e6
+        );
+    }
     Ok(())
+}
+
+/// `general.name`: the model's directory or file name, as llama.cpp's converter takes it.
+fn model_name(model_arg: &Path) -> String {
+    let path = model_arg.components().next_back();
+    path.map(|c| c.as_os_str().to_string_lossy().to_string())
+        .map(|n| n.trim_end_matches(".gguf").to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "kiln model".to_string())
+}
+
+/// "q5_0 ×182, q6_k ×30, f32 ×61; worst tensor error 3.1% (blk.0.attn_q.weight)".
+fn describe_types(report: &kiln_models::gguf_export::GgufReport) -> String {
+    let mut counts: Vec<(u32, usize)> = Vec::new();
+    for t in &report.tensors {
+        match counts.iter_mut().find(|(ty, _)| *ty == t.ggml_type) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((t.ggml_type, 1)),
+        }
+    }
+    let types = counts
+        .iter()
+        .map(|(ty, n)| {
+            format!(
+                "{} ×{n}",
+                kiln_models::ggml_types::type_name(*ty).to_lowercase()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let worst = report
+        .tensors
+        .iter()
+        .max_by(|a, b| a.error.relative_rms().total_cmp(&b.error.relative_rms()));
+    match worst {
+        Some(w) if w.error.sq_error > 0.0 => format!(
+            "{types}; worst tensor error {:.2}% ({})",
+            100.0 * w.error.relative_rms(),
+            w.name
+        ),
+        _ => types,
+    }
 }
 
 fn plan(args: PlanArgs) -> Result<(), Failure> {

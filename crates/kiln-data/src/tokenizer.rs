@@ -203,6 +203,26 @@ impl Tokenizer {
         }
     }
 
+    /// The ids with the tokenizer's own special tokens added (its post-processor's BOS/EOS), as
+    /// transformers' `tokenizer.encode(text)` gives them.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Hf(t) => t
+                .encode_fast(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| DataError::Other(format!("tokenization failed: {e}"))),
+        }
+    }
+
+    /// The `tokenizer.json` document of a Hugging Face tokenizer (`None` for the character one).
+    pub fn hf_json(&self) -> Option<serde_json::Value> {
+        match self {
+            Tokenizer::Char(_) => None,
+            Tokenizer::Hf(t) => serde_json::from_str(&t.to_string(false).ok()?).ok(),
+        }
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
         match self {
             Tokenizer::Char(t) => Ok(t.decode(ids)),

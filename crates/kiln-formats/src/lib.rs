@@ -5,9 +5,13 @@
 
 pub mod fsutil;
 pub mod fuzz;
+pub mod ggml_quantize;
 pub mod ggml_types;
 pub mod gguf;
+pub mod gguf_pre_tokenizers;
 pub mod gguf_tokenizer;
+pub mod gguf_vocab;
+pub mod gguf_write;
 pub mod hf;
 pub mod safetensors_io;
 

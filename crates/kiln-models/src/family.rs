@@ -6,7 +6,9 @@
 use crate::arch::Architecture;
 use crate::config::{FieldError, ModelConfig};
 use crate::gguf::GgufFile;
+use crate::layers::rope::{Rope, RopeScaling};
 use crate::safetensors_io::HostTensor;
+use kiln_formats::gguf_write::Meta;
 use serde_json::{Map, Value};
 
 pub trait Family: Sync {
@@ -54,6 +56,30 @@ pub trait Family: Sync {
     fn gguf_ignored(&self, _gguf_name: &str) -> bool {
         false
     }
+
+    /// What a GGUF file of `config` holds besides its parameters, as llama.cpp's
+    /// `convert_hf_to_gguf.py` writes it: `general.architecture`, the `<arch>.*` metadata and
+    /// tensors computed from the config (Llama 3's `rope_freqs`). An error says why llama.cpp
+    /// could not compute this model.
+    fn gguf_export(&self, _config: &ModelConfig) -> Result<GgufExport, String> {
+        Err(format!(
+            "writing the {} family as GGUF is not supported yet (write a Hugging Face directory \
+             with --out and convert it with llama.cpp's convert_hf_to_gguf.py)",
+            self.name()
+        ))
+    }
+
+    /// The reverse of [`Family::gguf_values_to_hf`]: a tensor in HF's values and shape, as
+    /// llama.cpp expects it (Q/K rows permuted, Gemma's norms less one).
+    fn hf_values_to_gguf(&self, _config: &ModelConfig, _hf_name: &str, _tensor: &mut HostTensor) {}
+}
+
+/// A family's GGUF header for one model: see [`Family::gguf_export`].
+pub struct GgufExport {
+    pub architecture: &'static str,
+    pub metadata: Vec<(String, Meta)>,
+    /// (GGUF name, values in GGUF order, GGUF dims), written as f32.
+    pub extra_tensors: Vec<(String, Vec<f32>, Vec<u64>)>,
 }
 
 /// A family's tensor names in GGUF and Hugging Face form.
@@ -159,6 +185,70 @@ pub fn gguf_common_config(
     let tied = !file.tensors.iter().any(|t| t.name == "output.weight");
     m.insert("tie_word_embeddings".into(), tied.into());
     Ok(m)
+}
+
+/// The reverse of [`gguf_common_config`]: the `<arch>.*` keys every family writes the same way,
+/// and the RoPE of `rope` (its base, the rotated width, a linear factor, or Llama 3's
+/// per-frequency divisors as the `rope_freqs` tensor). Other scalings are refused.
+pub fn gguf_common_metadata(
+    arch: &'static str,
+    config: &ModelConfig,
+    rope: &Rope,
+) -> Result<GgufExport, String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let u = |v: usize| Meta::U32(v as u32);
+    let mut m = vec![
+        (key("context_length"), u(config.max_position_embeddings)),
+        (key("embedding_length"), u(config.hidden_size)),
+        (key("block_count"), u(config.num_hidden_layers)),
+        (key("feed_forward_length"), u(config.intermediate_size)),
+        (key("attention.head_count"), u(config.num_attention_heads)),
+        (
+            key("attention.head_count_kv"),
+            u(config.num_key_value_heads),
+        ),
+        (key("rope.freq_base"), Meta::F32(rope.theta as f32)),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Meta::F32(config.rms_norm_eps as f32),
+        ),
+        (key("rope.dimension_count"), u(rope.rotary_dim)),
+        (key("vocab_size"), u(config.vocab_size)),
+    ];
+    if config.head_dim * config.num_attention_heads != config.hidden_size {
+        m.push((key("attention.key_length"), u(config.head_dim)));
+        m.push((key("attention.value_length"), u(config.head_dim)));
+    }
+    let mut extra = Vec::new();
+    match &rope.scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            m.push((key("rope.scaling.type"), Meta::str("linear")));
+            m.push((key("rope.scaling.factor"), Meta::F32(*factor as f32)));
+        }
+        RopeScaling::Llama3 { .. } => {
+            let plain = Rope {
+                scaling: RopeScaling::None,
+                ..rope.clone()
+            };
+            let divisors: Vec<f32> = plain
+                .inv_freq(0)
+                .iter()
+                .zip(rope.inv_freq(0))
+                .map(|(f, scaled)| (f / scaled) as f32)
+                .collect();
+            let n = divisors.len() as u64;
+            extra.push(("rope_freqs.weight".to_string(), divisors, vec![n]));
+        }
+        RopeScaling::LongRope { .. } => {
+            return Err("LongRoPE scaling has no GGUF form for this architecture".into());
+        }
+    }
+    Ok(GgufExport {
+        architecture: arch,
+        metadata: m,
+        extra_tensors: extra,
+    })
 }
 
 impl ModelConfig {

@@ -15,6 +15,7 @@ pub mod family;
 pub mod fused;
 pub mod fuzz;
 pub mod gguf;
+pub mod gguf_export;
 pub mod hf;
 pub mod layers;
 pub mod lora;

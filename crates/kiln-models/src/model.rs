@@ -346,31 +346,30 @@ impl Model {
         struct Export(BTreeMap<String, HostTensor>, fn(ParamKind) -> bool);
         impl ParamVisitor for Export {
             fn visit<const D: usize>(&mut self, name: &str, kind: ParamKind, p: &Tensor<D>) {
-                if !(self.1)(kind) {
-                    return;
+                if (self.1)(kind) {
+                    self.0.insert(name.to_string(), read_hf(kind, p));
                 }
-                let data = p.clone().detach().into_data();
-                let mut shape = data.shape().to_vec();
-                let mut values = data
-                    .convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .unwrap_or_default();
-                if kind.transposed() {
-                    values = transpose_host(&values, shape[0], shape[1]);
-                    shape.reverse();
-                }
-                self.0.insert(
-                    name.to_string(),
-                    HostTensor {
-                        shape,
-                        data: values,
-                    },
-                );
             }
         }
         let mut e = Export(BTreeMap::new(), keep);
         self.visit_params(&mut e);
         e.0
+    }
+
+    /// One parameter in HF/PEFT layout, read to the host: writers that stream a model tensor by
+    /// tensor hold one copy at a time.
+    pub fn hf_tensor(&self, name: &str) -> Option<HostTensor> {
+        struct One<'a>(&'a str, Option<HostTensor>);
+        impl ParamVisitor for One<'_> {
+            fn visit<const D: usize>(&mut self, name: &str, kind: ParamKind, p: &Tensor<D>) {
+                if name == self.0 {
+                    self.1 = Some(read_hf(kind, p));
+                }
+            }
+        }
+        let mut one = One(name, None);
+        self.visit_params(&mut one);
+        one.1
     }
 
     /// Adds a LoRA adapter with matrices `a` `[in, r]` and `b` `[r, out]` to the linear at
@@ -429,6 +428,24 @@ impl Model {
             arch: Arc::new(arch),
             weights,
         }
+    }
+}
+
+/// A parameter in f32 on the host, linear weights transposed to HF's `[out, in]`.
+fn read_hf<const D: usize>(kind: ParamKind, p: &Tensor<D>) -> HostTensor {
+    let data = p.clone().detach().into_data();
+    let mut shape = data.shape().to_vec();
+    let mut values = data
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default();
+    if kind.transposed() {
+        values = transpose_host(&values, shape[0], shape[1]);
+        shape.reverse();
+    }
+    HostTensor {
+        shape,
+        data: values,
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Pretrained {
     pub stop_ids: Vec<u32>,
     /// `Some` for a GGUF source: its tokenizer as `tokenizer.json`, for writing HF directories.
     pub tokenizer_json: Option<Value>,
+    /// `Some` for a GGUF source: its `tokenizer.*` metadata, written back as it was into GGUF.
+    pub gguf_tokenizer: Option<Vec<(String, crate::gguf::Value)>>,
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
@@ -137,6 +139,7 @@ impl Pretrained {
             chat_template,
             stop_ids,
             tokenizer_json: None,
+            gguf_tokenizer: None,
         })
     }
 
@@ -177,6 +180,12 @@ impl Pretrained {
             eos_token: eos,
             kwargs: Default::default(),
         });
+        let gguf_tokenizer = file
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let model = crate::gguf::load_model(&file, device)?;
         check_vocabulary(path, &model, &tokenizer, &stop_ids)?;
         Ok(Self {
@@ -186,6 +195,7 @@ impl Pretrained {
             chat_template,
             stop_ids,
             tokenizer_json: Some(json),
+            gguf_tokenizer: Some(gguf_tokenizer),
         })
     }
 }

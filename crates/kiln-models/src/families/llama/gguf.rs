@@ -1,7 +1,7 @@
 //! The Llama family in GGUF: llama.cpp's `llama` (Llama, Mistral, SmolLM2) and `qwen2`.
 
 use crate::config::ModelConfig;
-use crate::family::{GGUF_GLOBAL, GgufNames, gguf_common_config};
+use crate::family::{GGUF_GLOBAL, GgufExport, GgufNames, gguf_common_config, gguf_common_metadata};
 use crate::gguf::GgufFile;
 use crate::layers::rope::{Rope, RopeScaling};
 use crate::safetensors_io::HostTensor;
@@ -95,23 +95,46 @@ fn llama3_rope(
     }
 }
 
-/// Undoes llama.cpp's Q/K permutation: `w.reshape(h, rows/h/2, 2, cols).swapaxes(1, 2)`.
-pub fn unpermute_qk(config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
-    let heads = if hf_name.ends_with("self_attn.q_proj.weight")
-        || hf_name.ends_with("self_attn.q_proj.bias")
-    {
-        config.num_attention_heads
+/// The header of a Llama-family model in GGUF: `llama` (Llama, Mistral, SmolLM2) or `qwen2`.
+pub fn export(config: &ModelConfig, rope: &Rope) -> Result<GgufExport, String> {
+    let arch = if config.model_type == "qwen2" {
+        "qwen2"
+    } else {
+        "llama"
+    };
+    gguf_common_metadata(arch, config, rope)
+}
+
+/// llama.cpp's Q/K permutation (`convert_hf_to_gguf.py`'s `LlamaModel.permute`): each head's
+/// rotate-half pairs `(i, i + d/2)` become adjacent rows, as its interleaved RoPE reads them.
+pub fn permute_qk(config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
+    if let Some(heads) = qk_heads(config, hf_name) {
+        t.data = reorder_rows(&t.data, &t.shape, heads, true);
+    }
+}
+
+fn qk_heads(config: &ModelConfig, hf_name: &str) -> Option<usize> {
+    if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        Some(config.num_attention_heads)
     } else if hf_name.ends_with("self_attn.k_proj.weight")
         || hf_name.ends_with("self_attn.k_proj.bias")
     {
-        config.num_key_value_heads
+        Some(config.num_key_value_heads)
     } else {
-        return;
-    };
-    t.data = unpermute(&t.data, &t.shape, heads);
+        None
+    }
 }
 
-pub fn unpermute(data: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
+/// Undoes llama.cpp's Q/K permutation: `w.reshape(h, rows/h/2, 2, cols).swapaxes(1, 2)`.
+pub fn unpermute_qk(config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
+    if let Some(heads) = qk_heads(config, hf_name) {
+        t.data = reorder_rows(&t.data, &t.shape, heads, false);
+    }
+}
+
+/// Row `(h, i, j)` of the permuted layout `[heads, d/2, 2]` is row `(h, j, i)` of HF's
+/// `[heads, 2, d/2]`; `to_gguf` says which way the rows move.
+fn reorder_rows(data: &[f32], shape: &[usize], heads: usize, to_gguf: bool) -> Vec<f32> {
     let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
     if heads == 0 || !rows.is_multiple_of(heads * 2) || data.len() != rows * cols {
         return data.to_vec();
@@ -122,8 +145,13 @@ pub fn unpermute(data: &[f32], shape: &[usize], heads: usize) -> Vec<f32> {
         for i in 0..half {
             for j in 0..2 {
                 // source row (h, i, j) in the permuted layout goes to (h, j, i)
-                let src = (h * half * 2 + i * 2 + j) * cols;
-                let dst = (h * half * 2 + j * half + i) * cols;
+                let permuted = (h * half * 2 + i * 2 + j) * cols;
+                let hf = (h * half * 2 + j * half + i) * cols;
+                let (src, dst) = if to_gguf {
+                    (hf, permuted)
+                } else {
+                    (permuted, hf)
+                };
                 out[dst..dst + cols].copy_from_slice(&data[src..src + cols]);
             }
         }

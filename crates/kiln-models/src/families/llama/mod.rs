@@ -8,7 +8,7 @@ pub use gguf::unpermute_qk;
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool};
-use crate::family::{Family, GgufNames};
+use crate::family::{Family, GgufExport, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
 use crate::layers::rope::rope_params;
@@ -120,6 +120,19 @@ impl Family for Llama {
         // llama.cpp permutes Q/K rows for the llama-style ("NORM") RoPE only; Qwen2 is NEOX.
         if config.model_type != "qwen2" {
             gguf::unpermute_qk(config, hf_name, t);
+        }
+    }
+
+    fn gguf_export(&self, config: &ModelConfig) -> Result<GgufExport, String> {
+        let arch = self
+            .declare(config)
+            .map_err(|(f, m)| format!("`{f}`: {m}"))?;
+        gguf::export(config, &arch.ropes[0])
+    }
+
+    fn hf_values_to_gguf(&self, config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
+        if config.model_type != "qwen2" {
+            gguf::permute_qk(config, hf_name, t);
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool};
-use crate::family::{Family, GGUF_GLOBAL, GgufNames, gguf_common_config};
+use crate::family::{
+    Family, GGUF_GLOBAL, GgufExport, GgufNames, gguf_common_config, gguf_common_metadata,
+};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
 use crate::layers::rope::rope_params;
@@ -92,5 +94,17 @@ impl Family for Qwen3 {
 
     fn gguf_names(&self) -> GgufNames {
         NAMES
+    }
+
+    /// llama.cpp's `qwen3` attends over every position: a model with sliding-window layers
+    /// would compute something else there, so it is refused.
+    fn gguf_export(&self, config: &ModelConfig) -> Result<GgufExport, String> {
+        let arch = self
+            .declare(config)
+            .map_err(|(f, m)| format!("`{f}`: {m}"))?;
+        if arch.windows().iter().any(Option::is_some) {
+            return Err("llama.cpp's qwen3 has no sliding-window layers; this model has".into());
+        }
+        gguf_common_metadata("qwen3", config, &arch.ropes[0])
     }
 }

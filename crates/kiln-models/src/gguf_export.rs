@@ -1,0 +1,380 @@
+//! A model written as a GGUF file that llama.cpp, Ollama and LM Studio load: the family's
+//! header (`Family::gguf_export`), the tokenizer's (`kiln_formats::gguf_vocab`), llama.cpp's
+//! tensor names and layouts, and each tensor encoded as `llama-quantize` would choose for the
+//! requested file type (`tensor_type`, a port of `llama_tensor_get_type` for these types).
+//!
+//! The tensors are read from the model, converted and encoded one at a time, so the peak stays
+//! near the model plus one tensor; the file appears atomically (`kiln_formats::gguf_write`).
+
+use crate::ggml_types::{BF16, F16, F32, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout};
+use crate::pretrained::Pretrained;
+use crate::{Model, ModelError};
+use kiln_formats::ggml_quantize::{Reconstruction, quantize_rows};
+use kiln_formats::gguf_vocab::{SpecialTokens, VocabSource};
+use kiln_formats::gguf_write::{GgufWriter, Meta, PlannedTensor};
+use std::path::Path;
+
+/// The file types `kiln fuse --quant` writes, named as llama.cpp names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufQuant {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4KM,
+    Q5KM,
+    Q6K,
+}
+
+impl GgufQuant {
+    pub const NAMES: &'static str = "f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k";
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::BF16,
+            "q8_0" => Self::Q8_0,
+            "q4_k_m" => Self::Q4KM,
+            "q5_k_m" => Self::Q5KM,
+            "q6_k" => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4KM => "q4_k_m",
+            Self::Q5KM => "q5_k_m",
+            Self::Q6K => "q6_k",
+        }
+    }
+
+    /// `general.file_type`: llama.cpp's `llama_ftype`.
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+            Self::Q4KM => 15,
+            Self::Q5KM => 17,
+            Self::Q6K => 18,
+            Self::BF16 => 32,
+        }
+    }
+
+    /// The type of most weights (`llama_ftype_get_default_type`).
+    fn default_type(self) -> u32 {
+        match self {
+            Self::F32 => F32,
+            Self::F16 => F16,
+            Self::BF16 => BF16,
+            Self::Q8_0 => Q8_0,
+            Self::Q4KM => Q4_K,
+            Self::Q5KM => Q5_K,
+            Self::Q6K => Q6_K,
+        }
+    }
+}
+
+/// What `tensor_type` needs to know of the model.
+#[derive(Debug, Clone, Copy)]
+pub struct MixContext<'a> {
+    pub architecture: &'a str,
+    pub n_layer: usize,
+    /// No `output.weight`: the embedding is also the output, and is quantized as the output is.
+    pub tied: bool,
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third
+/// between them get more bits in the `_M` mixes.
+pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
+}
+
+/// The type `llama-quantize` gives tensor `name` (GGUF dims `dims`) in a `quant` file, without
+/// an importance matrix: `llama_tensor_get_type` and `tensor_type_fallback` for these types.
+pub fn tensor_type(quant: GgufQuant, name: &str, dims: &[u64], mix: MixContext<'_>) -> u32 {
+    // Only 2-D weights are quantized; norms, biases and 1-D tensors stay f32.
+    if dims.len() < 2 || !name.ends_with("weight") || name.contains("_norm.weight") {
+        return F32;
+    }
+    let default = quant.default_type();
+    if !matches!(default, Q8_0 | Q4_K | Q5_K | Q6_K) {
+        return default;
+    }
+    let row = dims[0];
+    let blocks_fit = |ty: u32| block_layout(ty).is_some_and(|(b, _)| row.is_multiple_of(b as u64));
+    let layer = name
+        .strip_prefix("blk.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(0);
+    let is_output = name == "output.weight" || (mix.tied && name == "token_embd.weight");
+    let mut ty = default;
+    let m_mix = matches!(quant, GgufQuant::Q4KM | GgufQuant::Q5KM);
+    if is_output {
+        if !blocks_fit(ty) {
+            ty = Q8_0;
+        } else if ty != Q8_0 {
+            ty = Q6_K;
+        }
+    } else if name.contains("attn_v.weight") || name.contains("attn_qkv.weight") {
+        if name.contains("attn_qkv.weight") {
+            ty = match quant {
+                GgufQuant::Q4KM => Q5_K,
+                GgufQuant::Q5KM => Q6_K,
+                _ => ty,
+            };
+        } else {
+            if m_mix && use_more_bits(layer, mix.n_layer) {
+                ty = Q6_K;
+            }
+            // Llama 2/3 70B (80 layers): attn_v is 8× smaller than attn_q, more bits cost little.
+            if mix.architecture == "llama" && mix.n_layer == 80 && ty == Q4_K {
+                ty = Q5_K;
+            }
+        }
+    } else if name.contains("ffn_down") && m_mix && use_more_bits(layer, mix.n_layer) {
+        ty = Q6_K;
+    }
+    // Rows that are not whole super-blocks fall back to a 32-block type, then to f16.
+    if !blocks_fit(ty) {
+        ty = match ty {
+            Q4_K => Q5_0,
+            Q5_K => Q5_1,
+            Q6_K => Q8_0,
+            other => other,
+        };
+        if !blocks_fit(ty) {
+            ty = F16;
+        }
+    }
+    ty
+}
+
+/// How one tensor was written.
+#[derive(Debug, Clone)]
+pub struct TensorReport {
+    pub name: String,
+    pub ggml_type: u32,
+    pub elements: u64,
+    pub error: Reconstruction,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct GgufReport {
+    pub tensors: Vec<TensorReport>,
+    pub bytes: u64,
+}
+
+/// llama.cpp's tensor order (`weight_name_comparer`): tensors outside the blocks first, then by
+/// layer, by name within each.
+fn llama_cpp_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let layer = |n: &str| -> i64 {
+        n.strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(-1)
+    };
+    layer(a).cmp(&layer(b)).then_with(|| a.cmp(b))
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// Writes `model` (adapters fused or absent) to `path` as a `quant` GGUF file, with the
+/// `tokenizer.*` metadata `vocab` and `general.name` `model_name`.
+pub fn write_gguf(
+    path: &Path,
+    model: &Model,
+    vocab: Vec<(String, Meta)>,
+    model_name: &str,
+    quant: GgufQuant,
+) -> Result<GgufReport, ModelError> {
+    let config = model.config();
+    let family = model.family();
+    let export = family.gguf_export(config).map_err(|m| file_err(path, m))?;
+    let names = family.gguf_names();
+    let arch = model.arch();
+    if let Some(p) = arch.params.iter().find(|p| p.kind.is_lora()) {
+        return Err(file_err(
+            path,
+            format!("`{}` is an adapter: fuse it into the model first", p.name),
+        ));
+    }
+
+    // (GGUF name, HF name or None for a computed tensor, GGUF dims)
+    let mut tensors: Vec<(String, Option<String>, Vec<u64>)> = Vec::new();
+    for p in &arch.params {
+        let gguf = names.to_gguf(&p.name).ok_or_else(|| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: p.name.clone(),
+            message: format!(
+                "has no llama.cpp name in the {} architecture",
+                export.architecture
+            ),
+        })?;
+        let dims = p.hf_shape().iter().rev().map(|&d| d as u64).collect();
+        tensors.push((gguf, Some(p.name.clone()), dims));
+    }
+    for (name, _, dims) in &export.extra_tensors {
+        tensors.push((name.clone(), None, dims.clone()));
+    }
+    tensors.sort_by(|a, b| llama_cpp_order(&a.0, &b.0));
+    let mix = MixContext {
+        architecture: export.architecture,
+        n_layer: config.num_hidden_layers,
+        tied: !tensors.iter().any(|t| t.0 == "output.weight"),
+    };
+    let plan: Vec<PlannedTensor> = tensors
+        .iter()
+        .map(|(name, _, dims)| PlannedTensor {
+            name: name.clone(),
+            dims: dims.clone(),
+            ggml_type: tensor_type(quant, name, dims, mix),
+        })
+        .collect();
+
+    let mut metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Meta::str(export.architecture),
+        ),
+        ("general.type".to_string(), Meta::str("model")),
+        ("general.name".to_string(), Meta::str(model_name)),
+        (
+            "general.file_type".to_string(),
+            Meta::U32(quant.file_type()),
+        ),
+    ];
+    if matches!(quant.default_type(), Q8_0 | Q4_K | Q5_K | Q6_K) {
+        metadata.push(("general.quantization_version".into(), Meta::U32(2)));
+    }
+    metadata.extend(export.metadata);
+    metadata.extend(vocab);
+
+    let io = |e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut writer = GgufWriter::create(path, &metadata, plan.clone()).map_err(io)?;
+    let mut reports = Vec::with_capacity(plan.len());
+    for ((name, hf_name, dims), planned) in tensors.iter().zip(&plan) {
+        let values = match hf_name {
+            Some(hf) => {
+                let mut t = model.hf_tensor(hf).ok_or_else(|| ModelError::Tensor {
+                    path: path.to_path_buf(),
+                    name: hf.clone(),
+                    message: "is declared but has no values".into(),
+                })?;
+                family.hf_values_to_gguf(config, hf, &mut t);
+                t.data
+            }
+            None => export
+                .extra_tensors
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map(|(_, v, _)| v.clone())
+                .unwrap_or_default(),
+        };
+        let (bytes, error) = quantize_rows(planned.ggml_type, dims[0] as usize, &values);
+        drop(values);
+        writer.write_tensor(name, &bytes).map_err(io)?;
+        reports.push(TensorReport {
+            name: name.clone(),
+            ggml_type: planned.ggml_type,
+            elements: planned.elements(),
+            error,
+        });
+    }
+    let bytes = writer.finish().map_err(io)?;
+    Ok(GgufReport {
+        tensors: reports,
+        bytes,
+    })
+}
+
+/// The `tokenizer.*` metadata for a GGUF of `p`: a GGUF source's own, as it was; otherwise
+/// made from its `tokenizer.json`, with the special tokens `tokenizer_config.json` (or the
+/// chat template, or `config.json`) names and whether the tokenizer adds BOS/EOS itself.
+pub fn vocab_metadata(p: &Pretrained) -> Result<Vec<(String, Meta)>, ModelError> {
+    if let Some(meta) = &p.gguf_tokenizer {
+        return Ok(meta
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), Meta::from_read(v)?)))
+            .collect());
+    }
+    let json = p.tokenizer.hf_json().ok_or_else(|| {
+        file_err(
+            &p.path,
+            "a character tokenizer has no GGUF form: llama.cpp reads BPE and SentencePiece \
+             vocabularies (train with `tokenizer: {kind: bpe}` or fine-tune a pretrained model)",
+        )
+    })?;
+    let dir = p.path.is_dir().then_some(p.path.as_path());
+    let read_json = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(dir?.join(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let tc = read_json("tokenizer_config.json").unwrap_or_default();
+    let hf = &p.model.config().hf;
+    let token = |key: &str, fallback: Option<&str>| -> Option<u32> {
+        let text = match tc.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.as_str()),
+            Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()),
+            _ => fallback,
+        };
+        text.filter(|t| !t.is_empty())
+            .and_then(|t| p.tokenizer.token_id(t))
+            .or_else(|| match hf.get(&format!("{key}_id")) {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
+                Some(serde_json::Value::Array(a)) => a.first()?.as_u64().map(|v| v as u32),
+                _ => None,
+            })
+    };
+    let template = p.chat_template.as_ref();
+    let bos = token("bos_token", template.map(|t| t.bos_token.as_str()));
+    let eos = token("eos_token", template.map(|t| t.eos_token.as_str()));
+    // Whether the tokenizer adds BOS/EOS itself, as transformers' encode() does: llama.cpp's
+    // defaults differ by pre-tokenizer, so the file says.
+    let probe = p
+        .tokenizer
+        .encode_with_special_tokens("a")
+        .map_err(|e| file_err(&p.path, e.to_string()))?;
+    let flag = |key: &str, id: Option<u32>, at: Option<&u32>| {
+        tc.get(key)
+            .and_then(serde_json::Value::as_bool)
+            .or_else(|| id.map(|id| at == Some(&id)))
+    };
+    let special = SpecialTokens {
+        bos,
+        eos,
+        unk: token("unk_token", None),
+        pad: token("pad_token", None),
+        add_bos: flag("add_bos_token", bos, probe.first()),
+        add_eos: flag("add_eos_token", eos, probe.last()).map(|f| f && probe.len() > 1),
+    };
+    let encode = |text: &str| {
+        p.tokenizer
+            .encode_with_special_tokens(text)
+            .map_err(|e| e.to_string())
+    };
+    let source = VocabSource {
+        tokenizer_json: &json,
+        encode_with_special: &encode,
+        vocab_size: p.model.config().vocab_size,
+        special,
+        chat_template: template.map(|t| t.source.as_str()),
+    };
+    kiln_formats::gguf_vocab::vocab_metadata(&source).map_err(|m| file_err(&p.path, m))
+}
