@@ -3712,3 +3712,167 @@ fn gguf_mixes_choose_types_as_llama_quantize_does() {
     );
     assert_eq!(ty(GgufQuant::F16, "blk.0.attn_q.bias", &[576], true), F32);
 }
+
+/// `kiln export-adapter` writes what `convert_lora_to_gguf.py` writes: gguf-py reads an adapter
+/// GGUF (`general.type = adapter`, `adapter.lora.alpha`, `<tensor>.lora_a`/`.lora_b`), and
+/// applying it as llama.cpp does (`W += alpha / r · B A` on the base's GGUF tensors, Q/K rows
+/// permuted) gives the tensors `kiln fuse --adapter` writes, rsLoRA's scale folded into alpha.
+#[test]
+fn lora_adapters_export_as_llama_cpp_adapter_gguf() {
+    use kiln::models::safetensors_io::HostTensor;
+    let tmp = tempfile::tempdir().unwrap();
+    let base = repo().join("tests/fixtures/families/llama3");
+    let model = kiln::models::hf::load_model(&base, &burn::tensor::Device::flex()).unwrap();
+    let (rank, alpha) = (4usize, 8.0f64);
+    let adapter_dir = tmp.path().join("adapter");
+    std::fs::create_dir_all(&adapter_dir).unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    let targets = ["q_proj", "k_proj", "v_proj", "down_proj"];
+    for (seed, linear) in model.arch().linears().into_iter().enumerate() {
+        if !targets.contains(&linear.module()) {
+            continue;
+        }
+        let prefix = format!("base_model.model.{}", linear.path);
+        for (matrix, shape) in [
+            ("lora_A", [rank, linear.d_in]),
+            ("lora_B", [linear.d_out, rank]),
+        ] {
+            let n = shape[0] * shape[1];
+            let data = fixture_weights(1000 + 2 * seed as u64 + u64::from(matrix == "lora_B"), n);
+            let t = HostTensor {
+                shape: shape.to_vec(),
+                data,
+            };
+            tensors.insert(format!("{prefix}.{matrix}.weight"), t);
+        }
+    }
+    kiln::models::safetensors_io::write_f32(
+        &adapter_dir.join("adapter_model.safetensors"),
+        &tensors,
+        &[],
+    )
+    .unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "target_modules": targets, "use_rslora": true, "bias": "none",
+        "base_model_name_or_path": base.to_str().unwrap(),
+    });
+    std::fs::write(adapter_dir.join("adapter_config.json"), config.to_string()).unwrap();
+
+    let out = |name: &str| tmp.path().join(name);
+    let run = |args: &[&str]| {
+        let r = kiln(args);
+        assert!(r.status.success(), "{args:?}: {}", output_text(&r));
+        output_text(&r)
+    };
+    let (a, b, f) = (out("adapter.gguf"), out("base.gguf"), out("fused.gguf"));
+    let text = run(&[
+        "export-adapter",
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--gguf",
+        a.to_str().unwrap(),
+    ]);
+    assert!(text.contains("--lora"), "{text}");
+    let base_arg = base.to_str().unwrap();
+    run(&[
+        "fuse",
+        "--model",
+        base_arg,
+        "--gguf",
+        b.to_str().unwrap(),
+        "--quant",
+        "f32",
+    ]);
+    run(&[
+        "fuse",
+        "--model",
+        base_arg,
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--gguf",
+        f.to_str().unwrap(),
+        "--quant",
+        "f32",
+    ]);
+
+    let view = gguf_py_view(&a);
+    let meta = &view["metadata"];
+    assert_eq!(meta["general.type"], "adapter");
+    assert_eq!(meta["adapter.type"], "lora");
+    assert_eq!(meta["general.architecture"], "llama");
+    // rsLoRA scales by alpha / √r; llama.cpp by alpha' / r: alpha' = alpha · √r.
+    let folded = meta["adapter.lora.alpha"].as_f64().unwrap();
+    assert!(
+        (folded - alpha * (rank as f64).sqrt()).abs() < 1e-5,
+        "{folded}"
+    );
+    let layers = model.config().num_hidden_layers;
+    assert_eq!(
+        view["tensors"].as_array().unwrap().len(),
+        2 * targets.len() * layers
+    );
+
+    let adapter = kiln::models::gguf::GgufFile::read(&a).unwrap();
+    let base_file = kiln::models::gguf::GgufFile::read(&b).unwrap();
+    let fused = kiln::models::gguf::GgufFile::read(&f).unwrap();
+    let find = |file: &kiln::models::gguf::GgufFile, name: &str| {
+        file.tensors.iter().find(|t| t.name == name).cloned()
+    };
+    let mut adapted = 0;
+    for t in &base_file.tensors {
+        let w = base_file.dequantize(t);
+        let want = fused.dequantize(&find(&fused, &t.name).unwrap());
+        let merged = match (
+            find(&adapter, &format!("{}.lora_a", t.name)),
+            find(&adapter, &format!("{}.lora_b", t.name)),
+        ) {
+            (Some(la), Some(lb)) => {
+                adapted += 1;
+                let (d_in, r) = (la.dims[0] as usize, la.dims[1] as usize);
+                let d_out = lb.dims[1] as usize;
+                assert_eq!(
+                    (t.dims[0] as usize, t.dims[1] as usize),
+                    (d_in, d_out),
+                    "{}",
+                    t.name
+                );
+                assert_eq!(lb.dims[0] as usize, r);
+                let (am, bm) = (adapter.dequantize(&la), adapter.dequantize(&lb));
+                let scale = (folded / r as f64) as f32;
+                let mut m = w.clone();
+                for o in 0..d_out {
+                    for i in 0..d_in {
+                        let delta: f32 = (0..r).map(|k| bm[o * r + k] * am[k * d_in + i]).sum();
+                        m[o * d_in + i] += scale * delta;
+                    }
+                }
+                m
+            }
+            (None, None) => w,
+            _ => panic!("{}: one of lora_a and lora_b", t.name),
+        };
+        let diff = merged
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "{}: llama.cpp's merge differs from kiln's by {diff}",
+            t.name
+        );
+    }
+    assert_eq!(adapted, targets.len() * layers);
+    // A model is not an adapter.
+    fails_naming(
+        &[
+            "export-adapter",
+            "--adapter",
+            base_arg,
+            "--gguf",
+            out("x.gguf").to_str().unwrap(),
+        ],
+        &["not a LoRA adapter"],
+    );
+}

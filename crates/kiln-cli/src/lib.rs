@@ -41,6 +41,9 @@ enum Command {
     /// Merge a LoRA adapter into its base and write a Hugging Face model directory (--out) or a
     /// GGUF file (--gguf, --quant); without --adapter this converts the model.
     Fuse(FuseArgs),
+    /// Write a LoRA adapter (a run or a PEFT directory) as llama.cpp's adapter GGUF, for
+    /// `llama-cli --lora` and Ollama's `ADAPTER`.
+    ExportAdapter(ExportAdapterArgs),
     /// Time the training step of a config (tokens/s, peak memory). Prints figures; writes nothing.
     Bench(BenchArgs),
     /// Estimate a config's peak memory (weights, gradients, optimizer, activations, logits) and
@@ -102,6 +105,19 @@ struct FuseArgs {
 
 fn parse_quant(text: &str) -> Result<GgufQuant, String> {
     GgufQuant::parse(text).ok_or_else(|| format!("`{text}`: choose {}", GgufQuant::NAMES))
+}
+
+#[derive(Args)]
+struct ExportAdapterArgs {
+    /// A LoRA adapter directory (PEFT layout), or a run directory (its latest checkpoint).
+    #[arg(long, visible_alias = "adapter-path")]
+    adapter: PathBuf,
+    /// Where to write the adapter GGUF (must not exist).
+    #[arg(long, value_name = "OUT.gguf")]
+    gguf: PathBuf,
+    /// The base model; without it, the base the adapter names.
+    #[arg(long)]
+    base: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -371,6 +387,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Plan(args) => plan(args),
         Command::Fuse(args) => fuse(args),
+        Command::ExportAdapter(args) => export_adapter(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1079,21 +1096,7 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
         )));
     }
     if let Some(gguf) = &args.gguf {
-        if gguf.exists() {
-            return Err(usage(anyhow::anyhow!(
-                "--gguf {}: exists (kiln does not write over a file)",
-                gguf.display()
-            )));
-        }
-        if let Some(dir) = gguf.parent().filter(|d| !d.as_os_str().is_empty())
-            && !dir.is_dir()
-        {
-            return Err(usage(anyhow::anyhow!(
-                "--gguf {}: directory {} does not exist",
-                gguf.display(),
-                dir.display()
-            )));
-        }
+        check_new_file("--gguf", gguf)?;
     }
     let cpu = BackendArgs {
         backend: "cpu".into(),
@@ -1144,6 +1147,59 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
             report.bytes as f64 / 1e6
         );
     }
+    Ok(())
+}
+
+/// An output file that does not exist yet, in a directory that does.
+fn check_new_file(flag: &str, path: &Path) -> Result<(), Failure> {
+    if path.exists() {
+        return Err(usage(anyhow::anyhow!(
+            "{flag} {}: exists (kiln does not write over a file)",
+            path.display()
+        )));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        return Err(usage(anyhow::anyhow!(
+            "{flag} {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn export_adapter(args: ExportAdapterArgs) -> Result<(), Failure> {
+    check_new_file("--gguf", &args.gguf)?;
+    let cpu = BackendArgs {
+        backend: "cpu".into(),
+        software_adapter: false,
+    };
+    let (model_arg, adapter) = match &args.base {
+        Some(base) => (base.clone(), Some(args.adapter.clone())),
+        None => (args.adapter.clone(), None),
+    };
+    let (p, adapter) = load(&model_arg, adapter.as_deref(), &cpu)?;
+    if adapter.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--adapter {}: not a LoRA adapter (no adapter_config.json without a config.json)",
+            args.adapter.display()
+        )));
+    }
+    let name = model_name(&args.adapter);
+    let report = kiln_models::gguf_export::write_adapter_gguf(&args.gguf, &p.model, &name)
+        .context("writing the adapter GGUF")?;
+    out!(
+        "wrote {} ({} LoRA matrices for {} {}, {:.1} MB); use it with llama-cli -m BASE.gguf \
+         --lora {}",
+        args.gguf.display(),
+        report.tensors.len(),
+        p.model.config().model_type,
+        p.path.display(),
+        report.bytes as f64 / 1e6,
+        args.gguf.display()
+    );
     Ok(())
 }
 

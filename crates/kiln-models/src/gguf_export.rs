@@ -378,3 +378,108 @@ pub fn vocab_metadata(p: &Pretrained) -> Result<Vec<(String, Meta)>, ModelError>
     };
     kiln_formats::gguf_vocab::vocab_metadata(&source).map_err(|m| file_err(&p.path, m))
 }
+
+/// Writes the LoRA adapters attached to `model` as llama.cpp's adapter GGUF, the file
+/// `convert_lora_to_gguf.py` writes and `llama-cli --lora` and Ollama's `ADAPTER` take:
+/// `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and for each adapted
+/// weight `<GGUF name>.lora_a` (dims `[in, r]`) and `.lora_b` (`[r, out]`), in f32.
+///
+/// llama.cpp scales every adapter by `alpha / r`; PEFT's scale (rsLoRA's `alpha / √r`, or ranks
+/// and alphas that differ by layer) is folded in: `alpha` is chosen so the first adapter's
+/// scale is exact, and any other adapter's `B` absorbs the ratio of its scale to that.
+pub fn write_adapter_gguf(
+    path: &Path,
+    model: &Model,
+    model_name: &str,
+) -> Result<GgufReport, ModelError> {
+    let config = model.config();
+    let family = model.family();
+    let export = family.gguf_export(config).map_err(|m| file_err(path, m))?;
+    let names = family.gguf_names();
+    let arch = model.arch();
+    let adapted: Vec<_> = arch
+        .linears()
+        .into_iter()
+        .filter_map(|l| l.lora.as_ref().map(|lora| (l, lora)))
+        .collect();
+    let Some((_, first)) = adapted.first() else {
+        return Err(file_err(path, "the model has no LoRA adapter to write"));
+    };
+    let alpha = first.scale * first.rank as f64;
+    let mut plan = Vec::new();
+    let mut sources = Vec::new();
+    for (linear, lora) in &adapted {
+        let weight = format!("{}.weight", linear.path);
+        let gguf = names.to_gguf(&weight).ok_or_else(|| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: weight.clone(),
+            message: format!(
+                "has no llama.cpp name in the {} architecture",
+                export.architecture
+            ),
+        })?;
+        let r = lora.rank as u64;
+        for (suffix, dims) in [
+            ("lora_a", vec![linear.d_in as u64, r]),
+            ("lora_b", vec![r, linear.d_out as u64]),
+        ] {
+            plan.push(PlannedTensor {
+                name: format!("{gguf}.{suffix}"),
+                dims,
+                ggml_type: F32,
+            });
+        }
+        // The factor B takes so that llama.cpp's alpha / r gives this adapter's own scale.
+        let b_factor = lora.scale * lora.rank as f64 / alpha;
+        sources.push((linear.path.clone(), weight, b_factor));
+    }
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Meta::str(export.architecture),
+        ),
+        ("general.type".to_string(), Meta::str("adapter")),
+        ("general.name".to_string(), Meta::str(model_name)),
+        ("adapter.type".to_string(), Meta::str("lora")),
+        ("adapter.lora.alpha".to_string(), Meta::F32(alpha as f32)),
+    ];
+    let io = |e: std::io::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut writer = GgufWriter::create(path, &metadata, plan.clone()).map_err(io)?;
+    let mut reports = Vec::with_capacity(plan.len());
+    let mut planned = plan.iter();
+    for (module, weight, b_factor) in &sources {
+        for matrix in ["lora_A", "lora_B"] {
+            let name = format!("{module}.{matrix}.weight");
+            let mut t = model.hf_tensor(&name).ok_or_else(|| ModelError::Tensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                message: "is declared but has no values".into(),
+            })?;
+            if matrix == "lora_B" {
+                // B's rows are the weight's output rows: they take the weight's reordering
+                // (llama.cpp's Q/K permutation), A's columns are its untouched input.
+                t.data
+                    .iter_mut()
+                    .for_each(|v| *v = (*v as f64 * b_factor) as f32);
+                family.hf_values_to_gguf(config, weight, &mut t);
+            }
+            let p = planned.next().expect("two planned tensors per adapter");
+            let (bytes, error) = quantize_rows(F32, p.dims[0] as usize, &t.data);
+            writer.write_tensor(&p.name, &bytes).map_err(io)?;
+            reports.push(TensorReport {
+                name: p.name.clone(),
+                ggml_type: F32,
+                elements: p.elements(),
+                error,
+            });
+        }
+    }
+    let bytes = writer.finish().map_err(io)?;
+    Ok(GgufReport {
+        tensors: reports,
+        bytes,
+    })
+}
