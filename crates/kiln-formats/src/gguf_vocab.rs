@@ -148,7 +148,9 @@ pub fn vocab_metadata(src: &VocabSource<'_>) -> Result<Vec<(String, Meta)>, Stri
         ("unknown_token_id", s.unk),
         ("padding_token_id", s.pad),
     ] {
-        if let Some(id) = id {
+        // An id past the vocabulary (a config.json that names its big sibling's ids) would
+        // make llama.cpp index past its token list: it is left out.
+        if let Some(id) = id.filter(|&id| (id as usize) < src.vocab_size) {
             meta.push((format!("tokenizer.ggml.{key}"), Meta::U32(id)));
         }
     }

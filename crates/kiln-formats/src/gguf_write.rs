@@ -23,6 +23,7 @@ pub enum Meta {
     StrArray(Vec<String>),
     F32Array(Vec<f32>),
     I32Array(Vec<i32>),
+    BoolArray(Vec<bool>),
 }
 
 impl Meta {
@@ -59,6 +60,15 @@ impl Meta {
                         .map(|i| match i {
                             V::U64(x) => i32::try_from(*x).ok(),
                             V::I64(x) => i32::try_from(*x).ok(),
+                            _ => None,
+                        })
+                        .collect::<Option<_>>()?,
+                ),
+                Some(V::Bool(_)) => Meta::BoolArray(
+                    items
+                        .iter()
+                        .map(|i| match i {
+                            V::Bool(b) => Some(*b),
                             _ => None,
                         })
                         .collect::<Option<_>>()?,
@@ -149,6 +159,10 @@ fn put_meta(buf: &mut Vec<u8>, value: &Meta) {
         Meta::I32Array(items) => {
             array_head(buf, 5, items.len());
             items.iter().for_each(|v| buf.extend(v.to_le_bytes()));
+        }
+        Meta::BoolArray(items) => {
+            array_head(buf, 7, items.len());
+            buf.extend(items.iter().map(|&b| u8::from(b)));
         }
     }
 }

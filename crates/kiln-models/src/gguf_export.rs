@@ -83,11 +83,12 @@ impl GgufQuant {
 
 /// What `tensor_type` needs to know of the model.
 #[derive(Debug, Clone, Copy)]
-pub struct MixContext<'a> {
-    pub architecture: &'a str,
+pub struct MixContext {
     pub n_layer: usize,
     /// No `output.weight`: the embedding is also the output, and is quantized as the output is.
     pub tied: bool,
+    /// llama.cpp's `LLM_TYPE_70B` (it sizes attn_v up).
+    pub is_70b: bool,
 }
 
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third
@@ -98,7 +99,7 @@ pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
 
 /// The type `llama-quantize` gives tensor `name` (GGUF dims `dims`) in a `quant` file, without
 /// an importance matrix: `llama_tensor_get_type` and `tensor_type_fallback` for these types.
-pub fn tensor_type(quant: GgufQuant, name: &str, dims: &[u64], mix: MixContext<'_>) -> u32 {
+pub fn tensor_type(quant: GgufQuant, name: &str, dims: &[u64], mix: MixContext) -> u32 {
     // Only 2-D weights are quantized; norms, biases and 1-D tensors stay f32.
     if dims.len() < 2 || !name.ends_with("weight") || name.contains("_norm.weight") {
         return F32;
@@ -124,20 +125,15 @@ pub fn tensor_type(quant: GgufQuant, name: &str, dims: &[u64], mix: MixContext<'
             ty = Q6_K;
         }
     } else if name.contains("attn_v.weight") || name.contains("attn_qkv.weight") {
-        if name.contains("attn_qkv.weight") {
-            ty = match quant {
-                GgufQuant::Q4KM => Q5_K,
-                GgufQuant::Q5KM => Q6_K,
-                _ => ty,
-            };
-        } else {
-            if m_mix && use_more_bits(layer, mix.n_layer) {
-                ty = Q6_K;
-            }
-            // Llama 2/3 70B (80 layers): attn_v is 8× smaller than attn_q, more bits cost little.
-            if mix.architecture == "llama" && mix.n_layer == 80 && ty == Q4_K {
-                ty = Q5_K;
-            }
+        // llama.cpp's `category_is_attn_v` takes fused QKV down this branch too (its own QKV
+        // branch after it is never reached).
+        if m_mix && use_more_bits(layer, mix.n_layer) {
+            ty = Q6_K;
+        }
+        // What llama.cpp calls a 70B (80 layers of grouped-query attention: Llama 2/3 70B,
+        // Qwen2 72B): attn_v is 8× smaller than attn_q, more bits cost little.
+        if mix.is_70b && ty == Q4_K {
+            ty = Q5_K;
         }
     } else if name.contains("ffn_down") && m_mix && use_more_bits(layer, mix.n_layer) {
         ty = Q6_K;
@@ -232,9 +228,11 @@ pub fn write_gguf(
     }
     tensors.sort_by(|a, b| llama_cpp_order(&a.0, &b.0));
     let mix = MixContext {
-        architecture: export.architecture,
         n_layer: config.num_hidden_layers,
         tied: !tensors.iter().any(|t| t.0 == "output.weight"),
+        is_70b: matches!(export.architecture, "llama" | "qwen2")
+            && config.num_hidden_layers == 80
+            && config.num_key_value_heads != config.num_attention_heads,
     };
     let plan: Vec<PlannedTensor> = tensors
         .iter()

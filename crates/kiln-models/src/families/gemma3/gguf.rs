@@ -1,7 +1,10 @@
 //! Gemma 3 in GGUF (llama.cpp's `gemma3`).
 
-use crate::family::{GGUF_GLOBAL, GgufNames, gguf_common_config};
+use crate::arch::Architecture;
+use crate::config::ModelConfig;
+use crate::family::{GGUF_GLOBAL, GgufExport, GgufNames, gguf_common_config, gguf_common_metadata};
 use crate::gguf::GgufFile;
+use kiln_formats::gguf_write::Meta;
 use serde_json::{Map, Value, json};
 
 pub const NAMES: GgufNames = GgufNames {
@@ -91,4 +94,59 @@ pub fn config(file: &GgufFile) -> Result<Map<String, Value>, String> {
         m.insert("final_logit_softcapping".into(), c.into());
     }
     Ok(m)
+}
+
+/// The header of a Gemma 3 model: the global layers' RoPE (and its linear factor), the local
+/// layers' base, the window and which layers slide. llama.cpp scales scores by head_dim^-0.5
+/// (hidden / heads for its 27B), so a `query_pre_attn_scalar` it would not use is refused.
+pub fn export(
+    config: &ModelConfig,
+    arch: &Architecture,
+    sliding: &[bool],
+) -> Result<GgufExport, String> {
+    let block = arch.blocks.first().ok_or("the model has no layers")?;
+    let scale = block.attn.scale;
+    let expected = if config.num_hidden_layers == 62 {
+        (config.hidden_size / config.num_attention_heads.max(1)) as f64
+    } else {
+        config.head_dim as f64
+    };
+    if (scale - 1.0 / expected.sqrt()).abs() > 1e-6 * scale {
+        return Err(format!(
+            "llama.cpp scales Gemma 3's attention by 1/sqrt({expected}); this model's \
+             query_pre_attn_scalar differs"
+        ));
+    }
+    if block.attn.softcap.is_some() {
+        return Err("llama.cpp's gemma3 has no attention logit softcapping".into());
+    }
+    let mut e = gguf_common_metadata("gemma3", config, &arch.ropes[0])?;
+    let key = |k: &str| format!("gemma3.{k}");
+    e.metadata
+        .retain(|(k, _)| !k.ends_with("key_length") && !k.ends_with("value_length"));
+    e.metadata.push((
+        key("attention.key_length"),
+        Meta::U32(config.head_dim as u32),
+    ));
+    e.metadata.push((
+        key("attention.value_length"),
+        Meta::U32(config.head_dim as u32),
+    ));
+    if let Some(local) = arch.ropes.get(1) {
+        e.metadata
+            .push((key("rope.freq_base_swa"), Meta::F32(local.theta as f32)));
+    }
+    if let Some(window) = arch.blocks.iter().find_map(|b| b.attn.window) {
+        e.metadata
+            .push((key("attention.sliding_window"), Meta::U32(window as u32)));
+        e.metadata.push((
+            key("attention.sliding_window_pattern"),
+            Meta::BoolArray(sliding.to_vec()),
+        ));
+    }
+    if let Some(c) = arch.final_softcap {
+        e.metadata
+            .push((key("final_logit_softcapping"), Meta::F32(c as f32)));
+    }
+    Ok(e)
 }

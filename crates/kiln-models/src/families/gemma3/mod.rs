@@ -8,7 +8,7 @@ mod gguf;
 
 use crate::arch::{ArchBuilder, Architecture};
 use crate::config::{FieldError, ModelConfig, opt_bool, opt_f64, opt_usize};
-use crate::family::{Family, GgufNames};
+use crate::family::{Family, GgufExport, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::{Activation, Attention, Block, GateUpProjection, Mlp, QkvProjection, Rope};
 use crate::safetensors_io::HostTensor;
@@ -245,6 +245,23 @@ impl Family for Gemma3 {
         // llama.cpp's converter folds Gemma's +1 into every norm weight; kiln keeps HF's.
         if hf_name.ends_with("norm.weight") {
             t.data.iter_mut().for_each(|v| *v -= 1.0);
+        }
+    }
+
+    fn gguf_export(&self, config: &ModelConfig) -> Result<GgufExport, String> {
+        let arch = self
+            .declare(config)
+            .map_err(|(f, m)| format!("`{f}`: {m}"))?;
+        gguf::export(
+            config,
+            &arch,
+            &sliding_layers(config).map_err(|(f, m)| format!("`{f}`: {m}"))?,
+        )
+    }
+
+    fn hf_values_to_gguf(&self, _config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
+        if hf_name.ends_with("norm.weight") {
+            t.data.iter_mut().for_each(|v| *v += 1.0);
         }
     }
 }

@@ -4,7 +4,7 @@
 
 mod gguf;
 
-pub use gguf::unpermute_qk;
+pub use gguf::{permute_qk, unpermute_qk};
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool};

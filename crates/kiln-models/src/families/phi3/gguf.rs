@@ -1,8 +1,12 @@
 //! Phi-3 in GGUF (llama.cpp's `phi3`): fused `attn_qkv` and `ffn_up` (gate and up), LongRoPE's
 //! factors as the tensors `rope_factors_long` / `rope_factors_short`.
 
-use crate::family::{GGUF_GLOBAL, GgufNames, gguf_common_config};
+use crate::arch::Architecture;
+use crate::config::ModelConfig;
+use crate::family::{GGUF_GLOBAL, GgufExport, GgufNames, gguf_common_config, gguf_common_metadata};
 use crate::gguf::GgufFile;
+use crate::layers::rope::{Rope, RopeScaling};
+use kiln_formats::gguf_write::Meta;
 use serde_json::{Map, Value, json};
 
 pub const NAMES: GgufNames = GgufNames {
@@ -74,4 +78,43 @@ pub fn config(file: &GgufFile) -> Result<Map<String, Value>, String> {
         m.insert("sliding_window".into(), w.into());
     }
     Ok(m)
+}
+
+/// The header of a Phi-3 model: its partial rotary width, LongRoPE as the factor tensors
+/// `rope_factors_long` / `rope_factors_short` with the original context and attention factor,
+/// and the sliding window (0 for none, as the converter writes to tell Phi-4 apart).
+pub fn export(config: &ModelConfig, arch: &Architecture) -> Result<GgufExport, String> {
+    let rope = &arch.ropes[0];
+    let plain = Rope {
+        scaling: RopeScaling::None,
+        ..rope.clone()
+    };
+    let mut e = gguf_common_metadata("phi3", config, &plain)?;
+    let key = |k: &str| format!("phi3.{k}");
+    if let RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+        original_max_position_embeddings,
+        attention_factor,
+    } = &rope.scaling
+    {
+        e.metadata.push((
+            key("rope.scaling.original_context_length"),
+            Meta::U32(*original_max_position_embeddings as u32),
+        ));
+        e.metadata.push((
+            key("rope.scaling.attn_factor"),
+            Meta::F32(*attention_factor as f32),
+        ));
+        for (name, factors) in [("long", long_factor), ("short", short_factor)] {
+            let values: Vec<f32> = factors.iter().map(|&f| f as f32).collect();
+            let n = values.len() as u64;
+            e.extra_tensors
+                .push((format!("rope_factors_{name}.weight"), values, vec![n]));
+        }
+    }
+    let window = arch.blocks.iter().find_map(|b| b.attn.window).unwrap_or(0);
+    e.metadata
+        .push((key("attention.sliding_window"), Meta::U32(window as u32)));
+    Ok(e)
 }

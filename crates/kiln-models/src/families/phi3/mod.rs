@@ -7,7 +7,7 @@ mod gguf;
 
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig};
-use crate::family::{Family, GgufNames};
+use crate::family::{Family, GgufExport, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
 use crate::layers::rope::rope_params;
@@ -70,5 +70,12 @@ impl Family for Phi3 {
 
     fn gguf_ignored(&self, gguf_name: &str) -> bool {
         gguf_name.starts_with("rope_factors_")
+    }
+
+    fn gguf_export(&self, config: &ModelConfig) -> Result<GgufExport, String> {
+        let arch = self
+            .declare(config)
+            .map_err(|(f, m)| format!("`{f}`: {m}"))?;
+        gguf::export(config, &arch)
     }
 }

@@ -4,7 +4,7 @@
 use crate::arch::{Architecture, PreNormBlock, pre_norm_decoder};
 use crate::config::{FieldError, ModelConfig, opt_bool, opt_usize};
 use crate::families::llama;
-use crate::family::{Family, GgufNames};
+use crate::family::{Family, GgufExport, GgufNames};
 use crate::gguf::GgufFile;
 use crate::layers::Rope;
 use crate::layers::rope::rope_params;
@@ -113,5 +113,33 @@ impl Family for SmolLm3 {
     fn gguf_values_to_hf(&self, config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
         // llama.cpp's converter treats SmolLM3 as Llama: Q/K rows permuted for NORM RoPE.
         llama::unpermute_qk(config, hf_name, t);
+    }
+
+    /// llama.cpp's smollm3 skips RoPE on every fourth layer and attends over every position:
+    /// another NoPE pattern or a sliding window would compute something else, so it is refused.
+    fn gguf_export(&self, config: &ModelConfig) -> Result<GgufExport, String> {
+        let arch = self
+            .declare(config)
+            .map_err(|(f, m)| format!("`{f}`: {m}"))?;
+        let every_fourth = arch
+            .blocks
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.attn.rope.is_some() == ((i + 1) % 4 != 0));
+        if !every_fourth {
+            return Err(
+                "llama.cpp's smollm3 skips RoPE on every fourth layer; this model's \
+                        no_rope_layers differ"
+                    .into(),
+            );
+        }
+        if arch.windows().iter().any(Option::is_some) {
+            return Err("llama.cpp's smollm3 has no sliding-window layers; this model has".into());
+        }
+        crate::family::gguf_common_metadata("smollm3", config, &arch.ropes[0])
+    }
+
+    fn hf_values_to_gguf(&self, config: &ModelConfig, hf_name: &str, t: &mut HostTensor) {
+        llama::permute_qk(config, hf_name, t);
     }
 }
