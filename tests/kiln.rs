@@ -3536,6 +3536,10 @@ fn gguf_k_quant_mixes_match_llama_quantize() {
                 "{quant}: {} ({ty}) error {sq:.4e} vs llama.cpp's {theirs:.4e}",
                 t.name
             );
+            eprintln!(
+                "  {quant} {:<28} {ty:<5} error {sq:.4e}, llama.cpp's {theirs:.4e}",
+                t.name
+            );
             worst = worst.max(ratio);
             let raw = &bytes[t.offset..t.offset + t.n_bytes];
             identical += usize::from(fnv1a64_bytes(raw) == e["fnv1a64"].as_str().unwrap());
