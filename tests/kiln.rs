@@ -3930,3 +3930,61 @@ fn lora_adapters_export_as_llama_cpp_adapter_gguf() {
         &["not a LoRA adapter"],
     );
 }
+
+/// Relative paths written in a config are the config file's (its data next to it, its runs
+/// written beside it), wherever kiln runs from; `--set` paths are the current directory's.
+#[test]
+fn config_paths_are_relative_to_the_config_file() {
+    let (tmp, corpus) = scratch("relative-paths");
+    let project = tmp.path().join("project");
+    std::fs::create_dir_all(project.join("configs")).unwrap();
+    std::fs::create_dir_all(project.join("data")).unwrap();
+    std::fs::rename(&corpus, project.join("data/corpus.txt")).unwrap();
+    let yaml = tiny_yaml(
+        Path::new("../runs"),
+        Path::new("../data/corpus.txt"),
+        "rel",
+        "",
+    );
+    std::fs::write(project.join("configs/rel.yaml"), yaml).unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(&elsewhere)
+            .output()
+            .unwrap()
+    };
+    let r = run(&[
+        "train",
+        "../project/configs/rel.yaml",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.save_every=2",
+    ]);
+    assert!(r.status.success(), "{}", output_text(&r));
+    assert!(
+        project.join("runs/rel/latest").exists(),
+        "{}",
+        output_text(&r)
+    );
+    assert!(!elsewhere.join("runs").exists());
+    // A path given with --set is the current directory's.
+    let r = run(&[
+        "train",
+        "../project/configs/rel.yaml",
+        "--set",
+        "data.train=corpus.txt",
+        "--print-config",
+    ]);
+    let text = output_text(&r);
+    assert!(
+        text.contains(&format!("{}", project.join("runs").display())),
+        "{text}"
+    );
+    assert!(text.contains("train: corpus.txt"), "{text}");
+}

@@ -20,6 +20,25 @@ pub use schema::*;
 
 use std::path::Path;
 
+/// `path` with `.` and `dir/..` removed, without asking the file system (so a path that does not
+/// exist yet, an output directory, reads as the user would write it).
+fn lexically_normal(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 impl Config {
     /// Reads a YAML config from `path` and applies `overrides` (`a.b=c` strings) on top.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -37,7 +56,9 @@ impl Config {
                 path: path.to_path_buf(),
             });
         }
-        let config = Self::from_yaml_str(&text, &path.display().to_string())?;
+        let config = Self::from_yaml_str(&text, &path.display().to_string())?
+            .expand_home()
+            .relative_to_file(path, &text);
         // A model named by `--set` is blamed on the override, not on the file.
         let set_here = overrides
             .iter()
@@ -65,6 +86,61 @@ impl Config {
             })?;
         }
         Ok(self)
+    }
+
+    /// Relative paths written in the file at `path` are the file's, as docker-compose and
+    /// Cargo read theirs: `run.output_dir` lies next to the file; an input (`data.train`,
+    /// `data.valid`, `data.tokenizer.path`, `model.pretrained`) is taken next to the file when
+    /// it is there, and from the current directory only when it is there alone (configs written
+    /// before paths were the file's, run from where they were written). A `model.pretrained`
+    /// found in neither place stays as written: it may be a model's name (`locate`). Fields the
+    /// file leaves at their defaults, and `--set` values, are the current directory's.
+    pub fn relative_to_file(mut self, path: &Path, text: &str) -> Self {
+        let written: serde_json::Value = serde_saphyr::from_str(text).unwrap_or_default();
+        let has =
+            |section: &str, field: &str| written.get(section).and_then(|s| s.get(field)).is_some();
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let beside = |p: &Path| p.is_relative().then(|| lexically_normal(&dir.join(p)));
+        let input = |p: &mut std::path::PathBuf| {
+            if let Some(b) = beside(p)
+                && (b.exists() || !p.exists())
+            {
+                *p = b;
+            }
+        };
+        if has("run", "output_dir")
+            && let Some(b) = beside(&self.run.output_dir)
+        {
+            self.run.output_dir = b;
+        }
+        if has("data", "train") {
+            input(&mut self.data.train);
+        }
+        if has("data", "valid")
+            && let Some(p) = self.data.valid.as_mut()
+        {
+            input(p);
+        }
+        let tokenizer_path = written
+            .get("data")
+            .and_then(|d| d.get("tokenizer"))
+            .and_then(|t| t.get("path"))
+            .is_some();
+        if tokenizer_path && let Some(p) = self.data.tokenizer.path.as_mut() {
+            input(p);
+        }
+        if has("model", "pretrained")
+            && let Some(p) = self.model.pretrained.as_mut()
+            && let Some(b) = beside(p)
+            && b.exists()
+        {
+            *p = b;
+        }
+        self
     }
 
     /// Expands a leading `~/` in path fields to `$HOME/`.
