@@ -384,15 +384,15 @@ fn tensorboard_reader_finds_every_logged_scalar() {
             .collect()
     };
     for tag in [
-        "train/loss",
-        "train/lr",
-        "train/grad_norm",
-        "train/tokens_per_s",
-        "memory/bytes",
+        "loss/train",
+        "optim/lr",
+        "optim/grad_norm",
+        "system/tokens_per_s",
+        "system/memory_bytes",
     ] {
         assert_eq!(steps("scalars", tag), vec![4, 8, 12], "{tag}");
     }
-    assert_eq!(steps("scalars", "val/loss"), vec![6, 12]);
+    assert_eq!(steps("scalars", "loss/val"), vec![6, 12]);
     assert_eq!(
         steps(
             "histograms",
@@ -400,7 +400,18 @@ fn tensorboard_reader_finds_every_logged_scalar() {
         ),
         vec![6, 12]
     );
-    let losses = v["scalars"]["train/loss"].as_array().unwrap();
+    // TensorBoard sorts the groups (the tags' prefixes) by name: the losses come first.
+    let groups: std::collections::BTreeSet<&str> = v["scalars"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter_map(|t| t.split('/').next())
+        .collect();
+    assert_eq!(
+        groups.into_iter().collect::<Vec<_>>(),
+        ["loss", "optim", "system"]
+    );
+    let losses = v["scalars"]["loss/train"].as_array().unwrap();
     assert!(losses.iter().all(|e| e[1].as_f64().unwrap().is_finite()));
     let text = v["text"]["config"][0].as_str().unwrap();
     assert!(text.contains("hidden_size: 32"), "{text}");

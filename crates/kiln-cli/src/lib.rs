@@ -762,11 +762,15 @@ fn run_training(
     if let Some(dir) = &summary.last_checkpoint {
         out!("  checkpoint {}", dir.display());
     }
+    // Over the output directory TensorBoard names each run by its folder (`NAME/tensorboard`),
+    // so runs compare side by side; pointed at one run's event folder it would name it `.`.
     if let Some(e) = &summary.event_file {
-        out!(
-            "  TensorBoard: tensorboard --logdir {}",
-            e.parent().unwrap_or(Path::new(".")).display()
-        );
+        let runs = e
+            .ancestors()
+            .nth(3)
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        out!("  TensorBoard: tensorboard --logdir {}", runs.display());
     }
     Ok(())
 }

@@ -627,7 +627,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             progress.println(&format!(
                 "step {step} done {secs:.2} s after start (device, loading, first kernels)"
             ));
-            events.scalar("perf/first_step_secs", secs as f32, step);
+            events.scalar("system/first_step_secs", secs as f32, step);
         }
         state.step = step;
         state.optimizer_t = optimizer.t;
@@ -661,7 +661,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     all - skips_reported,
                     step - checked_through,
                 ));
-                events.scalar("train/skipped_steps", all as f32, step);
+                events.scalar("optim/skipped_steps", all as f32, step);
                 skips_reported = all;
             }
             checked_through = step;
@@ -707,15 +707,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 eta_secs: steps_left * started.elapsed().as_secs_f64()
                     / (step - first_step).max(1) as f64,
             });
-            events.scalar("train/loss", loss as f32, step);
-            events.scalar("train/lr", lr as f32, step);
-            events.scalar("train/grad_norm", grad_norm as f32, step);
-            events.scalar("train/tokens_per_s", tps as f32, step);
+            events.scalar("loss/train", loss as f32, step);
+            events.scalar("optim/lr", lr as f32, step);
+            events.scalar("optim/grad_norm", grad_norm as f32, step);
+            events.scalar("system/tokens_per_s", tps as f32, step);
             if let Some(m) = mem {
-                events.scalar("memory/bytes", m as f32, step);
+                events.scalar("system/memory_bytes", m as f32, step);
             }
             if let Some(p) = memory::peak_rss() {
-                events.scalar("memory/peak_rss_bytes", p as f32, step);
+                events.scalar("system/peak_rss_bytes", p as f32, step);
             }
             events.flush();
         }
@@ -752,8 +752,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 state.best_val_loss.unwrap_or(val),
                 state.best_step.unwrap_or(step)
             ));
-            events.scalar("val/loss", val as f32, step);
-            events.scalar("val/perplexity", val.exp() as f32, step);
+            events.scalar("loss/val", val as f32, step);
+            events.scalar("loss/val_perplexity", val.exp() as f32, step);
             events.flush();
         }
 
@@ -869,11 +869,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let peak = peak_device.or_else(memory::peak_rss_window);
     if let Some(p) = peak {
         events.scalar(
-            "memory/estimated_peak_bytes",
+            "system/estimated_peak_bytes",
             plan.estimate.total as f32,
             state.step,
         );
-        events.scalar("memory/measured_peak_bytes", p as f32, state.step);
+        events.scalar("system/measured_peak_bytes", p as f32, state.step);
         events.flush();
     }
     let summary = RunSummary {
