@@ -3999,3 +3999,143 @@ fn config_paths_are_relative_to_the_config_file() {
     );
     assert!(text.contains("train: corpus.txt"), "{text}");
 }
+
+/// Splits a shell command line into words: spaces separate, double quotes group.
+fn shell_words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quoted, mut any) = (Vec::new(), String::new(), false, false);
+    for c in line.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            ' ' if !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut word));
+                    any = false;
+                }
+            }
+            _ => {
+                word.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(word);
+    }
+    words
+}
+
+/// The README's LoRA walk-through, command by command as the README writes them (its `sh` block
+/// after "The demo teaches"), on SmolLM2 in a scratch directory: only the step counts shrink.
+/// The YAML run and the flags run are the README's alternatives, so the YAML one is renamed.
+/// Then the fused directory stops where a turn ends: its generation_config.json and config.json
+/// name `<|im_end|>`, and (where Python has transformers) `generate()` ends there.
+#[test]
+fn the_readme_lora_walkthrough_runs_as_written() {
+    let Some(gguf) = smollm2() else {
+        panic!("KILN_SMOLLM2_GGUF is not set: run the tests through scripts/test");
+    };
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme.find("The demo teaches").unwrap();
+    let block = &readme[start..];
+    let block = &block[block.find("```sh\n").unwrap() + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    std::os::unix::fs::symlink(repo().join("datasets"), cwd.join("datasets")).unwrap();
+    copy_dir(&repo().join("configs"), &cwd.join("configs"));
+    let mut ran = Vec::new();
+    for line in block.replace("\\\n", " ").lines() {
+        let line = line.split(" # ").next().unwrap().trim();
+        let Some(rest) = line.strip_prefix("scripts/kiln ") else {
+            continue;
+        };
+        let mut args: Vec<String> = shell_words(&rest.replace("$G", gguf.to_str().unwrap()));
+        for (flag, small) in [("--iters", "3"), ("--batch-size", "2")] {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args[i + 1] = small.into();
+            }
+        }
+        if args[0] == "train" {
+            for set in [
+                "train.max_steps=2",
+                "train.batch_size=2",
+                "train.eval_every=2",
+                "train.save_every=2",
+                "run.name=from-yaml",
+            ] {
+                args.extend(["--set".to_string(), set.to_string()]);
+            }
+        }
+        let r = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "kiln {args:?}: {}", output_text(&r));
+        ran.push(args[0].clone());
+        if args[0] == "eval" || args.iter().any(|a| a == "--test") {
+            assert!(
+                output_text(&r).contains("perplexity"),
+                "{}",
+                output_text(&r)
+            );
+        }
+    }
+    assert_eq!(
+        ran,
+        [
+            "train",
+            "finetune",
+            "eval",
+            "generate",
+            "fuse",
+            "fuse",
+            "export-adapter"
+        ]
+    );
+    assert!(cwd.join("checkpoints/from-yaml/latest").exists());
+    assert!(cwd.join("smollm2-roman.gguf").is_file() && cwd.join("roman-lora.gguf").is_file());
+    let fused = cwd.join("smollm2-roman-hf");
+    let json = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(fused.join(name)).unwrap()).unwrap()
+    };
+    let im_end = kiln::data::Tokenizer::load_dir(&fused)
+        .unwrap()
+        .token_id("<|im_end|>")
+        .unwrap();
+    assert_eq!(json("generation_config.json")["eos_token_id"], im_end);
+    assert_eq!(json("config.json")["eos_token_id"], im_end);
+    let has_transformers = Command::new("python3")
+        .args(["-c", "import transformers, torch"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_transformers {
+        eprintln!("note: no transformers in this Python: generate() on the fused model not run");
+        return;
+    }
+    let script = r#"
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": "Write 1987 in Roman numerals."}],
+                              add_generation_prompt=True, return_tensors="pt")
+ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+out = model.generate(ids, max_new_tokens=64, do_sample=False)[0][ids.shape[1]:]
+print(len(out), int(out[-1]))
+"#;
+    let r = Command::new("python3")
+        .args(["-c", script])
+        .arg(&fused)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", output_text(&r));
+    let text = String::from_utf8_lossy(&r.stdout);
+    let (n, last) = text.trim().split_once(' ').unwrap();
+    let (n, last): (usize, u32) = (n.parse().unwrap(), last.parse().unwrap());
+    eprintln!("transformers generate() on the fused model: {n} tokens, ending with {last}");
+    assert!(n < 64 && last == im_end, "generate() ran on: {text}");
+}

@@ -199,6 +199,10 @@ struct FinetuneArgs {
     /// exit; writes nothing.
     #[arg(long)]
     bench: bool,
+    /// After training, score the run on the dataset's test.jsonl (as mlx-lm's `--test`), with
+    /// the run's sequence length and prompt masking.
+    #[arg(long)]
+    test: bool,
     /// Continue the run `--name` names from its newest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -596,13 +600,39 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
     if args.bench {
         return print_bench(&config, 30, 5, false);
     }
+    let test = args.data.join("test.jsonl");
+    if args.test && !test.is_file() {
+        return Err(usage(anyhow::anyhow!(
+            "--test: {} has no test.jsonl to score",
+            args.data.display()
+        )));
+    }
+    let run_dir = config.run.output_dir.join(&config.run.name);
+    let backend = args.backend.clone();
     run_training(
         config,
         FINETUNE,
         &[],
         Resume::from_flags(args.resume, args.allow_config_change),
         None,
-    )
+    )?;
+    if args.test {
+        out!("test ({}):", test.display());
+        eval(EvalArgs {
+            model: run_dir,
+            adapter: None,
+            data: test,
+            seq_len: None,
+            json: false,
+            mask_prompt: false,
+            logits_out: None,
+            backend: BackendArgs {
+                backend,
+                software_adapter: false,
+            },
+        })?;
+    }
+    Ok(())
 }
 
 fn run_training(
