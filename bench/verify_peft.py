@@ -61,8 +61,10 @@ def main():
     peft_model = PeftModel.from_pretrained(model, a.adapter).eval()
     adapter = load_file(pathlib.Path(a.adapter) / "adapter_model.safetensors")
     wanted = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
-    # PEFT names parameters base_model.model....lora_A.default.weight; files omit the adapter name.
-    present = {n.replace(".default", "") for n in wanted}
+    # PEFT names parameters base_model.model....lora_A.default.weight; files omit the adapter name,
+    # and DoRA's magnitude is saved as ...lora_magnitude_vector (no .weight).
+    present = {n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+               for n in wanted}
     missing = sorted(present - set(adapter))
     unexpected = sorted(set(adapter) - present)
     with torch.no_grad():

@@ -912,10 +912,12 @@ fn check_recompute_gradients(
     let dir = repo().join("tests/fixtures/parity/llama-gqa-tied");
     let base = kiln::models::hf::load_model(&dir, &device.clone().without_autodiff()).unwrap();
     let vocab = base.config().vocab_size;
+    // DoRA, so that its magnitudes and the dropout branch of its forward are checked too.
     let spec = kiln::models::lora::LoraSpec {
         rank: 4,
         alpha: 8.0,
         rslora: false,
+        dora: true,
         targets: base.arch().block_modules(),
         layers: (0..base.config().num_hidden_layers).collect(),
     };
@@ -1022,6 +1024,7 @@ fn every_family_recomputes_packs_and_adapts_like_a_plain_backward() {
             rank: 2,
             alpha: 4.0,
             rslora: false,
+            dora: false,
             targets: base.arch().block_modules(),
             layers: (0..base.num_layers()).collect(),
         };
@@ -3256,9 +3259,15 @@ fn finetune_takes_mlx_lm_fine_tune_type_and_errors_name_the_flag() {
         "method: full"
     );
     assert_eq!(method(&config(&["--full"])), "method: full");
+    let dora = config(&["--fine-tune-type", "dora"]);
+    assert!(
+        output_text(&dora).contains("dora: true"),
+        "{}",
+        output_text(&dora)
+    );
     // Mistakes name the flag that made them, exit 2.
     for (bad, wants) in [
-        (vec!["--fine-tune-type", "dora"], "--fine-tune-type dora"),
+        (vec!["--fine-tune-type", "dora", "--full"], "--full"),
         (vec!["--fine-tune-type", "lora", "--full"], "--full"),
         (vec!["--rank", "0"], "--rank: 0 is outside"),
         (vec!["--backend", "gpu"], "--backend gpu: unknown variant"),
@@ -4138,4 +4147,188 @@ print(len(out), int(out[-1]))
     let (n, last): (usize, u32) = (n.parse().unwrap(), last.parse().unwrap());
     eprintln!("transformers generate() on the fused model: {n} tokens, ending with {last}");
     assert!(n < 64 && last == im_end, "generate() ran on: {text}");
+}
+
+/// DoRA as PEFT computes it (tests/fixtures/make_dora.py: PEFT's own adapter on a tiny Llama 3,
+/// random A, B and magnitudes): kiln applies the adapter at PEFT's logits, fuses it at
+/// `merge_and_unload()`'s, and its loss and every adapter gradient (the column norm detached)
+/// are PEFT's. Then `kiln finetune --fine-tune-type dora` trains one and writes PEFT's layout,
+/// which kiln reads back and fuses to the same logits; llama.cpp adapters refuse it.
+#[test]
+fn dora_adapters_match_peft_in_logits_gradients_and_merge() {
+    use kiln::train::step::StepShape;
+    let base = repo().join("tests/fixtures/families/llama3");
+    let fixture = repo().join("tests/fixtures/dora");
+    let expected =
+        kiln::models::safetensors_io::read_all(&fixture.join("expected.safetensors")).unwrap();
+    let cpu = burn::tensor::Device::flex();
+    let model = kiln::models::hf::load_model(&base, &cpu).unwrap();
+    let adapted = kiln::train::setup::apply_adapter_dir(model, &fixture.join("adapter")).unwrap();
+    let max_diff = |model: &kiln::models::Model, key: &str| {
+        let (ids, batch, seq) = parity_inputs(&base);
+        let logits = model
+            .forward(&ids, batch, seq, &mut None)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        logits
+            .iter()
+            .zip(&expected[key].data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let applied = max_diff(&adapted, "logits");
+    let fused = kiln::models::lora::fuse(adapted.clone());
+    let merged = max_diff(&fused, "merged");
+    eprintln!("DoRA vs PEFT: logits {applied:.2e}, merged {merged:.2e}");
+    assert!(applied < 1e-4 && merged < 1e-4, "{applied} {merged}");
+
+    // The loss with the inputs as labels, and its gradients.
+    let device = cpu.clone().autodiff();
+    let trainable = kiln::models::lora::set_trainable(adapted, &device, true);
+    let (ids, batch, seq) = parity_inputs(&base);
+    let shifted = |offset: usize| -> Vec<u32> {
+        ids.chunks(seq)
+            .flat_map(|row| row[offset..offset + seq - 1].to_vec())
+            .collect()
+    };
+    let b = kiln::data::Batch {
+        batch_size: batch,
+        seq_len: seq - 1,
+        inputs: shifted(0),
+        targets: shifted(1),
+        loss_mask: None,
+        segments: None,
+    };
+    let shape = StepShape {
+        recompute_every: None,
+        loss_chunk: usize::MAX,
+        dtype: burn::tensor::FloatDType::F32,
+    };
+    let mut grads = kiln::train::optim::GradAccumulator::default();
+    let loss =
+        kiln::train::step::forward_backward(&trainable, &b, &mut None, shape, &mut grads, 1.0)
+            .into_scalar::<f32>();
+    let peft_loss = expected["loss"].data[0];
+    assert!(
+        (loss - peft_loss).abs() < 1e-5,
+        "loss {loss} vs PEFT's {peft_loss}"
+    );
+    let grads = grads.to_host();
+    let peft_grads: Vec<_> = expected
+        .iter()
+        .filter(|(k, _)| k.starts_with("grad."))
+        .collect();
+    assert_eq!(peft_grads.len(), grads.len());
+    let mut worst = 0f32;
+    for (key, theirs) in peft_grads {
+        let name = &key["grad.".len()..];
+        let ours = &grads[name];
+        // kiln holds A as [in, r] and B as [r, out]: PEFT's transposed.
+        let ours = if theirs.shape.len() == 2 {
+            kiln::models::params::transpose_host(ours, theirs.shape[1], theirs.shape[0])
+        } else {
+            ours.clone()
+        };
+        let scale = theirs.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = ours
+            .iter()
+            .zip(&theirs.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{name}: gradient off by {diff} (max {scale})"
+        );
+        worst = worst.max(diff / scale.max(1e-12));
+    }
+    eprintln!("DoRA gradients vs PEFT: worst relative difference {worst:.2e}");
+
+    // Trained by kiln from flags, saved in PEFT's layout, read back, fused.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let records: String = (0..40)
+        .map(|i| format!("{{\"text\": \"The number {i} is {}.\"}}\n", i * 7 % 13))
+        .collect();
+    std::fs::write(data.join("train.jsonl"), &records).unwrap();
+    let valid: String = records.lines().take(8).map(|l| format!("{l}\n")).collect();
+    std::fs::write(data.join("valid.jsonl"), valid).unwrap();
+    let out = tmp.path().join("runs");
+    let r = kiln(&[
+        "finetune",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--fine-tune-type",
+        "dora",
+        "--targets",
+        "q_proj,v_proj,down_proj",
+        "--iters",
+        "6",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--name",
+        "dora",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(r.status.success(), "{}", output_text(&r));
+    let ckpt = out.join("dora/latest");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let saved =
+        kiln::models::safetensors_io::read_all(&ckpt.join("adapter_model.safetensors")).unwrap();
+    let magnitude =
+        &saved["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"];
+    assert_eq!(magnitude.shape, vec![128]);
+    // Trained: the magnitudes moved from the weights' own norms.
+    let model = kiln::models::hf::load_model(&base, &cpu).unwrap();
+    let w = model
+        .hf_tensor("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    let moved = w
+        .data
+        .chunks(w.shape[1])
+        .zip(&magnitude.data)
+        .map(|(row, m)| (row.iter().map(|v| v * v).sum::<f32>().sqrt() - m).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-4, "magnitudes did not train: {moved}");
+    let adapted = kiln::train::setup::apply_adapter_dir(model, &ckpt).unwrap();
+    let (ids, batch, seq) = parity_inputs(&base);
+    let logits = |m: &kiln::models::Model| {
+        m.forward(&ids, batch, seq, &mut None)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap()
+    };
+    let a = logits(&adapted);
+    let f = logits(&kiln::models::lora::fuse(adapted));
+    let diff = a
+        .iter()
+        .zip(&f)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "fused DoRA differs by {diff}");
+    fails_naming(
+        &[
+            "export-adapter",
+            "--adapter",
+            ckpt.to_str().unwrap(),
+            "--gguf",
+            tmp.path().join("x.gguf").to_str().unwrap(),
+        ],
+        &["DoRA", "fuse"],
+    );
 }

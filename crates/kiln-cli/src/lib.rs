@@ -147,8 +147,9 @@ struct FinetuneArgs {
     /// Train every weight instead of LoRA adapters.
     #[arg(long)]
     full: bool,
-    /// mlx-lm's spelling: `lora` (the default) or `full` (as --full).
-    #[arg(long, value_name = "lora|full", value_parser = ["lora", "full", "dora"])]
+    /// mlx-lm's spelling: `lora` (the default), `dora` (LoRA that also learns each output's
+    /// magnitude, PEFT's `use_dora`) or `full` (as --full).
+    #[arg(long, value_name = "lora|dora|full", value_parser = ["lora", "full", "dora"])]
     fine_tune_type: Option<String>,
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -489,6 +490,7 @@ fn finetune_flag(field: &str) -> Option<&'static str> {
         "finetune.lora.dropout" => "--dropout",
         "finetune.lora.target_modules" => "--targets",
         "finetune.lora.num_layers" => "--num-layers",
+        "finetune.lora.dora" => "--fine-tune-type",
         "data.train" => "--data",
         "data.seq_len" => "--seq-len",
         "data.mask_prompt" => "--mask-prompt",
@@ -505,15 +507,10 @@ fn finetune_flag(field: &str) -> Option<&'static str> {
 fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     let set = |k: &str, v: String| format!("{k}={v}");
     let full = match args.fine_tune_type.as_deref() {
-        Some("dora") => {
-            return Err(usage(anyhow::anyhow!(
-                "--fine-tune-type dora: kiln trains LoRA and full fine-tunes; DoRA is not built yet"
-            )));
-        }
         Some("full") => true,
-        Some(_) if args.full => {
+        Some(kind) if args.full => {
             return Err(usage(anyhow::anyhow!(
-                "--full and --fine-tune-type lora disagree: give one"
+                "--full and --fine-tune-type {kind} disagree: give one"
             )));
         }
         Some(_) => false,
@@ -555,6 +552,9 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     ];
     if let Some(n) = args.num_layers {
         items.push(set("finetune.lora.num_layers", n.to_string()));
+    }
+    if args.fine_tune_type.as_deref() == Some("dora") {
+        items.push(set("finetune.lora.dora", "true".into()));
     }
     items.extend(args.set.iter().cloned());
     Config::default()

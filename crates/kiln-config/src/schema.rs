@@ -293,6 +293,9 @@ pub struct LoraConfig {
     pub layers: Option<Vec<usize>>,
     /// Rank-stabilised scaling alpha / sqrt(r). Default false.
     pub rslora: bool,
+    /// DoRA: each adapted output also learns its magnitude, `m / ‖W + s·BA‖` rescaling it (PEFT's
+    /// `use_dora`; saved as its `lora_magnitude_vector`). Default false.
+    pub dora: bool,
     /// Also write each adapter checkpoint in mlx-lm's layout, in its `mlx/` subdirectory
     /// (needs the adapted blocks to be the last N, as mlx-lm's `num_layers`). Default false.
     pub mlx_export: bool,
@@ -308,6 +311,7 @@ impl Default for LoraConfig {
             num_layers: None,
             layers: None,
             rslora: false,
+            dora: false,
             mlx_export: false,
         }
     }
@@ -924,6 +928,12 @@ impl Config {
         bounded("logging.log_every", self.logging.log_every, MAX_STEPS)?;
         let l = &self.finetune.lora;
         bounded("finetune.lora.rank", l.rank, MAX_LORA_RANK)?;
+        if l.dora && l.mlx_export {
+            return Err((
+                "finetune.lora.mlx_export".into(),
+                "kiln writes DoRA adapters in PEFT's layout only (not mlx-lm's)".into(),
+            ));
+        }
         if let Some(n) = l.num_layers {
             bounded("finetune.lora.num_layers", n, MAX_LAYERS)?;
         }

@@ -403,6 +403,16 @@ pub fn write_adapter_gguf(
     let Some((_, first)) = adapted.first() else {
         return Err(file_err(path, "the model has no LoRA adapter to write"));
     };
+    if let Some((linear, _)) = adapted.iter().find(|(_, l)| l.magnitude.is_some()) {
+        return Err(file_err(
+            path,
+            format!(
+                "`{}` is a DoRA adapter: llama.cpp's adapters are LoRA only (fuse it instead: \
+                 kiln fuse --adapter DIR --gguf OUT.gguf)",
+                linear.path
+            ),
+        ));
+    }
     let alpha = first.scale * first.rank as f64;
     let mut plan = Vec::new();
     let mut sources = Vec::new();

@@ -16,6 +16,8 @@ pub struct LoraSpec {
     pub rank: usize,
     pub alpha: f64,
     pub rslora: bool,
+    /// DoRA: each adapted output also learns its magnitude (PEFT's `use_dora`).
+    pub dora: bool,
     /// The family's module names (`q_proj`, `qkv_proj`, ...).
     pub targets: Vec<String>,
     /// Layer indices to adapt.
@@ -49,7 +51,7 @@ impl LoraSpec {
     pub fn num_params(&self, arch: &Architecture) -> usize {
         self.selected(arch)
             .iter()
-            .map(|(_, din, dout)| self.rank * (din + dout))
+            .map(|(_, din, dout)| self.rank * (din + dout) + if self.dora { *dout } else { 0 })
             .sum()
     }
 
@@ -63,7 +65,9 @@ impl LoraSpec {
     }
 }
 
-/// Adds fresh adapters (seeded by name) to the linears `spec` selects.
+/// Adds fresh adapters (seeded by name) to the linears `spec` selects; DoRA's magnitudes start
+/// at the weights' own column norms, as PEFT's do (B = 0, so `‖W + s·AB‖ = ‖W‖`), and the model
+/// computes what the base does.
 pub fn attach(model: Model, spec: &LoraSpec, seed: u64) -> Model {
     let device = model.device();
     let mut model = model;
@@ -76,7 +80,20 @@ pub fn attach(model: Model, spec: &LoraSpec, seed: u64) -> Model {
             .collect();
         let a = Tensor::from_data(TensorData::new(a, [din, spec.rank]), &device);
         let b = Tensor::zeros([spec.rank, dout], &device);
-        model.add_lora(&path, a, b, spec.scale());
+        let magnitude = spec
+            .dora
+            .then(|| model.hf_tensor(&format!("{path}.weight")))
+            .flatten()
+            .map(|w| {
+                // HF layout [out, in]: one norm per output row.
+                let norms: Vec<f32> = w
+                    .data
+                    .chunks(din)
+                    .map(|row| row.iter().map(|v| v * v).sum::<f32>().sqrt())
+                    .collect();
+                Tensor::from_data(TensorData::new(norms, [dout]), &device)
+            });
+        model.add_lora(&path, a, b, spec.scale(), magnitude);
     }
     model
 }

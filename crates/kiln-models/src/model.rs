@@ -8,7 +8,7 @@ use crate::family::Family;
 use crate::fused;
 use crate::layers::{Dropout, ForwardConsts, LayerCache, Linear, Lora, Positions};
 use crate::params::{
-    P2, ParamInfo, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, Weights,
+    P1, P2, ParamInfo, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, Weights,
     name_hash, transpose_host,
 };
 use crate::safetensors_io::HostTensor;
@@ -72,7 +72,10 @@ impl Model {
             let n: usize = shape.iter().product();
             match kind {
                 ParamKind::Norm => vec![if one_plus { 0.0 } else { 1.0 }; n],
-                ParamKind::Bias | ParamKind::LoraA | ParamKind::LoraB => vec![0.0; n],
+                ParamKind::Bias
+                | ParamKind::LoraA
+                | ParamKind::LoraB
+                | ParamKind::LoraMagnitude => vec![0.0; n],
                 ParamKind::LinearWeight | ParamKind::Embedding => {
                     let std =
                         if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
@@ -373,8 +376,16 @@ impl Model {
     }
 
     /// Adds a LoRA adapter with matrices `a` `[in, r]` and `b` `[r, out]` to the linear at
-    /// `path`, declaring `<path>.lora_A.weight` and `<path>.lora_B.weight`.
-    pub fn add_lora(&mut self, path: &str, a: Tensor<2>, b: Tensor<2>, scale: f64) -> bool {
+    /// `path`, declaring `<path>.lora_A.weight` and `<path>.lora_B.weight`; with a `magnitude`
+    /// `[out]` it is DoRA's, declaring `<path>.lora_magnitude_vector` too (PEFT's names).
+    pub fn add_lora(
+        &mut self,
+        path: &str,
+        a: Tensor<2>,
+        b: Tensor<2>,
+        scale: f64,
+        magnitude: Option<Tensor<1>>,
+    ) -> bool {
         let arch = Arc::make_mut(&mut self.arch);
         let index = arch.params.len();
         let Some(linear) = linear_mut(arch, path) else {
@@ -386,6 +397,7 @@ impl Model {
             b: P2(index + 1),
             rank,
             scale,
+            magnitude: magnitude.as_ref().map(|_| P1(index + 2)),
         });
         for (suffix, kind, t) in [
             ("lora_A", ParamKind::LoraA, &a),
@@ -399,21 +411,35 @@ impl Model {
         }
         self.weights.0.push(ParamTensor::Matrix(a));
         self.weights.0.push(ParamTensor::Matrix(b));
+        if let Some(m) = magnitude {
+            arch.params.push(ParamInfo {
+                name: format!("{path}.lora_magnitude_vector"),
+                kind: ParamKind::LoraMagnitude,
+                shape: m.dims().to_vec(),
+            });
+            self.weights.0.push(ParamTensor::Vector(m));
+        }
         true
     }
 
     /// Merges every adapter into its weight, `W += s · A B` (PEFT's `W += s · B A` in its
-    /// layout), and drops the adapters: a plain model that computes what base + adapter did.
+    /// layout; DoRA's then rescaled per output, `W ← m / ‖W‖ · W`), and drops the adapters: a
+    /// plain model that computes what base + adapter did.
     pub fn fuse_lora(self) -> Self {
         let mut arch = (*self.arch).clone();
         let mut weights = self.weights;
         let mut lora_params = Vec::new();
         for linear in linears_mut(&mut arch) {
             if let Some(l) = linear.lora.take() {
+                let factor = l.dora_factor(&weights, linear.weight);
                 let delta = weights.matrix(l.a).matmul(weights.matrix(l.b)) * l.scale;
-                let merged = weights.matrix(linear.weight) + delta;
+                let mut merged = weights.matrix(linear.weight) + delta;
+                if let Some(g) = factor {
+                    merged = merged * g;
+                }
                 weights.0[linear.weight.0] = ParamTensor::Matrix(merged);
                 lora_params.extend([l.a.0, l.b.0]);
+                lora_params.extend(l.magnitude.map(|m| m.0));
             }
         }
         // Adapters are declared after the base's parameters, so dropping them from the end keeps

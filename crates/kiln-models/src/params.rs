@@ -19,6 +19,8 @@ pub enum ParamKind {
     LoraA,
     /// LoRA up-projection, `[r, out]` here, `lora_B.weight` `[out, r]` in PEFT files.
     LoraB,
+    /// DoRA's magnitude, one per output, `lora_magnitude_vector` `[out]` in PEFT files.
+    LoraMagnitude,
 }
 
 impl ParamKind {
@@ -26,7 +28,11 @@ impl ParamKind {
     pub fn decays(self) -> bool {
         matches!(
             self,
-            ParamKind::LinearWeight | ParamKind::Embedding | ParamKind::LoraA | ParamKind::LoraB
+            ParamKind::LinearWeight
+                | ParamKind::Embedding
+                | ParamKind::LoraA
+                | ParamKind::LoraB
+                | ParamKind::LoraMagnitude
         )
     }
 
@@ -38,9 +44,13 @@ impl ParamKind {
         )
     }
 
-    /// A LoRA adapter matrix.
+    /// An adapter's parameter (LoRA's matrices, DoRA's magnitude): what a LoRA run trains and
+    /// saves, and what fusing folds into the weights.
     pub fn is_lora(self) -> bool {
-        matches!(self, ParamKind::LoraA | ParamKind::LoraB)
+        matches!(
+            self,
+            ParamKind::LoraA | ParamKind::LoraB | ParamKind::LoraMagnitude
+        )
     }
 }
 

@@ -159,7 +159,7 @@ pub fn write_model_dir(
     base: Option<&Path>,
 ) -> Result<(), TrainError> {
     let io = io_err;
-    let weights = model.hf_tensors_where(|k| !matches!(k, ParamKind::LoraA | ParamKind::LoraB));
+    let weights = model.hf_tensors_where(|k| !k.is_lora());
     safetensors_io::write_f32(&dir.join(MODEL_FILE), &weights, &[])?;
     let base_dir = base.filter(|b| b.is_dir());
     let copied = |name: &str| base_dir.map(|b| b.join(name)).filter(|p| p.is_file());
@@ -297,7 +297,7 @@ pub fn write_adapter(
 ) -> Result<(), TrainError> {
     let io = io_err;
     let tensors: BTreeMap<String, HostTensor> = model
-        .hf_tensors_where(|k| matches!(k, ParamKind::LoraA | ParamKind::LoraB))
+        .hf_tensors_where(ParamKind::is_lora)
         .into_iter()
         .map(|(name, t)| (format!("{PEFT_PREFIX}{name}"), t))
         .collect();
@@ -315,7 +315,7 @@ pub fn write_adapter(
         "base_model_name_or_path": std::fs::canonicalize(base).unwrap_or(base.to_path_buf()).display().to_string(),
         "fan_in_fan_out": false,
         "use_rslora": spec.rslora,
-        "use_dora": false,
+        "use_dora": spec.dora,
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,

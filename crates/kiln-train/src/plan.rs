@@ -549,6 +549,7 @@ mod tests {
             rank: 16,
             alpha: 32.0,
             rslora: false,
+            dora: false,
             targets: m.block_modules(),
             layers: (0..m.blocks.len()).collect(),
         };

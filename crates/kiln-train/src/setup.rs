@@ -174,7 +174,7 @@ pub fn load_adapter(model: Model, path: &Path) -> Result<Model, TrainError> {
     }
     impl ParamMapper for Load<'_> {
         fn map<const D: usize>(&mut self, name: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
-            if !matches!(kind, ParamKind::LoraA | ParamKind::LoraB) || self.error.is_some() {
+            if !kind.is_lora() || self.error.is_some() {
                 return p;
             }
             let key = format!("{}{name}", checkpoint::PEFT_PREFIX);
@@ -183,6 +183,17 @@ pub fn load_adapter(model: Model, path: &Path) -> Result<Model, TrainError> {
                 return p;
             };
             let dims = p.dims();
+            if kind == ParamKind::LoraMagnitude {
+                if t.shape != dims {
+                    self.error = Some(format!(
+                        "`{key}` has shape {:?}, expected {dims:?}",
+                        t.shape
+                    ));
+                    return p;
+                }
+                self.used += 1;
+                return Tensor::from_data(TensorData::new(t.data.clone(), p.shape()), &p.device());
+            }
             if t.shape.len() != 2 || t.shape[0] != dims[1] || t.shape[1] != dims[0] {
                 self.error = Some(format!(
                     "`{key}` has shape {:?}, expected [{}, {}]",
@@ -211,7 +222,8 @@ pub fn load_adapter(model: Model, path: &Path) -> Result<Model, TrainError> {
         return Err(TrainError::Checkpoint {
             path: path.to_path_buf(),
             message: format!(
-                "{} tensors in the file, {} adapter matrices in the model: the adapter does not fit this config",
+                "{} tensors in the file, {} adapter tensors in the model: the adapter does not fit this config \
+                 (a DoRA adapter has lora_magnitude_vector tensors and `use_dora: true`)",
                 tensors.len(),
                 load.used
             ),
@@ -264,6 +276,7 @@ pub fn read_adapter_spec(dir: &Path, arch: &Architecture) -> Result<LoraSpec, Tr
             .get("use_rslora")
             .and_then(|b| b.as_bool())
             .unwrap_or(false),
+        dora: v.get("use_dora").and_then(|b| b.as_bool()).unwrap_or(false),
         targets,
         layers,
     };

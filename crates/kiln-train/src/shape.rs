@@ -27,6 +27,7 @@ pub fn lora_spec(config: &Config, arch: &Architecture) -> Result<LoraSpec, Train
         rank: l.rank,
         alpha: l.alpha,
         rslora: l.rslora,
+        dora: l.dora,
         targets: if l.all_linear() {
             arch.block_modules()
         } else {

@@ -167,7 +167,7 @@ pub fn frozen_to(model: Model, dtype: FloatDType) -> Model {
     impl ParamMapper for Frozen {
         fn map<const D: usize>(&mut self, _: &str, kind: ParamKind, p: Tensor<D>) -> Tensor<D> {
             match kind {
-                ParamKind::LoraA | ParamKind::LoraB => p,
+                k if k.is_lora() => p,
                 _ => to_dtype(p, self.0),
             }
         }
