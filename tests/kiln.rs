@@ -3449,6 +3449,25 @@ fn fnv1a64_bytes(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// `kiln fuse --model MODEL --gguf OUT --quant QUANT`, which must succeed.
+fn fuse_to_gguf(model: &Path, out: &Path, quant: &str) {
+    let r = kiln(&[
+        "fuse",
+        "--model",
+        model.to_str().unwrap(),
+        "--gguf",
+        out.to_str().unwrap(),
+        "--quant",
+        quant,
+    ]);
+    assert!(
+        r.status.success(),
+        "{} {quant}: {}",
+        model.display(),
+        output_text(&r)
+    );
+}
+
 /// gguf-py's reading of `path` (tests/read_gguf.py).
 fn gguf_py_view(path: &Path) -> serde_json::Value {
     let r = Command::new("python3")
@@ -3520,16 +3539,7 @@ fn gguf_k_quant_mixes_match_llama_quantize() {
     .unwrap();
     for quant in ["q4_k_m", "q5_k_m", "q6_k", "q8_0"] {
         let out = tmp.path().join(format!("{quant}.gguf"));
-        let r = kiln(&[
-            "fuse",
-            "--model",
-            model_dir.to_str().unwrap(),
-            "--gguf",
-            out.to_str().unwrap(),
-            "--quant",
-            quant,
-        ]);
-        assert!(r.status.success(), "{}", output_text(&r));
+        fuse_to_gguf(&model_dir, &out, quant);
         let file = assert_gguf_py_agrees(&out, "llama");
         let bytes = std::fs::read(&out).unwrap();
         let (family, config) = kiln::models::gguf::read_config(&file).unwrap();
@@ -3644,16 +3654,7 @@ fn gguf_files_kiln_writes_read_back_at_transformers_logits() {
             ("q8_0", 1e-2, 0.15),
         ] {
             let out = tmp.path().join(format!("{name}-{quant}.gguf"));
-            let r = kiln(&[
-                "fuse",
-                "--model",
-                dir.to_str().unwrap(),
-                "--gguf",
-                out.to_str().unwrap(),
-                "--quant",
-                quant,
-            ]);
-            assert!(r.status.success(), "{name} {quant}: {}", output_text(&r));
+            fuse_to_gguf(&dir, &out, quant);
             let file = assert_gguf_py_agrees(&out, arch);
             let mut names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
             names.sort_unstable();
@@ -3691,16 +3692,7 @@ fn gguf_files_kiln_writes_read_back_at_transformers_logits() {
         let base = tmp.path().join(format!("{name}-f32.gguf"));
         let converted = kiln::models::gguf::GgufFile::read(&base).unwrap();
         let out = tmp.path().join(format!("{name}-from-gguf.gguf"));
-        let r = kiln(&[
-            "fuse",
-            "--model",
-            base.to_str().unwrap(),
-            "--gguf",
-            out.to_str().unwrap(),
-            "--quant",
-            "f32",
-        ]);
-        assert!(r.status.success(), "{name}: {}", output_text(&r));
+        fuse_to_gguf(&base, &out, "f32");
         let file = kiln::models::gguf::GgufFile::read(&out).unwrap();
         let tokenizer_keys = converted
             .metadata
@@ -3849,15 +3841,7 @@ fn lora_adapters_export_as_llama_cpp_adapter_gguf() {
     ]);
     assert!(text.contains("--lora"), "{text}");
     let base_arg = base.to_str().unwrap();
-    run(&[
-        "fuse",
-        "--model",
-        base_arg,
-        "--gguf",
-        b.to_str().unwrap(),
-        "--quant",
-        "f32",
-    ]);
+    fuse_to_gguf(&base, &b, "f32");
     run(&[
         "fuse",
         "--model",

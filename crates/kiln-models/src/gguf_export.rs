@@ -188,6 +188,28 @@ fn file_err(path: &Path, message: impl Into<String>) -> ModelError {
     }
 }
 
+/// What both writers take from the model's family: the GGUF header it gives and its names.
+struct Header<'a> {
+    config: &'a crate::ModelConfig,
+    family: &'static dyn crate::Family,
+    export: crate::family::GgufExport,
+    names: crate::family::GgufNames,
+}
+
+impl<'a> Header<'a> {
+    fn of(model: &'a Model, path: &Path) -> Result<Self, ModelError> {
+        let config = model.config();
+        let family = model.family();
+        let export = family.gguf_export(config).map_err(|m| file_err(path, m))?;
+        Ok(Header {
+            config,
+            family,
+            export,
+            names: family.gguf_names(),
+        })
+    }
+}
+
 /// Writes `model` (adapters fused or absent) to `path` as a `quant` GGUF file, with the
 /// `tokenizer.*` metadata `vocab` and `general.name` `model_name`.
 pub fn write_gguf(
@@ -197,10 +219,12 @@ pub fn write_gguf(
     model_name: &str,
     quant: GgufQuant,
 ) -> Result<GgufReport, ModelError> {
-    let config = model.config();
-    let family = model.family();
-    let export = family.gguf_export(config).map_err(|m| file_err(path, m))?;
-    let names = family.gguf_names();
+    let Header {
+        config,
+        family,
+        export,
+        names,
+    } = Header::of(model, path)?;
     let arch = model.arch();
     if let Some(p) = arch.params.iter().find(|p| p.kind.is_lora()) {
         return Err(file_err(
@@ -390,10 +414,12 @@ pub fn write_adapter_gguf(
     model: &Model,
     model_name: &str,
 ) -> Result<GgufReport, ModelError> {
-    let config = model.config();
-    let family = model.family();
-    let export = family.gguf_export(config).map_err(|m| file_err(path, m))?;
-    let names = family.gguf_names();
+    let Header {
+        config,
+        family,
+        export,
+        names,
+    } = Header::of(model, path)?;
     let arch = model.arch();
     let adapted: Vec<_> = arch
         .linears()
