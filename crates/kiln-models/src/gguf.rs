@@ -67,7 +67,7 @@ pub fn load_model(file: &GgufFile, device: &Device) -> Result<Model, ModelError>
     let arch = config
         .declare()
         .map_err(|(field, message)| file_err(file, format!("`{field}`: {message}")))?;
-    Model::from_hf_tensors(arch, &tensors, device).map_err(|(name, message)| ModelError::Tensor {
+    Model::from_hf_tensors(arch, tensors, device).map_err(|(name, message)| ModelError::Tensor {
         path: file.path.clone(),
         name,
         message,

@@ -54,7 +54,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Model, ModelError> {
     let arch = config.declare().map_err(|(field, message)| {
         file_err(&dir.join(CONFIG_FILE), format!("`{field}`: {message}"))
     })?;
-    Model::from_hf_tensors(arch, &tensors, device).map_err(|(name, message)| ModelError::Tensor {
+    Model::from_hf_tensors(arch, tensors, device).map_err(|(name, message)| ModelError::Tensor {
         path: dir.to_path_buf(),
         name,
         message,

@@ -92,9 +92,11 @@ impl Model {
 
     /// A model whose every parameter comes from HF-layout host tensors (linear weights `[out, in]`).
     /// Names and shapes must all match; the first mismatch is returned as (name, what is wrong).
+    /// Each host tensor is dropped once it is on the device, so loading holds the host copy and
+    /// the model together only one tensor at a time.
     pub fn from_hf_tensors(
         arch: Architecture,
-        tensors: &BTreeMap<String, HostTensor>,
+        mut tensors: BTreeMap<String, HostTensor>,
         device: &Device,
     ) -> Result<Self, (String, String)> {
         for p in &arch.params {
@@ -123,13 +125,15 @@ impl Model {
             ));
         }
         Ok(Self::build(arch, device, &mut |name, kind, shape| {
-            let t = &tensors[name];
+            let t = tensors
+                .remove(name)
+                .expect("checked above: every parameter is present");
             // Transposed on the host so that the weight is contiguous in kiln's layout, as a
             // trained one is: the same memory layout gives bit-identical matmuls on resume.
             if kind.transposed() {
                 transpose_host(&t.data, shape[1], shape[0])
             } else {
-                t.data.clone()
+                t.data
             }
         }))
     }
