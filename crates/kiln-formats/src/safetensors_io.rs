@@ -1,8 +1,7 @@
 //! Reading and writing safetensors files of host tensors (f32 in memory; f16/bf16 widened on read).
 
 use crate::ModelError;
-use crate::fsutil::atomic_write;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -13,43 +12,81 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-/// Writes `tensors` as an f32 safetensors file, atomically, with `{"format": "pt"}` metadata.
+/// An f32 host tensor as the safetensors crate writes it: its bytes are made when the writer
+/// asks for them, one tensor at a time, so writing holds no copy of the whole map.
+struct F32View<'a>(&'a HostTensor);
+
+impl safetensors::View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len() * 4
+    }
+}
+
+/// Writes `tensors` as an f32 safetensors file, atomically (a temp file beside it, fsync,
+/// rename), with `{"format": "pt"}` metadata, streamed tensor by tensor.
 pub fn write_f32(
     path: &Path,
     tensors: &BTreeMap<String, HostTensor>,
     extra_metadata: &[(&str, &str)],
 ) -> Result<(), ModelError> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    if let Some((name, t)) = tensors
         .iter()
-        .map(|(name, t)| {
-            let raw: Vec<u8> = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name.clone(), raw, t.shape.clone())
-        })
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(name, raw, shape)| {
-            TensorView::new(Dtype::F32, shape.clone(), raw)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| ModelError::Tensor {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+        .find(|(_, t)| t.shape.iter().product::<usize>() != t.data.len())
+    {
+        return Err(ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            message: format!("shape {:?} does not hold {} values", t.shape, t.data.len()),
+        });
+    }
     let mut metadata: HashMap<String, String> = HashMap::from([("format".into(), "pt".into())]);
     for (k, v) in extra_metadata {
         metadata.insert((*k).into(), (*v).into());
     }
-    let buffer = safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::File {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    atomic_write(path, &buffer).map_err(|source| ModelError::Io {
+    let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("tensors");
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let views = tensors.iter().map(|(name, t)| (name.as_str(), F32View(t)));
+    let written = safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .map_err(|e| match e {
+            // A full disk reaches the user as the OS says it (checkpoint errors keep the cause).
+            safetensors::SafeTensorError::IoError(source) => io(source),
+            other => ModelError::File {
+                path: path.to_path_buf(),
+                message: other.to_string(),
+            },
+        })
+        .and_then(|()| {
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(io)
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    crate::fsutil::sync_dir(dir);
+    Ok(())
 }
 
 pub fn f16_to_f32(bits: u16) -> f32 {
@@ -293,6 +330,30 @@ mod tests {
         write_f32(&path, &tensors, &[]).unwrap();
         let good = std::fs::read(&path).unwrap();
         assert_eq!(read_all(&path).unwrap(), tensors);
+        // Streamed, the file is byte for byte what the crate makes in memory.
+        let raw: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    t.shape.clone(),
+                )
+            })
+            .collect();
+        let views = raw.iter().map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        });
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        assert_eq!(safetensors::serialize(views, Some(metadata)).unwrap(), good);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left"
+        );
         let crate_reads = |b: &[u8]| -> Option<BTreeMap<String, Vec<f32>>> {
             let st = SafeTensors::deserialize(b).ok()?;
             let mut out = BTreeMap::new();
