@@ -2,15 +2,24 @@
 //! rename, fsync of the directory. A crash leaves the old file or the new one, never half of one.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The directory `path` lies in (`.` for a bare file name).
+pub fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// The temp file beside `path` that an atomic write fills before renaming it onto `path`.
+pub fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    dir_of(path).join(format!(".{name}.tmp.{}", std::process::id()))
+}
 
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let dir = dir_of(path);
+    let tmp = temp_beside(path);
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

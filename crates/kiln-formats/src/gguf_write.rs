@@ -4,7 +4,7 @@
 //! The file appears atomically: a temp file beside it, fsync, rename, fsync of the directory; a
 //! failure or a drop before [`GgufWriter::finish`] leaves no file behind.
 
-use crate::fsutil::sync_dir;
+use crate::fsutil::{dir_of, sync_dir, temp_beside};
 use crate::ggml_quantize::encoded_len;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -207,12 +207,7 @@ impl GgufWriter {
             0,
         );
 
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model");
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let tmp = temp_beside(path);
         let out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
         // From here a failure drops the writer, which removes the temp file.
         let mut writer = GgufWriter {
@@ -261,19 +256,20 @@ impl GgufWriter {
             return Err(invalid(format!("tensor `{}` was never written", t.name)));
         }
         let out = self.out.take().expect("open until finish");
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        let size = file.metadata()?.len();
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            sync_dir(if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            });
+        let placed = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|file| {
+                file.sync_all()?;
+                file.metadata().map(|m| m.len())
+            })
+            .and_then(|size| std::fs::rename(&self.tmp, &self.path).map(|()| size));
+        // Past this point Drop no longer cleans up: a failure here removes the temp file itself.
+        if placed.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
         }
-        Ok(size)
+        sync_dir(dir_of(&self.path));
+        placed
     }
 }
 

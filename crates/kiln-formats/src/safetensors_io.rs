@@ -56,15 +56,7 @@ pub fn write_f32(
         path: path.to_path_buf(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("tensors");
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let tmp = crate::fsutil::temp_beside(path);
     let views = tensors.iter().map(|(name, t)| (name.as_str(), F32View(t)));
     let written = safetensors::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| match e {
@@ -85,7 +77,7 @@ pub fn write_f32(
         let _ = std::fs::remove_file(&tmp);
     }
     written?;
-    crate::fsutil::sync_dir(dir);
+    crate::fsutil::sync_dir(crate::fsutil::dir_of(path));
     Ok(())
 }
 

@@ -210,6 +210,23 @@ impl<'a> Header<'a> {
     }
 }
 
+/// The llama.cpp name of HF tensor `hf`, or an error naming it.
+fn gguf_name(
+    names: &crate::family::GgufNames,
+    export: &crate::family::GgufExport,
+    hf: &str,
+    path: &Path,
+) -> Result<String, ModelError> {
+    names.to_gguf(hf).ok_or_else(|| ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: hf.to_string(),
+        message: format!(
+            "has no llama.cpp name in the {} architecture",
+            export.architecture
+        ),
+    })
+}
+
 /// Writes `model` (adapters fused or absent) to `path` as a `quant` GGUF file, with the
 /// `tokenizer.*` metadata `vocab` and `general.name` `model_name`.
 pub fn write_gguf(
@@ -236,14 +253,7 @@ pub fn write_gguf(
     // (GGUF name, HF name or None for a computed tensor, GGUF dims)
     let mut tensors: Vec<(String, Option<String>, Vec<u64>)> = Vec::new();
     for p in &arch.params {
-        let gguf = names.to_gguf(&p.name).ok_or_else(|| ModelError::Tensor {
-            path: path.to_path_buf(),
-            name: p.name.clone(),
-            message: format!(
-                "has no llama.cpp name in the {} architecture",
-                export.architecture
-            ),
-        })?;
+        let gguf = gguf_name(&names, &export, &p.name, path)?;
         let dims = p.hf_shape().iter().rev().map(|&d| d as u64).collect();
         tensors.push((gguf, Some(p.name.clone()), dims));
     }
@@ -444,14 +454,7 @@ pub fn write_adapter_gguf(
     let mut sources = Vec::new();
     for (linear, lora) in &adapted {
         let weight = format!("{}.weight", linear.path);
-        let gguf = names.to_gguf(&weight).ok_or_else(|| ModelError::Tensor {
-            path: path.to_path_buf(),
-            name: weight.clone(),
-            message: format!(
-                "has no llama.cpp name in the {} architecture",
-                export.architecture
-            ),
-        })?;
+        let gguf = gguf_name(&names, &export, &weight, path)?;
         let r = lora.rank as u64;
         for (suffix, dims) in [
             ("lora_a", vec![linear.d_in as u64, r]),
