@@ -151,6 +151,10 @@ struct FinetuneArgs {
     /// magnitude, PEFT's `use_dora`) or `full` (as --full).
     #[arg(long, value_name = "lora|dora|full", value_parser = ["lora", "full", "dora"])]
     fine_tune_type: Option<String>,
+    /// QLoRA: hold the frozen base quantized while the adapters train. `keep` holds a GGUF
+    /// base in its own blocks (Q4_K_M, Q8_0, ...); q8_0, q4_0, q4_k quantize any base as it loads.
+    #[arg(long, value_name = "none|keep|q8_0|q4_0|q4_k", default_value = "none", value_parser = ["none", "keep", "q8_0", "q4_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])]
+    base_quant: String,
     #[arg(long, default_value_t = 8)]
     rank: usize,
     #[arg(long, default_value_t = 16.0, value_parser = finite_f64)]
@@ -491,6 +495,7 @@ fn finetune_flag(field: &str) -> Option<&'static str> {
         "finetune.lora.target_modules" => "--targets",
         "finetune.lora.num_layers" => "--num-layers",
         "finetune.lora.dora" => "--fine-tune-type",
+        "finetune.base_quant" => "--base-quant",
         "data.train" => "--data",
         "data.seq_len" => "--seq-len",
         "data.mask_prompt" => "--mask-prompt",
@@ -530,6 +535,7 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
             "finetune.method",
             if full { "full".into() } else { "lora".into() },
         ),
+        set("finetune.base_quant", args.base_quant.clone()),
         set("finetune.lora.rank", args.rank.to_string()),
         set("finetune.lora.alpha", args.alpha.to_string()),
         set("finetune.lora.dropout", args.dropout.to_string()),

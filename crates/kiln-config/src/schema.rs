@@ -342,6 +342,51 @@ impl LoraConfig {
     }
 }
 
+/// `finetune.base_quant`: how the frozen base's matrices (linear weights, embeddings) are held
+/// during a LoRA run (QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum BaseQuantConfig {
+    /// In float (`train.dtype`).
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// A GGUF base in its own quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K).
+    #[serde(rename = "keep")]
+    Keep,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// Rows that are not whole 256-element super-blocks fall back to q5_0, as llama.cpp's do.
+    #[serde(rename = "q4_k")]
+    Q4K,
+    #[serde(rename = "q5_k")]
+    Q5K,
+    #[serde(rename = "q6_k")]
+    Q6K,
+}
+
+impl BaseQuantConfig {
+    /// The name the config spells.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Keep => "keep",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+            Self::Q4K => "q4_k",
+            Self::Q5K => "q5_k",
+            Self::Q6K => "q6_k",
+        }
+    }
+}
+
 /// `finetune`: how a `model.pretrained` is trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -349,6 +394,10 @@ pub struct FinetuneConfig {
     /// `lora | full`. Default `lora`.
     pub method: FinetuneMethod,
     pub lora: LoraConfig,
+    /// `none | keep | q8_0 | q4_0 | q4_k` (also `q5_0 | q5_1 | q5_k | q6_k`): the frozen base held
+    /// quantized while the adapters train in float (QLoRA). `keep` holds a GGUF base in its own
+    /// blocks; the others quantize the base as it loads. Default `none`.
+    pub base_quant: BaseQuantConfig,
 }
 
 /// Learning-rate schedule shape.
@@ -926,6 +975,22 @@ impl Config {
             _ => {}
         }
         bounded("logging.log_every", self.logging.log_every, MAX_STEPS)?;
+        if self.finetune.base_quant != BaseQuantConfig::None {
+            if self.model.pretrained.is_none() {
+                return Err((
+                    "finetune.base_quant".into(),
+                    "holds a pretrained base quantized: set model.pretrained".into(),
+                ));
+            }
+            if self.finetune.method == FinetuneMethod::Full {
+                return Err((
+                    "finetune.base_quant".into(),
+                    "a quantized base is frozen: use it with finetune.method: lora (or dora), \
+                     not full"
+                        .into(),
+                ));
+            }
+        }
         let l = &self.finetune.lora;
         bounded("finetune.lora.rank", l.rank, MAX_LORA_RANK)?;
         if l.dora && l.mlx_export {

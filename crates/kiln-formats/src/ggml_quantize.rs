@@ -4,7 +4,7 @@
 //! file kiln writes reconstructs its weights as well as `llama-quantize`'s does. The decoders
 //! are `ggml_types`.
 
-use crate::ggml_types::{BF16, F16, F32, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout};
+use crate::ggml_types::{BF16, F16, F32, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout};
 
 const QK_K: usize = 256;
 /// `GROUP_MAX_EPS`: below this a group is all zeros.
@@ -14,7 +14,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 pub fn writable(ggml_type: u32) -> bool {
     matches!(
         ggml_type,
-        F32 | F16 | BF16 | Q8_0 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
+        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
     )
 }
 
@@ -40,6 +40,7 @@ pub fn quantize_into(ggml_type: u32, values: &[f32], out: &mut Vec<u8>) {
             .iter()
             .for_each(|&v| out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes())),
         Q8_0 => blocks.for_each(|b| q8_0(b, out)),
+        Q4_0 => blocks.for_each(|b| q4_0(b, out)),
         Q5_0 => blocks.for_each(|b| q5_0(b, out)),
         Q5_1 => blocks.for_each(|b| q5_1(b, out)),
         Q4_K => blocks.for_each(|b| q4_k(b, out)),
@@ -119,6 +120,24 @@ fn q8_0(x: &[f32], out: &mut Vec<u8>) {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, d);
     out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
+}
+
+/// `quantize_row_q4_0_ref`: the scale is the value of largest magnitude over −8 (its sign
+/// kept), so that value lands exactly on level 0.
+fn q4_0(x: &[f32], out: &mut Vec<u8>) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(out, d);
+    // C's `(int8_t)(x + 8.5f)` truncates toward zero.
+    let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+    out.extend((0..16).map(|j| q(x[j]) | q(x[j + 16]) << 4));
 }
 
 /// The 4 low bits of 32 five-bit values packed in pairs, and their fifth bits in a u32.

@@ -102,7 +102,7 @@ pub fn readable_types() -> String {
     .join(", ")
 }
 
-fn f16(b: &[u8]) -> f32 {
+pub(crate) fn f16(b: &[u8]) -> f32 {
     crate::safetensors_io::f16_to_f32(u16::from_le_bytes([b[0], b[1]]))
 }
 
@@ -170,7 +170,7 @@ fn q4_1(b: &[u8], out: &mut [f32]) {
 }
 
 /// The 5-bit values of Q5_0/Q5_1: nibbles as Q4's, the fifth bit of element i is bit i of `qh`.
-fn five_bit(qh: &[u8], qs: &[u8], i: usize) -> u8 {
+pub(crate) fn five_bit(qh: &[u8], qs: &[u8], i: usize) -> u8 {
     let high = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]) >> i & 1;
     let low = if i < 16 {
         qs[i] & 0x0f
@@ -206,7 +206,7 @@ fn q8_0(b: &[u8], out: &mut [f32]) {
 
 /// The 2-bit quants of Q2_K and Q3_K: element `h·128 + s·32 + l` is bits `2s..2s+2` of byte
 /// `h·32 + l`.
-fn two_bit(qs: &[u8], e: usize) -> u8 {
+pub(crate) fn two_bit(qs: &[u8], e: usize) -> u8 {
     let (h, s, l) = (e / 128, e % 128 / 32, e % 32);
     qs[h * 32 + l] >> (2 * s) & 3
 }
@@ -243,7 +243,7 @@ fn q3_k(b: &[u8], out: &mut [f32]) {
 }
 
 /// The 6-bit scales and mins of Q4_K/Q5_K's 8 groups of 32, packed in 12 bytes.
-fn k_scale_min(packed: &[u8], g: usize) -> (u8, u8) {
+pub(crate) fn k_scale_min(packed: &[u8], g: usize) -> (u8, u8) {
     if g < 4 {
         (packed[g] & 63, packed[g + 4] & 63)
     } else {
@@ -255,7 +255,7 @@ fn k_scale_min(packed: &[u8], g: usize) -> (u8, u8) {
 }
 
 /// The 4-bit quants of Q4_K/Q5_K: element `c·64 + n·32 + l` is nibble n of byte `c·32 + l`.
-fn k_nibble(qs: &[u8], e: usize) -> u8 {
+pub(crate) fn k_nibble(qs: &[u8], e: usize) -> u8 {
     let (c, n, l) = (e / 64, e % 64 / 32, e % 32);
     qs[c * 32 + l] >> (4 * n) & 0x0f
 }

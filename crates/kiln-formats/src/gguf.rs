@@ -284,9 +284,14 @@ impl GgufFile {
             .unwrap_or("")
     }
 
+    /// One tensor's encoded bytes, as the file holds them.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.bytes[info.offset..info.offset + info.n_bytes]
+    }
+
     /// De-quantises one tensor to f32 in GGUF element order.
     pub fn dequantize(&self, info: &TensorInfo) -> Vec<f32> {
-        let raw = &self.bytes[info.offset..info.offset + info.n_bytes];
+        let raw = self.tensor_bytes(info);
         // Parsing admitted only types `block_layout` knows, and those all decode.
         crate::ggml_types::dequantize(info.ggml_type, raw).unwrap_or_default()
     }

@@ -6,6 +6,7 @@
 pub mod fsutil;
 pub mod fuzz;
 pub mod ggml_quantize;
+pub mod ggml_repack;
 pub mod ggml_types;
 pub mod gguf;
 pub mod gguf_pre_tokenizers;

@@ -108,6 +108,20 @@ pub fn f16_to_f32(bits: u16) -> f32 {
 /// never held whole beside the f32 values (a bf16 checkpoint would otherwise cost its size on
 /// top of twice its size).
 pub fn read_all(path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError> {
+    let mut out = BTreeMap::new();
+    read_each(path, &mut |name, t| {
+        out.insert(name, t);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Reads every tensor of a safetensors file as f32 and hands each to `each` as it is read, so
+/// that a loader that converts tensors (quantizes them) holds one f32 tensor at a time.
+pub fn read_each(
+    path: &Path,
+    each: &mut dyn FnMut(String, HostTensor) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     kiln_config::paths::check_regular_file(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -123,7 +137,7 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError>
             source,
         })?
         .len();
-    read_from(std::io::BufReader::new(file), len, path)
+    read_from(std::io::BufReader::new(file), len, path, each)
 }
 
 /// Checks that `bytes` are a well-formed safetensors file (header, dtypes, offsets) without
@@ -139,7 +153,17 @@ pub fn check(bytes: &[u8], path: &Path) -> Result<(), ModelError> {
 
 /// Decodes the bytes of a safetensors file; `path` names it in errors.
 pub fn parse(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, HostTensor>, ModelError> {
-    read_from(std::io::Cursor::new(bytes), bytes.len() as u64, path)
+    let mut out = BTreeMap::new();
+    read_from(
+        std::io::Cursor::new(bytes),
+        bytes.len() as u64,
+        path,
+        &mut |name, t| {
+            out.insert(name, t);
+            Ok(())
+        },
+    )?;
+    Ok(out)
 }
 
 /// The safetensors crate's bound on a header (100 MB).
@@ -162,7 +186,8 @@ fn read_from<R: std::io::Read>(
     mut r: R,
     len: u64,
     path: &Path,
-) -> Result<BTreeMap<String, HostTensor>, ModelError> {
+    each: &mut dyn FnMut(String, HostTensor) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
     let invalid = |message: String| ModelError::File {
         path: path.to_path_buf(),
         message: format!("not a valid safetensors file: {message}"),
@@ -255,7 +280,6 @@ fn read_from<R: std::io::Read>(
             "the tensors cover {at} of its {data_len} data bytes"
         )));
     }
-    let mut out = BTreeMap::new();
     let mut raw = Vec::new();
     for e in entries {
         raw.resize((e.end - e.start) as usize, 0);
@@ -281,15 +305,15 @@ fn read_from<R: std::io::Read>(
                 });
             }
         };
-        out.insert(
+        each(
             e.name,
             HostTensor {
                 shape: e.shape,
                 data,
             },
-        );
+        )?;
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

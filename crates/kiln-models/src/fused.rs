@@ -108,6 +108,40 @@ pub trait FusedOps: Backend {
         composed::cross_entropy_backward::<Self>(logits, targets, weights, grad)
     }
 
+    /// `x · Wᵀ` for a quantized `W` (`crate::quant`): `x` `[n, cols]` gives `[n, rows]`, `W`'s
+    /// codes `[rows, words]`, scales and biases `[rows, groups]` (the bias is read only when
+    /// the layout has one; callers without pass the scales again).
+    fn kiln_qmatmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shape: QuantShape,
+    ) -> FloatTensor<Self> {
+        composed::qmatmul::<Self>(x, codes, scale, bias, shape)
+    }
+
+    /// Gradient of [`FusedOps::kiln_qmatmul`] for `x`: `grad · W`, `[n, cols]`.
+    fn kiln_qmatmul_backward(
+        grad: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shape: QuantShape,
+    ) -> FloatTensor<Self> {
+        composed::qmatmul_backward::<Self>(grad, codes, scale, bias, shape)
+    }
+
+    /// The quantized rows in f32, `[rows, cols]` (rows: those of `codes`).
+    fn kiln_dequantize(
+        codes: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shape: QuantShape,
+    ) -> FloatTensor<Self> {
+        composed::dequantize::<Self>(codes, scale, bias, shape)
+    }
+
     /// One AdamW update (`kiln_kernels::adamw`'s formula) of a flat parameter `p` with moments
     /// `m`, `v` and gradient `g` (all `[n]`); `clip` `[1]` scales the gradient; where `apply`
     /// `[1]` is false, `p`, `m` and `v` come back unchanged. Gives the new `(p, m, v)`.
@@ -126,6 +160,7 @@ pub trait FusedOps: Backend {
 }
 
 pub use kiln_kernels::AdamW as AdamWStep;
+use crate::quant::{QuantMatrix, QuantShape};
 
 /// The GPU backends: Burn's operations, merged by its fusion compiler.
 impl FusedOps for Cube {}
@@ -277,6 +312,76 @@ mod composed {
         )
     }
 
+    /// The codes unpacked (shift and mask per slot of a word), less the zero, times the
+    /// group's scale, plus its bias: the kernel's formula in the backend's own operations.
+    pub fn dequantize<B: Backend>(
+        codes: IntTensor<B>,
+        scale: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        q: QuantShape,
+    ) -> FloatTensor<B> {
+        let l = q.layout;
+        let rows = codes.shape()[0];
+        let (words, groups) = (l.words_per_row(q.cols), l.groups_per_row(q.cols));
+        let mask = (1i64 << l.bits) - 1;
+        let slots: Vec<IntTensor<B>> = (0..l.codes_per_word())
+            .map(|k| {
+                let shifted =
+                    B::bitwise_right_shift_scalar(codes.clone(), ((l.bits as usize * k) as i64).into());
+                let code = B::bitwise_and_scalar(shifted, mask.into());
+                B::int_reshape(code, Shape::new([rows, words, 1]))
+            })
+            .collect();
+        let codes = B::int_reshape(B::int_cat(slots, 2), Shape::new([rows, groups, l.group]));
+        let levels = B::float_sub_scalar(
+            B::int_into_float(codes, burn::tensor::FloatDType::F32),
+            (l.zero as f64).into(),
+        );
+        let grouped = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([rows, groups, 1]));
+        let mut w = B::float_mul(levels, grouped(scale));
+        if l.has_bias {
+            w = B::float_add(w, grouped(bias));
+        }
+        B::float_reshape(w, Shape::new([rows, q.cols]))
+    }
+
+    /// `W` in `x`'s float type.
+    fn dense_like<B: Backend>(
+        x: &FloatTensor<B>,
+        codes: IntTensor<B>,
+        scale: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        q: QuantShape,
+    ) -> FloatTensor<B> {
+        let w = dequantize::<B>(codes, scale, bias, q);
+        match x.dtype() {
+            DType::F32 => w,
+            other => B::float_cast(w, other.into()),
+        }
+    }
+
+    pub fn qmatmul<B: Backend>(
+        x: FloatTensor<B>,
+        codes: IntTensor<B>,
+        scale: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        q: QuantShape,
+    ) -> FloatTensor<B> {
+        let w = dense_like::<B>(&x, codes, scale, bias, q);
+        B::float_matmul(x, B::float_transpose(w))
+    }
+
+    pub fn qmatmul_backward<B: Backend>(
+        grad: FloatTensor<B>,
+        codes: IntTensor<B>,
+        scale: FloatTensor<B>,
+        bias: FloatTensor<B>,
+        q: QuantShape,
+    ) -> FloatTensor<B> {
+        let w = dense_like::<B>(&grad, codes, scale, bias, q);
+        B::float_matmul(grad, w)
+    }
+
     fn target_index<B: Backend>(targets: IntTensor<B>) -> IntTensor<B> {
         let n = targets.shape().num_elements();
         B::int_reshape(targets, Shape::new([n, 1]))
@@ -356,6 +461,32 @@ mod cpu {
             DType::U64 => t.storage::<u64>().iter().map(|&v| v as u32).collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// A quantized matrix's Flex storage as the kernels' view; `None` when it is not the
+    /// contiguous i32 / f32 storage `QuantMatrix` creates.
+    pub fn quant_ref<'a>(
+        codes: &'a FlexTensor,
+        scale: &'a FlexTensor,
+        bias: &'a FlexTensor,
+        q: QuantShape,
+    ) -> Option<kiln_kernels::quant::QuantRef<'a>> {
+        let rows = codes.layout().shape()[0];
+        let codes = codes.as_slice::<i32>()?;
+        let scale = scale.as_slice::<f32>()?;
+        let bias = match q.layout.has_bias {
+            true => Some(bias.as_slice::<f32>()?),
+            false => None,
+        };
+        let r = kiln_kernels::quant::QuantRef {
+            layout: q.layout,
+            rows,
+            cols: q.cols,
+            codes: bytemuck::cast_slice(codes),
+            scale,
+            bias,
+        };
+        r.is_consistent().then_some(r)
     }
 
     pub fn is_f32(ts: &[&FlexTensor]) -> bool {
@@ -542,6 +673,62 @@ impl FusedOps for Flex {
             dims[1],
         );
         g
+    }
+
+    fn kiln_qmatmul(
+        x: FlexTensor,
+        codes: FlexTensor,
+        scale: FlexTensor,
+        bias: FlexTensor,
+        shape: QuantShape,
+    ) -> FlexTensor {
+        let dims = x.layout().shape().clone();
+        let w = cpu::quant_ref(&codes, &scale, &bias, shape);
+        match w {
+            Some(w) if cpu::is_f32(&[&x]) && dims.num_dims() == 2 && dims[1] == w.cols => {
+                let mut y = vec![0f32; dims[0] * w.rows];
+                kiln_kernels::quant::qmatmul(&cpu::values(&x), dims[0], w, &mut y);
+                cpu::tensor(y, Shape::new([dims[0], w.rows]))
+            }
+            _ => composed::qmatmul::<Self>(x, codes, scale, bias, shape),
+        }
+    }
+
+    fn kiln_qmatmul_backward(
+        grad: FlexTensor,
+        codes: FlexTensor,
+        scale: FlexTensor,
+        bias: FlexTensor,
+        shape: QuantShape,
+    ) -> FlexTensor {
+        let dims = grad.layout().shape().clone();
+        let w = cpu::quant_ref(&codes, &scale, &bias, shape);
+        match w {
+            Some(w) if cpu::is_f32(&[&grad]) && dims.num_dims() == 2 && dims[1] == w.rows => {
+                let mut dx = vec![0f32; dims[0] * w.cols];
+                kiln_kernels::quant::qmatmul_backward(&cpu::values(&grad), dims[0], w, &mut dx);
+                cpu::tensor(dx, Shape::new([dims[0], w.cols]))
+            }
+            _ => composed::qmatmul_backward::<Self>(grad, codes, scale, bias, shape),
+        }
+    }
+
+    fn kiln_dequantize(
+        codes: FlexTensor,
+        scale: FlexTensor,
+        bias: FlexTensor,
+        shape: QuantShape,
+    ) -> FlexTensor {
+        match cpu::quant_ref(&codes, &scale, &bias, shape) {
+            Some(w) => {
+                let mut out = vec![0f32; w.rows * w.cols];
+                if w.cols > 0 {
+                    w.dequantize_rows(0, &mut out);
+                }
+                cpu::tensor(out, Shape::new([w.rows, w.cols]))
+            }
+            None => composed::dequantize::<Self>(codes, scale, bias, shape),
+        }
     }
 
     fn kiln_adamw(
@@ -781,6 +968,55 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
         }
     }
+
+    fn kiln_qmatmul(
+        x: FloatTensor<Self>,
+        codes: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shape: QuantShape,
+    ) -> FloatTensor<Self> {
+        // The tape keeps the quantized weight (it is held anyway) and nothing else: no f32
+        // copy of the weight and not the input, which the input gradient does not need.
+        #[derive(Debug)]
+        struct QmatmulBackward;
+        impl<B: Backend + FusedOps> Backward<B, 1> for QmatmulBackward {
+            type State = (
+                IntTensor<B>,
+                FloatTensor<B>,
+                FloatTensor<B>,
+                QuantShape,
+            );
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (codes, scale, bias, shape) = ops.state;
+                let dx = B::kiln_qmatmul_backward(grad, codes, scale, bias, shape);
+                register!(grads, node, dx);
+            }
+        }
+        let nodes = [x.node()];
+        let x = x.into_primitive();
+        let (scale, bias) = (scale.into_primitive(), bias.into_primitive());
+        match QmatmulBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::kiln_qmatmul(x, codes.clone(), scale.clone(), bias.clone(), shape);
+                prep.finish((codes, scale, bias, shape), y)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::kiln_qmatmul(x, codes, scale, bias, shape))
+            }
+        }
+    }
 }
 
 /// RMSNorm of the rows of `x` `[n, d]`: `x / sqrt(mean(x²) + eps) · weight`.
@@ -853,6 +1089,55 @@ pub fn adamw(
         Tensor::from_dispatch(m),
         Tensor::from_dispatch(v),
     )
+}
+
+/// `x · Wᵀ` for a frozen quantized `W` `[out, in]`: `x` `[n, in]` gives `[n, out]`. Its
+/// backward de-quantises `W` again, tile by tile, and gives `W` no gradient.
+pub fn qmatmul(x: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
+    // The constants take the input's side of autodiff (an untracked wrap, no copy).
+    let on_side = |t: Tensor<2>| {
+        if x.is_autodiff() {
+            t.autodiff()
+        } else {
+            t
+        }
+    };
+    let codes = if x.is_autodiff() {
+        w.codes.clone().autodiff()
+    } else {
+        w.codes.clone()
+    };
+    let (scale, bias) = (on_side(w.scale.clone()), on_side(w.bias_or_scale()));
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_qmatmul(
+        x.into_dispatch(),
+        codes.into_dispatch(),
+        scale.into_dispatch(),
+        bias.into_dispatch(),
+        w.shape(),
+    ))
+}
+
+/// The whole of `w` in f32 `[rows, cols]`, without autodiff.
+pub fn dequantize(w: &QuantMatrix) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_dequantize(
+        w.codes.clone().into_dispatch(),
+        w.scale.clone().into_dispatch(),
+        w.bias_or_scale().into_dispatch(),
+        w.shape(),
+    ))
+}
+
+/// Rows `ids` of `w` in f32 `[n, cols]` (an embedding lookup), without autodiff.
+pub fn gather_rows(w: &QuantMatrix, ids: Tensor<1, Int>) -> Tensor<2> {
+    let codes = w.codes.clone().select(0, ids.clone());
+    let scale = w.scale.clone().select(0, ids.clone());
+    let bias = w.bias_or_scale().select(0, ids);
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_dequantize(
+        codes.into_dispatch(),
+        scale.into_dispatch(),
+        bias.into_dispatch(),
+        w.shape(),
+    ))
 }
 
 /// The same formulas with Burn's tensor API (its autodiff derives the backward), for tests.

@@ -6,7 +6,7 @@
 //! [`registry`]) reads a config and declares an [`arch::Architecture`] from the shared
 //! [`layers`]; a [`Model`] is that declaration with its weights.
 
-pub use kiln_formats::{fsutil, ggml_types, safetensors_io};
+pub use kiln_formats::{fsutil, ggml_repack, ggml_types, safetensors_io};
 pub mod arch;
 pub mod config;
 pub mod dtype;
@@ -22,6 +22,7 @@ pub mod lora;
 pub mod model;
 pub mod params;
 pub mod plan;
+pub mod quant;
 pub mod pretrained;
 pub mod registry;
 

@@ -7,8 +7,10 @@ use crate::dtype::{float_dtype, to_dtype};
 use crate::family::Family;
 use crate::fused;
 use crate::layers::{Dropout, ForwardConsts, LayerCache, Linear, Lora, Positions};
+use crate::quant::QuantMatrix;
+use kiln_formats::ggml_repack::PackedMatrix;
 use crate::params::{
-    P1, P2, ParamInfo, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, Weights,
+    P1, P2, ParamInfo, QuantHeld, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, Weights,
     name_hash, transpose_host,
 };
 use crate::safetensors_io::HostTensor;
@@ -17,6 +19,23 @@ use burn::tensor::FloatDType;
 use kiln_data::{Batch, Rng};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+/// A parameter's values as a file gives them, in HF's layout: float, or a frozen matrix held
+/// quantized.
+#[derive(Debug, Clone)]
+pub enum HostParam {
+    Dense(HostTensor),
+    Packed(PackedMatrix),
+}
+
+impl HostParam {
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            HostParam::Dense(t) => t.shape.clone(),
+            HostParam::Packed(p) => vec![p.rows, p.cols],
+        }
+    }
+}
 
 /// The attention keys and values of the tokens seen so far, per layer.
 #[derive(Default)]
@@ -92,25 +111,44 @@ impl Model {
 
     /// A model whose every parameter comes from HF-layout host tensors (linear weights `[out, in]`).
     /// Names and shapes must all match; the first mismatch is returned as (name, what is wrong).
-    /// Each host tensor is dropped once it is on the device, so loading holds the host copy and
-    /// the model together only one tensor at a time.
     pub fn from_hf_tensors(
         arch: Architecture,
-        mut tensors: BTreeMap<String, HostTensor>,
+        tensors: BTreeMap<String, HostTensor>,
+        device: &Device,
+    ) -> Result<Self, (String, String)> {
+        let params = tensors
+            .into_iter()
+            .map(|(k, t)| (k, HostParam::Dense(t)))
+            .collect();
+        Self::from_host_params(arch, params, device)
+    }
+
+    /// A model whose parameters come from HF-layout host values, float or (frozen matrices)
+    /// quantized. Names and shapes must all match; the first mismatch is returned as (name,
+    /// what is wrong). Each host value is dropped once it is on the device, so loading holds
+    /// the host copy and the model together only one tensor at a time.
+    pub fn from_host_params(
+        arch: Architecture,
+        mut tensors: BTreeMap<String, HostParam>,
         device: &Device,
     ) -> Result<Self, (String, String)> {
         for p in &arch.params {
             match tensors.get(&p.name) {
                 None => return Err((p.name.clone(), "missing from the weights".into())),
-                Some(t) if t.shape != p.hf_shape() => {
+                Some(t) if t.shape() != p.hf_shape() => {
                     return Err((
                         p.name.clone(),
                         format!(
                             "shape {:?}, expected {:?} from config.json",
-                            t.shape,
+                            t.shape(),
                             p.hf_shape()
                         ),
                     ));
+                }
+                Some(HostParam::Packed(_))
+                    if !matches!(p.kind, ParamKind::LinearWeight | ParamKind::Embedding) =>
+                {
+                    return Err((p.name.clone(), "only matrices are held quantized".into()));
                 }
                 Some(_) => {}
             }
@@ -124,18 +162,45 @@ impl Model {
                 "not used by the architecture config.json describes".into(),
             ));
         }
-        Ok(Self::build(arch, device, &mut |name, kind, shape| {
-            let t = tensors
-                .remove(name)
-                .expect("checked above: every parameter is present");
-            // Transposed on the host so that the weight is contiguous in kiln's layout, as a
-            // trained one is: the same memory layout gives bit-identical matmuls on resume.
-            if kind.transposed() {
-                transpose_host(&t.data, shape[1], shape[0])
-            } else {
-                t.data
-            }
-        }))
+        let weights = arch
+            .params
+            .iter()
+            .map(|p| {
+                let t = tensors
+                    .remove(&p.name)
+                    .expect("checked above: every parameter is present");
+                let t = match t {
+                    HostParam::Packed(packed) => {
+                        return ParamTensor::Quantized(Box::new(QuantHeld {
+                            matrix: QuantMatrix::from_packed(packed, device),
+                            transposed: p.kind.transposed(),
+                        }));
+                    }
+                    HostParam::Dense(t) => t,
+                };
+                // Transposed on the host so that the weight is contiguous in kiln's layout, as
+                // a trained one is: the same memory layout gives bit-identical matmuls on resume.
+                let values = if p.kind.transposed() {
+                    transpose_host(&t.data, p.shape[1], p.shape[0])
+                } else {
+                    t.data
+                };
+                match p.shape[..] {
+                    [n] => {
+                        ParamTensor::Vector(Tensor::from_data(TensorData::new(values, [n]), device))
+                    }
+                    [r, c] => ParamTensor::Matrix(Tensor::from_data(
+                        TensorData::new(values, [r, c]),
+                        device,
+                    )),
+                    _ => unreachable!("parameters are vectors or matrices"),
+                }
+            })
+            .collect();
+        Ok(Self {
+            arch: Arc::new(arch),
+            weights: Weights(weights),
+        })
     }
 
     pub fn arch(&self) -> &Architecture {
@@ -154,13 +219,15 @@ impl Model {
         self.arch.blocks.len()
     }
 
+    /// The device of the float parameters (the final norm's, which is never quantized).
     pub fn device(&self) -> Device {
-        self.weights.matrix(self.arch.embed_tokens).device()
+        self.weights.vector(self.arch.norm.weight).device()
     }
 
-    /// The float type the model computes in (its embeddings' type).
+    /// The float type the model computes in (its final norm's, cast with every frozen float
+    /// parameter).
     pub fn dtype(&self) -> FloatDType {
-        float_dtype(&self.weights.matrix(self.arch.embed_tokens))
+        float_dtype(&self.weights.vector(self.arch.norm.weight))
     }
 
     fn consts_with(&self, at: Positions<'_>) -> ForwardConsts {
@@ -208,7 +275,19 @@ impl Model {
         let device = self.device().without_autodiff();
         let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &device);
-        let x = self.weights.matrix(self.arch.embed_tokens).select(0, idx);
+        let x = match self.weights.quantized(self.arch.embed_tokens) {
+            // Only the rows looked up are de-quantised, in the compute type, on the model's
+            // side of autodiff (an untracked constant).
+            Some(q) => {
+                let rows = to_dtype(fused::gather_rows(q, idx), self.dtype());
+                if self.device().is_autodiff() {
+                    rows.autodiff()
+                } else {
+                    rows
+                }
+            }
+            None => self.weights.matrix(self.arch.embed_tokens).select(0, idx),
+        };
         match self.arch.embed_scale {
             // The scale is rounded to the weights' type first, as transformers does.
             Some(s) => x * s,
@@ -233,7 +312,10 @@ impl Model {
         let x = self.arch.norm.forward(&self.weights, x);
         let logits = match &self.arch.lm_head {
             Some(head) => head.forward(&self.weights, x, &mut None),
-            None => x.matmul(self.weights.matrix(self.arch.embed_tokens).transpose()),
+            None => match self.weights.quantized(self.arch.embed_tokens) {
+                Some(q) => fused::qmatmul(x, q),
+                None => x.matmul(self.weights.matrix(self.arch.embed_tokens).transpose()),
+            },
         };
         match self.arch.final_softcap {
             Some(c) => (logits / c).tanh() * c,
@@ -315,14 +397,41 @@ impl Model {
         fused::cross_entropy(logits, idx, weights).sum().neg()
     }
 
-    /// Visits every parameter, in declaration order.
+    /// Visits every float parameter, in declaration order (quantized matrices are constants:
+    /// see [`Model::quantized_numel`]).
     pub fn visit_params(&self, v: &mut impl ParamVisitor) {
         for (info, t) in self.arch.params.iter().zip(&self.weights.0) {
             match t {
                 ParamTensor::Vector(t) => v.visit(&info.name, info.kind, t),
                 ParamTensor::Matrix(t) => v.visit(&info.name, info.kind, t),
+                ParamTensor::Quantized(_) => {}
             }
         }
+    }
+
+    /// Elements and device bytes of the matrices held quantized.
+    pub fn quantized_numel(&self) -> (usize, usize) {
+        self.weights
+            .0
+            .iter()
+            .filter_map(|t| match t {
+                ParamTensor::Quantized(q) => Some((q.matrix.rows * q.matrix.cols, q.matrix.bytes())),
+                _ => None,
+            })
+            .fold((0, 0), |(n, b), (dn, db)| (n + dn, b + db))
+    }
+
+    /// The quantized matrix held for the parameter `name`, if it is one.
+    pub fn quantized_param(&self, name: &str) -> Option<&crate::quant::QuantMatrix> {
+        self.arch
+            .params
+            .iter()
+            .zip(&self.weights.0)
+            .find(|(info, _)| info.name == name)
+            .and_then(|(_, t)| match t {
+                ParamTensor::Quantized(q) => Some(&q.matrix),
+                _ => None,
+            })
     }
 
     /// Rebuilds every parameter through `m`; the architecture is shared, not copied.
@@ -335,6 +444,7 @@ impl Model {
             .map(|(info, t)| match t {
                 ParamTensor::Vector(t) => ParamTensor::Vector(m.map(&info.name, info.kind, t)),
                 ParamTensor::Matrix(t) => ParamTensor::Matrix(m.map(&info.name, info.kind, t)),
+                held @ ParamTensor::Quantized(_) => held,
             })
             .collect();
         Self {
@@ -360,6 +470,11 @@ impl Model {
         }
         let mut e = Export(BTreeMap::new(), keep);
         self.visit_params(&mut e);
+        for info in self.arch.params.iter().filter(|i| keep(i.kind)) {
+            if let Some(q) = self.quantized_param(&info.name) {
+                e.0.insert(info.name.clone(), dequantized_hf(q));
+            }
+        }
         e.0
     }
 
@@ -373,6 +488,9 @@ impl Model {
                     self.1 = Some(read_hf(kind, p));
                 }
             }
+        }
+        if let Some(q) = self.quantized_param(name) {
+            return Some(dequantized_hf(q));
         }
         let mut one = One(name, None);
         self.visit_params(&mut one);
@@ -437,7 +555,7 @@ impl Model {
             if let Some(l) = linear.lora.take() {
                 let factor = l.dora_factor(&weights, linear.weight);
                 let delta = weights.matrix(l.a).matmul(weights.matrix(l.b)) * l.scale;
-                let mut merged = weights.matrix(linear.weight) + delta;
+                let mut merged = weights.dense(linear.weight) + delta;
                 if let Some(g) = factor {
                     merged = merged * g;
                 }
@@ -458,6 +576,14 @@ impl Model {
             arch: Arc::new(arch),
             weights,
         }
+    }
+}
+
+/// A quantized matrix de-quantised to the host, in HF's layout (the one it is held in).
+fn dequantized_hf(q: &crate::quant::QuantMatrix) -> HostTensor {
+    HostTensor {
+        shape: vec![q.rows, q.cols],
+        data: q.to_packed().dequantize(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! ([`crate::arch::ArchBuilder`]). Layers hold handles into the list, so visiting, mapping,
 //! loading, saving and counting are loops over it, the same for every family.
 
+use crate::quant::QuantMatrix;
 use burn::Tensor;
 
 /// What a parameter is, which decides its Hugging Face layout and whether weight decay applies.
@@ -85,11 +86,22 @@ pub struct P1(pub(crate) usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct P2(pub(crate) usize);
 
-/// A parameter's tensor: vectors and matrices are the only ranks a decoder has.
+/// A parameter's tensor: vectors and matrices are the only ranks a decoder has. A frozen
+/// matrix may be held quantized (QLoRA); it is then a constant, not visited as a parameter.
 #[derive(Debug, Clone)]
 pub enum ParamTensor {
     Vector(Tensor<1>),
     Matrix(Tensor<2>),
+    Quantized(Box<QuantHeld>),
+}
+
+/// A quantized matrix with the layout kiln's matrix of it has.
+#[derive(Debug, Clone)]
+pub struct QuantHeld {
+    /// In HF's layout `[out, in]` (the rows quantized), whatever the parameter's.
+    pub matrix: QuantMatrix,
+    /// kiln holds the parameter as the transpose (linear weights, `[in, out]`).
+    pub transposed: bool,
 }
 
 /// Visits every trainable tensor with its Hugging Face name.
@@ -128,11 +140,31 @@ pub fn transpose_host(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 pub struct Weights(pub Vec<ParamTensor>);
 
 impl Weights {
-    /// The matrix behind `p`.
+    /// The float matrix behind `p`. Callers that may meet a quantized one ask
+    /// [`Weights::quantized`] first, or take [`Weights::dense`].
     pub fn matrix(&self, p: P2) -> Tensor<2> {
         match &self.0[p.0] {
             ParamTensor::Matrix(t) => t.clone(),
+            ParamTensor::Quantized(_) => unreachable!("a quantized matrix read as a float one"),
             ParamTensor::Vector(_) => unreachable!("a matrix handle points at a vector"),
+        }
+    }
+
+    /// The quantized matrix behind `p`, if it is held quantized.
+    pub fn quantized(&self, p: P2) -> Option<&QuantMatrix> {
+        match &self.0[p.0] {
+            ParamTensor::Quantized(q) => Some(&q.matrix),
+            _ => None,
+        }
+    }
+
+    /// The matrix behind `p` in float and in kiln's layout, de-quantised when it is held
+    /// quantized (a weight-sized tensor: for fusing and DoRA's norms, not for products).
+    pub fn dense(&self, p: P2) -> Tensor<2> {
+        match &self.0[p.0] {
+            ParamTensor::Quantized(q) if q.transposed => q.matrix.dequantize().transpose(),
+            ParamTensor::Quantized(q) => q.matrix.dequantize(),
+            _ => self.matrix(p),
         }
     }
 
@@ -140,7 +172,7 @@ impl Weights {
     pub fn vector(&self, p: P1) -> Tensor<1> {
         match &self.0[p.0] {
             ParamTensor::Vector(t) => t.clone(),
-            ParamTensor::Matrix(_) => unreachable!("a vector handle points at a matrix"),
+            _ => unreachable!("a vector handle points at a matrix"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A pretrained model with what it needs to be used: tokenizer, chat template, end-of-turn ids.
 //! From a Hugging Face directory (also kiln's own checkpoints) or a GGUF file.
 
+use crate::quant::BaseQuant;
 use crate::gguf::GgufFile;
 use crate::{Model, ModelError, hf};
 use burn::prelude::Device;
@@ -78,13 +79,18 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 
 impl Pretrained {
     pub fn load(path: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_held(path, device, BaseQuant::None)
+    }
+
+    /// Loads with the frozen matrices held as `quant` says (`finetune.base_quant`).
+    pub fn load_held(path: &Path, device: &Device, quant: BaseQuant) -> Result<Self, ModelError> {
         if is_gguf(path) {
-            return Self::load_gguf(path, device);
+            return Self::from_gguf_held(GgufFile::read(path)?, device, quant);
         }
         if !path.is_dir() {
             return Err(file_err(path, "not a model directory or a GGUF file"));
         }
-        let model = hf::load_model(path, device)?;
+        let model = hf::load_model_held(path, device, quant)?;
         let tokenizer = Tokenizer::load_dir(path).map_err(|e| file_err(path, e.to_string()))?;
         let mut stop_ids = Vec::new();
         let mut chat_template = None;
@@ -143,12 +149,17 @@ impl Pretrained {
         })
     }
 
-    fn load_gguf(path: &Path, device: &Device) -> Result<Self, ModelError> {
-        Self::from_gguf(GgufFile::read(path)?, device)
-    }
-
     /// From a GGUF file already read (callers that looked at its metadata first read it once).
     pub fn from_gguf(file: GgufFile, device: &Device) -> Result<Self, ModelError> {
+        Self::from_gguf_held(file, device, BaseQuant::None)
+    }
+
+    /// [`Pretrained::from_gguf`] with the frozen matrices held as `quant` says.
+    pub fn from_gguf_held(
+        file: GgufFile,
+        device: &Device,
+        quant: BaseQuant,
+    ) -> Result<Self, ModelError> {
         let path = file.path.clone();
         let path = path.as_path();
         // The architecture and config first: they decide whether the file is usable at all.
@@ -186,7 +197,7 @@ impl Pretrained {
             .filter(|(k, _)| k.starts_with("tokenizer."))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let model = crate::gguf::load_model(&file, device)?;
+        let model = crate::gguf::load_model_held(&file, device, quant)?;
         check_vocabulary(path, &model, &tokenizer, &stop_ids)?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -28,6 +28,8 @@ pub struct Workload {
     pub loss_chunk: usize,
     /// Half-precision compute (`train.dtype: bf16 | f16`).
     pub half: bool,
+    /// Frozen matrices held quantized (`finetune.base_quant`), counted at their own bytes.
+    pub held: kiln_models::quant::Held,
 }
 
 /// Bytes of each part of a run's peak.
@@ -117,11 +119,13 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     // In half precision each step casts the f32 trainable weights (a half-size copy during the
     // step), and frozen weights (a LoRA base model) are held in the half type.
     let frozen = w.total.saturating_sub(w.trainable);
-    let weights = if w.half {
-        6 * w.trainable + 2 * frozen
-    } else {
-        4 * w.total
-    };
+    let float_frozen = frozen.saturating_sub(w.held.numel);
+    let weights = w.held.bytes
+        + if w.half {
+            6 * w.trainable + 2 * float_frozen
+        } else {
+            4 * (w.trainable + float_frozen)
+        };
     let gradients = 2 * 4 * w.trainable;
     let optimizer = 2 * 4 * w.trainable;
     Estimate {
@@ -348,7 +352,12 @@ pub fn resolve(config: &Config, plan: &Plan) -> Config {
 }
 
 /// The workload a config describes, for a model of shape `m` with these parameter counts.
-pub fn workload(config: &Config, m: &Architecture, trainable: u64, total: u64) -> Workload {
+pub fn workload(
+    config: &Config,
+    m: &Architecture,
+    (trainable, total): (u64, u64),
+    held: kiln_models::quant::Held,
+) -> Workload {
     let lora = config.model.pretrained.is_some()
         && config.finetune.method == kiln_config::FinetuneMethod::Lora;
     Workload {
@@ -359,6 +368,7 @@ pub fn workload(config: &Config, m: &Architecture, trainable: u64, total: u64) -
         dropout: config.model.dropout > 0.0 || (lora && config.finetune.lora.dropout > 0.0),
         loss_chunk: loss_chunk(config.memory.loss_chunk, m.config.vocab_size),
         half: config.train.dtype != kiln_config::ComputeDtype::F32,
+        held,
     }
 }
 
@@ -385,12 +395,13 @@ pub struct Resumed {
 fn plan_shape(
     config: &Config,
     m: &Architecture,
-    (trainable, total): (u64, u64),
+    counts: (u64, u64),
+    held: kiln_models::quant::Held,
     resumed: Resumed,
     budget: Option<(u64, String)>,
     overhead: u64,
 ) -> Result<Plan, NothingFits> {
-    let w = workload(config, m, trainable, total);
+    let w = workload(config, m, counts, held);
     let budget = budget.unwrap_or((u64::MAX, "unknown (no limit applied)".into()));
     let t = &config.train;
     let checkpointing = match (config.memory.checkpointing, resumed.recompute_every) {
@@ -423,14 +434,15 @@ pub fn planner(
     config: &Config,
     selected: &crate::device::SelectedDevice,
     resumed: Resumed,
-) -> impl Fn(&Architecture, u64, u64) -> Result<Plan, crate::TrainError> {
+) -> impl Fn(&Architecture, u64, u64, kiln_models::quant::Held) -> Result<Plan, crate::TrainError> {
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
     let overhead = overhead(selected);
-    move |m, trainable, total| {
+    move |m, trainable, total, held| {
         plan_shape(
             config,
             m,
             (trainable, total),
+            held,
             resumed,
             budget.clone(),
             overhead,
@@ -459,14 +471,15 @@ pub struct PlanReport {
 /// The plan for `config` without loading weights or allocating tensors.
 pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
     let selected = crate::device::select(&config.backend)?;
-    let (m, trainable, total) = crate::shape::model_shape(config)?;
-    let w = workload(config, &m, trainable, total);
+    let (m, trainable, total, held) = crate::shape::model_shape(config)?;
+    let w = workload(config, &m, (trainable, total), held);
     let overhead = overhead(&selected);
     let budget = resolve_budget(config.memory.budget, selected.budget.as_ref());
     let plan = plan_shape(
         config,
         &m,
         (trainable, total),
+        held,
         Resumed::default(),
         budget.clone(),
         overhead,
@@ -562,6 +575,7 @@ mod tests {
             dropout: false,
             loss_chunk: loss_chunk(0, m.config.vocab_size),
             half: false,
+            held: Default::default(),
         }
     }
 

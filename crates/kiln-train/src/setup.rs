@@ -43,7 +43,8 @@ pub struct Setup {
 /// What `setup` asks before it builds or loads any weights, given the model's declaration and its
 /// (trainable, total) parameter counts: `plan::planner` plans the run, or refuses one that
 /// cannot fit.
-pub type Planner<'a> = &'a dyn Fn(&Architecture, u64, u64) -> Result<Plan, TrainError>;
+pub type Planner<'a> =
+    &'a dyn Fn(&Architecture, u64, u64, kiln_models::quant::Held) -> Result<Plan, TrainError>;
 
 /// The model (on the plain, non-autodiff device) and the rest of the run's setup. `check` sees
 /// the model's shape first, so an impossible run stops before anything is allocated.
@@ -67,10 +68,12 @@ pub fn setup(
     };
     let arch = crate::shape::declare(&shape)?;
     let (trainable, total) = crate::shape::param_counts(config, &arch)?;
-    let plan = planner(&arch, trainable, total)?;
+    let held = crate::shape::held(config, &arch, gguf.as_ref());
+    let plan = planner(&arch, trainable, total, held)?;
+    let quant = crate::shape::base_quant(config);
     let mut p = match gguf {
-        Some(file) => Pretrained::from_gguf(file, device)?,
-        None => Pretrained::load(base, device)?,
+        Some(file) => Pretrained::from_gguf_held(file, device, quant)?,
+        None => Pretrained::load_held(base, device, quant)?,
     };
     if let (Some(t), Some(think)) = (p.chat_template.as_mut(), config.data.enable_thinking) {
         t.kwargs.insert("enable_thinking".into(), think.into());
@@ -131,7 +134,7 @@ fn setup_scratch(
     let model_config = scratch_shape(config, tokenizer.vocab_size())?;
     let arch = crate::shape::declare(&model_config)?;
     let n = arch.num_params() as u64;
-    let plan = planner(&arch, n, n)?;
+    let plan = planner(&arch, n, n, Default::default())?;
     let model = match resume {
         Some(dir) => {
             let saved = checkpoint::read_model_config(dir)?;

@@ -5,6 +5,7 @@
 use crate::TrainError;
 use kiln_config::Config;
 use kiln_models::lora::LoraSpec;
+use kiln_models::quant::{BaseQuant, Held};
 use kiln_models::{Architecture, ModelConfig};
 use std::path::PathBuf;
 
@@ -77,16 +78,44 @@ pub fn declare(m: &ModelConfig) -> Result<Architecture, TrainError> {
 /// A model's declaration and parameter counts (trainable, total), read without loading its
 /// weights: `config.json` or GGUF metadata for pretrained models, the tokenizer for models from
 /// scratch.
-pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64), TrainError> {
+pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64, Held), TrainError> {
     match &config.model.pretrained {
         Some(base) => pretrained_shape(config, base),
         None => {
             let (tokenizer, _) = crate::data::load_data(config, None, None, &[])?;
             let m = declare(&scratch_shape(config, tokenizer.vocab_size())?)?;
             let n = m.num_params() as u64;
-            Ok((m, n, n))
+            Ok((m, n, n, Held::default()))
         }
     }
+}
+
+/// `finetune.base_quant` as the loaders take it.
+pub fn base_quant(config: &Config) -> BaseQuant {
+    use kiln_config::BaseQuantConfig as C;
+    use kiln_models::ggml_types as t;
+    match config.finetune.base_quant {
+        C::None => BaseQuant::None,
+        C::Keep => BaseQuant::Keep,
+        C::Q8_0 => BaseQuant::To(t::Q8_0),
+        C::Q4_0 => BaseQuant::To(t::Q4_0),
+        C::Q5_0 => BaseQuant::To(t::Q5_0),
+        C::Q5_1 => BaseQuant::To(t::Q5_1),
+        C::Q4K => BaseQuant::To(t::Q4_K),
+        C::Q5K => BaseQuant::To(t::Q5_K),
+        C::Q6K => BaseQuant::To(t::Q6_K),
+    }
+}
+
+/// What the frozen matrices of `arch` cost held as the config asks (`gguf`: the base file,
+/// whose own types `keep` holds).
+pub fn held(
+    config: &Config,
+    arch: &Architecture,
+    gguf: Option<&kiln_models::gguf::GgufFile>,
+) -> Held {
+    let types = gguf.map(kiln_models::gguf::matrix_types);
+    kiln_models::quant::held_for(arch, base_quant(config), types.as_ref())
 }
 
 /// A pretrained model's declaration from its `config.json` or GGUF metadata, and the parameter
@@ -94,15 +123,19 @@ pub fn model_shape(config: &Config) -> Result<(Architecture, u64, u64), TrainErr
 pub fn pretrained_shape(
     config: &Config,
     base: &std::path::Path,
-) -> Result<(Architecture, u64, u64), TrainError> {
-    let m = if kiln_models::pretrained::is_gguf(base) {
-        kiln_models::gguf::read_config(&kiln_models::gguf::GgufFile::read(base)?)?.1
-    } else {
-        kiln_models::hf::read_config(base)?
+) -> Result<(Architecture, u64, u64, Held), TrainError> {
+    let gguf = match kiln_models::pretrained::is_gguf(base) {
+        true => Some(kiln_models::gguf::GgufFile::read(base)?),
+        false => None,
+    };
+    let m = match &gguf {
+        Some(file) => kiln_models::gguf::read_config(file)?.1,
+        None => kiln_models::hf::read_config(base)?,
     };
     let arch = declare(&m)?;
     let (trainable, total) = param_counts(config, &arch)?;
-    Ok((arch, trainable, total))
+    let held = held(config, &arch, gguf.as_ref());
+    Ok((arch, trainable, total, held))
 }
 
 /// (trainable, total) parameters of a pretrained model declared as `m` under the config's

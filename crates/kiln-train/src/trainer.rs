@@ -141,7 +141,7 @@ pub fn count_params(model: &Model) -> (usize, usize) {
     }
     let mut c = Count(0, 0);
     model.visit_params(&mut c);
-    (c.0, c.1)
+    (c.0, c.1 + model.quantized_numel().0)
 }
 
 fn memory_now(device: &Device) -> Option<u64> {

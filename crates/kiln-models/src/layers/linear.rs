@@ -3,6 +3,7 @@
 //! DoRA (Liu et al. 2024, as PEFT computes it) rescales each output by `m / ‖W + s·AB‖`, the
 //! column norm taken as a constant (no gradient), so it is the one weight-sized product formed.
 
+use crate::fused;
 use crate::layers::dropout::Dropout;
 use crate::params::{P1, P2, Weights};
 use burn::prelude::*;
@@ -23,7 +24,7 @@ impl Lora {
     pub fn dora_factor(&self, w: &Weights, weight: P2) -> Option<Tensor<2>> {
         let m = w.vector(self.magnitude?);
         let delta = w.matrix(self.a).detach().matmul(w.matrix(self.b).detach()) * self.scale;
-        let merged = w.matrix(weight).detach() + delta;
+        let merged = w.dense(weight).detach() + delta;
         let norm = merged.powi_scalar(2).sum_dim(0).sqrt();
         Some(m.unsqueeze_dim(0) / norm)
     }
@@ -56,6 +57,14 @@ impl Linear {
             .ok()
     }
 
+    /// `x W`, the base weight's product alone (a quantized weight de-quantised on the fly).
+    fn base(&self, w: &Weights, x: Tensor<2>) -> Tensor<2> {
+        match w.quantized(self.weight) {
+            Some(q) => fused::qmatmul(x, q),
+            None => x.matmul(w.matrix(self.weight)),
+        }
+    }
+
     pub fn forward(&self, w: &Weights, x: Tensor<2>, dropout: &mut Option<Dropout>) -> Tensor<2> {
         let y = match &self.lora {
             Some(l) => {
@@ -63,20 +72,20 @@ impl Linear {
                 let xa = dropped.clone().unwrap_or_else(|| x.clone());
                 // The scale goes on the rank-r activations, the smaller side.
                 let low_rank = (xa.matmul(w.matrix(l.a)) * l.scale).matmul(w.matrix(l.b));
-                let base = x.matmul(w.matrix(self.weight));
+                let base = self.base(w, x);
                 match l.dora_factor(w, self.weight) {
                     None => base + low_rank,
                     // PEFT: x W + (g - 1) · dropout(x) W + g · s · dropout(x) A B.
                     Some(g) => match dropped {
                         None => (base + low_rank) * g,
                         Some(xd) => {
-                            let base_dropped = xd.matmul(w.matrix(self.weight));
+                            let base_dropped = self.base(w, xd);
                             base + base_dropped * (g.clone() - 1.0) + low_rank * g
                         }
                     },
                 }
             }
-            None => x.matmul(w.matrix(self.weight)),
+            None => self.base(w, x),
         };
         match self.bias {
             Some(b) => y + w.vector(b).unsqueeze_dim(0),
