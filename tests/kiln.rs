@@ -4355,32 +4355,44 @@ fn random_blocks(ggml_type: u32, rows: usize, cols: usize, seed: u64) -> Vec<u8>
 /// QLoRA's products: two linear layers with LoRA adapters over quantized bases (every held
 /// type), and the same over the bases de-quantised to f32; the output, the adapters' gradients
 /// and the input's gradient agree within 1e-5 relative (the second layer's input gradient is
-/// the quantized backward). On the CPU a base of two scratch tiles is checked too.
-fn check_quantized_lora(device: &burn::tensor::Device, what: &str, types: &[u32], tiles: bool) {
+/// the quantized backward). Bases of two scratch tiles are checked for the `tiled` types.
+fn check_quantized_lora(device: &burn::tensor::Device, what: &str, types: &[u32], tiled: &[u32]) {
     use burn::prelude::*;
     use kiln::models::quant::QuantMatrix;
     let dev = device.clone().autodiff();
-    let tensor = |v: Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, dims), &dev);
+    let tensor =
+        |v: Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, dims), &dev);
     let close = |name: &str, a: Tensor<2>, b: Tensor<2>| {
         let (a, b) = (
             a.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
             b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
         );
         let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 1e-5 * scale, "{what} {name}: max difference {err} (scale {scale})");
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "{what} {name}: max difference {err} (scale {scale})"
+        );
     };
-    let mut shapes = vec![(8usize, 512usize, 256usize, 256usize)];
-    if tiles {
-        // 8448 × 512 elements: more than one scratch tile (kiln_kernels::quant::SCRATCH_ELEMENTS).
-        shapes.push((4, 8448, 512, 256));
-    }
     for &ty in types {
+        let mut shapes = vec![(8usize, 512usize, 256usize, 256usize)];
+        if tiled.contains(&ty) {
+            // 8448 × 512 elements: more than one scratch tile (SCRATCH_ELEMENTS).
+            shapes.push((4, 8448, 512, 256));
+        }
         for &(n, mid, d_in, d_out) in &shapes {
             let name = kiln::models::ggml_types::type_name(ty);
             let pack = |rows, cols, seed| {
-                kiln::models::ggml_repack::repack(ty, &random_blocks(ty, rows, cols, seed), rows, cols)
-                    .unwrap()
+                kiln::models::ggml_repack::repack(
+                    ty,
+                    &random_blocks(ty, rows, cols, seed),
+                    rows,
+                    cols,
+                )
+                .unwrap()
             };
             let (p1, p2) = (pack(mid, d_in, 1), pack(d_out, mid, 2));
             let (w1, w2) = (p1.dequantize(), p2.dequantize());
@@ -4425,11 +4437,237 @@ fn check_quantized_lora(device: &burn::tensor::Device, what: &str, types: &[u32]
 fn lora_gradients_on_a_quantized_base_equal_those_on_its_f32_values() {
     use kiln::models::ggml_types as t;
     let all = [
-        t::Q8_0, t::Q4_0, t::Q4_1, t::Q5_0, t::Q5_1, t::Q2_K, t::Q3_K, t::Q4_K, t::Q5_K, t::Q6_K,
+        t::Q8_0,
+        t::Q4_0,
+        t::Q4_1,
+        t::Q5_0,
+        t::Q5_1,
+        t::Q2_K,
+        t::Q3_K,
+        t::Q4_K,
+        t::Q5_K,
+        t::Q6_K,
     ];
-    check_quantized_lora(&burn::tensor::Device::flex(), "cpu", &all, true);
+    check_quantized_lora(&burn::tensor::Device::flex(), "cpu", &all, &all);
     if !software_vulkan("the wgpu half") {
         return;
     }
-    check_quantized_lora(&lavapipe(), "wgpu", &all, false);
+    check_quantized_lora(&lavapipe(), "wgpu", &all, &[t::Q4_K]);
+}
+
+/// `base_quant: keep` holds llama.cpp's own Q4_K_M file in its blocks (every matrix, Q/K rows
+/// reordered as the family reads them) at transformers' logits on the de-quantised values;
+/// `q8_0` re-quantizes an HF directory as it loads, close to its f32 logits. A GGUF holding a
+/// type `keep` cannot hold (IQ4_NL) is refused naming the tensor and type, before loading; an
+/// HF directory is refused `keep`.
+#[test]
+fn qlora_holds_gguf_blocks_at_transformers_logits_and_refuses_what_it_cannot_hold() {
+    use kiln::models::ggml_types::Q8_0;
+    use kiln::models::gguf::{GgufFile, load_model_held};
+    use kiln::models::quant::BaseQuant;
+    let cpu = burn::tensor::Device::flex();
+    let dir = repo().join("tests/fixtures/kquants");
+    let file = GgufFile::read(&dir.join("Q4_K_M.gguf")).unwrap();
+    let model = load_model_held(&file, &cpu, BaseQuant::Keep).unwrap();
+    let (held, bytes) = model.quantized_numel();
+    let norms: usize = model
+        .arch()
+        .params
+        .iter()
+        .filter(|p| p.kind == kiln::models::ParamKind::Norm)
+        .map(|p| p.numel())
+        .sum();
+    assert_eq!(held + norms, model.arch().num_params());
+    // Under a third of f32 (Q4_K's 0.75 bytes an element, Q6_K's 1.25 for the output).
+    assert!(bytes * 3 < held * 4, "{bytes} bytes for {held} elements");
+    let diff = logit_difference(&model, &dir, "expected-Q4_K_M.safetensors");
+    assert!(
+        diff < 1e-4,
+        "keep: logits differ from transformers by {diff}"
+    );
+
+    let mixed = GgufFile::read(&dir.join("mixed.gguf")).unwrap();
+    let e = load_model_held(&mixed, &cpu, BaseQuant::Keep)
+        .err()
+        .unwrap()
+        .to_string();
+    for part in ["blk.0.ffn_gate.weight", "IQ4_NL", "base_quant", "q8_0"] {
+        assert!(e.contains(part), "{e}");
+    }
+    // Re-quantized to Q8_0 instead, the same file loads.
+    let q8 = load_model_held(&mixed, &cpu, BaseQuant::To(Q8_0)).unwrap();
+    assert_eq!(q8.quantized_numel().0 + norms, q8.arch().num_params());
+
+    let hf = repo().join("tests/fixtures/parity/llama-gqa-tied");
+    let e = kiln::models::hf::load_model_held(&hf, &cpu, BaseQuant::Keep)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("keep") && e.contains("q4_k"), "{e}");
+    let f32_diff = logit_difference(
+        &kiln::models::hf::load_model(&hf, &cpu).unwrap(),
+        &hf,
+        "expected.safetensors",
+    );
+    let q8 = kiln::models::hf::load_model_held(&hf, &cpu, BaseQuant::To(Q8_0)).unwrap();
+    assert!(q8.quantized_numel().0 > 0);
+    // Each held matrix is exactly what Q8_0 blocks of the f32 weights decode to (kiln's
+    // quantizer writes llama.cpp's bytes), and the logits move by quantization error only.
+    let f32_model = kiln::models::hf::load_model(&hf, &cpu).unwrap();
+    for p in &q8.arch().params {
+        if q8.quantized_param(&p.name).is_none() {
+            continue;
+        }
+        let original = f32_model.hf_tensor(&p.name).unwrap();
+        let (blocks, _) =
+            kiln::models::ggml_quantize::quantize_rows(Q8_0, original.shape[1], &original.data);
+        let want = kiln::models::ggml_types::dequantize(Q8_0, &blocks).unwrap();
+        assert!(q8.hf_tensor(&p.name).unwrap().data == want, "{}", p.name);
+    }
+    let q8_diff = logit_difference(&q8, &hf, "expected.safetensors");
+    let expected =
+        kiln::models::safetensors_io::read_all(&hf.join("expected.safetensors")).unwrap();
+    let scale = expected["logits"]
+        .data
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        q8_diff > f32_diff && q8_diff < 0.05 * scale,
+        "q8_0 logits differ by {q8_diff} of {scale} (f32: {f32_diff})"
+    );
+}
+
+/// A LoRA run on a `keep` base from `kiln finetune --base-quant keep`: it trains (loss falls as
+/// on the f32 base, step for step within 1e-4), saves only the adapter, and `kiln fuse` writes
+/// the merged model in f32 from it; `--base-quant keep` on an HF directory, or with `--full`,
+/// exits 2 naming the flag.
+#[test]
+fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let records: String = (0..24)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"record {i}: the quick brown fox jumps over the lazy dog {i}\"}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(data.join("train.jsonl"), &records).unwrap();
+    let half: String = records.lines().take(12).map(|l| format!("{l}\n")).collect();
+    std::fs::write(data.join("valid.jsonl"), half).unwrap();
+    // A quantized GGUF with a tokenizer: kiln's own Q8_0 file of the Llama 3 fixture.
+    let gguf = tmp.path().join("base-Q8_0.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["fuse", "--model"])
+        .arg(repo().join("tests/fixtures/families/llama3"))
+        .arg("--gguf")
+        .arg(&gguf)
+        .args(["--quant", "q8_0"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", output_text(&o));
+    let run = |quant: &str, extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.args(["finetune", "--model"])
+            .arg(&gguf)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output-dir")
+            .arg(tmp.path().join("runs"))
+            .args([
+                "--name",
+                quant,
+                "--base-quant",
+                quant,
+                "--iters",
+                "8",
+                "--batch-size",
+                "2",
+            ])
+            .args(["--lr", "1e-2", "--rank", "8"])
+            .args(["--seq-len", "32", "--eval-every", "0", "--save-every", "0"])
+            .args(extra);
+        c.output().unwrap()
+    };
+    // The loss of each step, as the progress lines print it (`step 2/4  loss 3.1234 ...`).
+    let losses = |o: &std::process::Output| -> Vec<f64> {
+        output_text(o)
+            .lines()
+            .filter(|l| l.trim_start().starts_with("step "))
+            .filter_map(|l| {
+                l.split("loss ")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let outputs: Vec<_> = ["none", "keep"]
+        .iter()
+        .map(|q| {
+            let o = run(q, &["--set", "logging.log_every=1"]);
+            assert!(o.status.success(), "{q}: {}", output_text(&o));
+            o
+        })
+        .collect();
+    let (f32_run, kept) = (losses(&outputs[0]), losses(&outputs[1]));
+    let said = output_text(&outputs[1]);
+    assert!(
+        said.contains("held quantized (finetune.base_quant: keep)"),
+        "{said}"
+    );
+    assert!(!output_text(&outputs[0]).contains("held quantized"));
+    assert!(
+        !kept.is_empty() && kept.len() == f32_run.len(),
+        "{kept:?} {f32_run:?}"
+    );
+    for (a, b) in kept.iter().zip(&f32_run) {
+        assert!((a - b).abs() <= 1e-4 * b.abs(), "{kept:?} vs {f32_run:?}");
+    }
+    assert!(kept.last() < kept.first(), "{kept:?}");
+    let ckpt = tmp.path().join("runs/keep");
+    let saved: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        saved.iter().any(|f| f == "adapter_model.safetensors"),
+        "{saved:?}"
+    );
+    assert!(!saved.iter().any(|f| f == "model.safetensors"), "{saved:?}");
+    let fused = tmp.path().join("fused");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["fuse", "--adapter"])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&fused)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", output_text(&o));
+    let weights = kiln::models::safetensors_io::read_all(&fused.join("model.safetensors")).unwrap();
+    assert!(weights.contains_key("model.layers.0.self_attn.q_proj.weight"));
+
+    let o = run("keep", &["--full"]);
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("--base-quant"),
+        "{}",
+        output_text(&o)
+    );
+    let hf = repo().join("tests/fixtures/parity/llama-gqa-tied");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["finetune", "--model"])
+        .arg(&hf)
+        .arg("--data")
+        .arg(&data)
+        .args(["--base-quant", "keep", "--iters", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(output_text(&o).contains("keep"), "{}", output_text(&o));
 }

@@ -153,7 +153,7 @@ struct FinetuneArgs {
     fine_tune_type: Option<String>,
     /// QLoRA: hold the frozen base quantized while the adapters train. `keep` holds a GGUF
     /// base in its own blocks (Q4_K_M, Q8_0, ...); q8_0, q4_0, q4_k quantize any base as it loads.
-    #[arg(long, value_name = "none|keep|q8_0|q4_0|q4_k", default_value = "none", value_parser = ["none", "keep", "q8_0", "q4_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])]
+    #[arg(long, value_name = "none|keep|q8_0|q4_0|q4_k", default_value = "none", value_parser = ["none", "keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])]
     base_quant: String,
     #[arg(long, default_value_t = 8)]
     rank: usize,

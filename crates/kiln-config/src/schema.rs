@@ -357,11 +357,13 @@ pub enum BaseQuantConfig {
     Q8_0,
     #[serde(rename = "q4_0")]
     Q4_0,
+    #[serde(rename = "q4_1")]
+    Q4_1,
     #[serde(rename = "q5_0")]
     Q5_0,
     #[serde(rename = "q5_1")]
     Q5_1,
-    /// Rows that are not whole 256-element super-blocks fall back to q5_0, as llama.cpp's do.
+    /// Rows that are not whole 256-element super-blocks are held as q4_1 (the same bytes).
     #[serde(rename = "q4_k")]
     Q4K,
     #[serde(rename = "q5_k")]
@@ -378,6 +380,7 @@ impl BaseQuantConfig {
             Self::Keep => "keep",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
             Self::Q5_0 => "q5_0",
             Self::Q5_1 => "q5_1",
             Self::Q4K => "q4_k",
@@ -394,7 +397,7 @@ pub struct FinetuneConfig {
     /// `lora | full`. Default `lora`.
     pub method: FinetuneMethod,
     pub lora: LoraConfig,
-    /// `none | keep | q8_0 | q4_0 | q4_k` (also `q5_0 | q5_1 | q5_k | q6_k`): the frozen base held
+    /// `none | keep | q8_0 | q4_0 | q4_k` (also `q4_1 | q5_0 | q5_1 | q5_k | q6_k`): the frozen base held
     /// quantized while the adapters train in float (QLoRA). `keep` holds a GGUF base in its own
     /// blocks; the others quantize the base as it loads. Default `none`.
     pub base_quant: BaseQuantConfig,
@@ -976,10 +979,20 @@ impl Config {
         }
         bounded("logging.log_every", self.logging.log_every, MAX_STEPS)?;
         if self.finetune.base_quant != BaseQuantConfig::None {
-            if self.model.pretrained.is_none() {
+            let Some(base) = &self.model.pretrained else {
                 return Err((
                     "finetune.base_quant".into(),
                     "holds a pretrained base quantized: set model.pretrained".into(),
+                ));
+            };
+            if self.finetune.base_quant == BaseQuantConfig::Keep && base.is_dir() {
+                return Err((
+                    "finetune.base_quant".into(),
+                    format!(
+                        "keep holds a GGUF file's own blocks, and {} is a Hugging Face \
+                         directory: quantize it as it loads with q8_0, q4_0 or q4_k",
+                        base.display()
+                    ),
                 ));
             }
             if self.finetune.method == FinetuneMethod::Full {

@@ -4,7 +4,9 @@
 //! file kiln writes reconstructs its weights as well as `llama-quantize`'s does. The decoders
 //! are `ggml_types`.
 
-use crate::ggml_types::{BF16, F16, F32, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout};
+use crate::ggml_types::{
+    BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout,
+};
 
 const QK_K: usize = 256;
 /// `GROUP_MAX_EPS`: below this a group is all zeros.
@@ -14,7 +16,7 @@ const GROUP_MAX_EPS: f32 = 1e-15;
 pub fn writable(ggml_type: u32) -> bool {
     matches!(
         ggml_type,
-        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
+        F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q4_K | Q5_K | Q6_K
     )
 }
 
@@ -41,6 +43,7 @@ pub fn quantize_into(ggml_type: u32, values: &[f32], out: &mut Vec<u8>) {
             .for_each(|&v| out.extend(half::bf16::from_f32(v).to_bits().to_le_bytes())),
         Q8_0 => blocks.for_each(|b| q8_0(b, out)),
         Q4_0 => blocks.for_each(|b| q4_0(b, out)),
+        Q4_1 => blocks.for_each(|b| q4_1(b, out)),
         Q5_0 => blocks.for_each(|b| q5_0(b, out)),
         Q5_1 => blocks.for_each(|b| q5_1(b, out)),
         Q4_K => blocks.for_each(|b| q4_k(b, out)),
@@ -137,6 +140,21 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
     put_f16(out, d);
     // C's `(int8_t)(x + 8.5f)` truncates toward zero.
     let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+    out.extend((0..16).map(|j| q(x[j]) | q(x[j + 16]) << 4));
+}
+
+/// `quantize_row_q4_1_ref`: 16 levels from the block's minimum to its maximum.
+fn q4_1(x: &[f32], out: &mut Vec<u8>) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = if v < min { v } else { min };
+        max = if v > max { v } else { max };
+    }
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(out, d);
+    put_f16(out, min);
+    let q = |v: f32| (((v - min) * id + 0.5) as i8).min(15) as u8;
     out.extend((0..16).map(|j| q(x[j]) | q(x[j + 16]) << 4));
 }
 
@@ -511,9 +529,28 @@ mod tests {
         assert!(rms_error(Q5_K, &x) < rms_error(Q4_K, &x));
     }
 
+    /// The types gguf-py quantizes too, byte for byte what it makes of the same rows
+    /// (tests/fixtures/make_quantized_rows.py: normal rows, tiny, large, zero, constant and
+    /// positive ones).
+    #[test]
+    fn ggml_quantize_matches_gguf_py_bytes() {
+        let path = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap())
+            .join("../../tests/fixtures/quants/quantized.gguf");
+        let file = crate::gguf::GgufFile::read(&path).unwrap();
+        let find = |name: &str| file.tensors.iter().find(|t| t.name == name).unwrap();
+        let input = file.dequantize(find("input"));
+        for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0] {
+            let want = file.tensor_bytes(find(&crate::ggml_types::type_name(ty)));
+            let mut got = Vec::new();
+            quantize_into(ty, &input, &mut got);
+            let differ = got.iter().zip(want).position(|(a, b)| a != b);
+            assert_eq!((got.len(), differ), (want.len(), None), "type {ty}");
+        }
+    }
+
     #[test]
     fn zero_and_constant_blocks_stay_exact() {
-        for ty in [Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K] {
+        for ty in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K] {
             let zeros = vec![0.0f32; QK_K];
             assert_eq!(rms_error(ty, &zeros), 0.0, "type {ty}");
         }

@@ -152,7 +152,10 @@ fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
 
 /// `y = x · Wᵀ`: `x` `[n, cols]`, `y` `[n, rows]` (a linear layer's forward, W in HF layout).
 pub fn qmatmul(x: &[f32], n: usize, w: QuantRef<'_>, y: &mut [f32]) {
-    assert!(w.is_consistent(), "quantized matrix storage does not match its shape");
+    assert!(
+        w.is_consistent(),
+        "quantized matrix storage does not match its shape"
+    );
     assert!(x.len() == n * w.cols && y.len() == n * w.rows);
     if n == 0 || w.rows == 0 {
         return;
@@ -195,7 +198,10 @@ pub fn qmatmul(x: &[f32], n: usize, w: QuantRef<'_>, y: &mut [f32]) {
 /// `dx = dy · W`: `dy` `[n, rows]`, `dx` `[n, cols]` (the input gradient of [`qmatmul`]; a
 /// frozen weight gets none).
 pub fn qmatmul_backward(dy: &[f32], n: usize, w: QuantRef<'_>, dx: &mut [f32]) {
-    assert!(w.is_consistent(), "quantized matrix storage does not match its shape");
+    assert!(
+        w.is_consistent(),
+        "quantized matrix storage does not match its shape"
+    );
     assert!(dy.len() == n * w.rows && dx.len() == n * w.cols);
     if n == 0 || w.cols == 0 {
         return;

@@ -159,8 +159,8 @@ pub trait FusedOps: Backend {
     }
 }
 
-pub use kiln_kernels::AdamW as AdamWStep;
 use crate::quant::{QuantMatrix, QuantShape};
+pub use kiln_kernels::AdamW as AdamWStep;
 
 /// The GPU backends: Burn's operations, merged by its fusion compiler.
 impl FusedOps for Cube {}
@@ -326,8 +326,10 @@ mod composed {
         let mask = (1i64 << l.bits) - 1;
         let slots: Vec<IntTensor<B>> = (0..l.codes_per_word())
             .map(|k| {
-                let shifted =
-                    B::bitwise_right_shift_scalar(codes.clone(), ((l.bits as usize * k) as i64).into());
+                let shifted = B::bitwise_right_shift_scalar(
+                    codes.clone(),
+                    ((l.bits as usize * k) as i64).into(),
+                );
                 let code = B::bitwise_and_scalar(shifted, mask.into());
                 B::int_reshape(code, Shape::new([rows, words, 1]))
             })
@@ -360,6 +362,33 @@ mod composed {
         }
     }
 
+    /// Row ranges of `rows` that de-quantise into at most the kernels' scratch size each.
+    fn tiles(rows: usize, cols: usize) -> Vec<core::ops::Range<usize>> {
+        let per = (kiln_kernels::quant::SCRATCH_ELEMENTS / cols.max(1)).clamp(1, rows.max(1));
+        (0..rows)
+            .step_by(per)
+            .map(|r| r..(r + per).min(rows))
+            .collect()
+    }
+
+    /// Rows `r` of a quantized matrix's codes, scales and biases.
+    fn rows_of<B: Backend>(
+        codes: &IntTensor<B>,
+        scale: &FloatTensor<B>,
+        bias: &FloatTensor<B>,
+        r: core::ops::Range<usize>,
+    ) -> (IntTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let rows = Slice::from(r);
+        let all = |width: usize| Slice::from(0..width);
+        (
+            B::int_slice(codes.clone(), &[rows, all(codes.shape()[1])]),
+            B::float_slice(scale.clone(), &[rows, all(scale.shape()[1])]),
+            B::float_slice(bias.clone(), &[rows, all(bias.shape()[1])]),
+        )
+    }
+
+    /// `x · Wᵀ`, one tile of W's rows at a time (no weight-sized f32 copy), the tiles' columns
+    /// of the output concatenated.
     pub fn qmatmul<B: Backend>(
         x: FloatTensor<B>,
         codes: IntTensor<B>,
@@ -367,10 +396,22 @@ mod composed {
         bias: FloatTensor<B>,
         q: QuantShape,
     ) -> FloatTensor<B> {
-        let w = dense_like::<B>(&x, codes, scale, bias, q);
-        B::float_matmul(x, B::float_transpose(w))
+        let rows = codes.shape()[0];
+        let parts: Vec<FloatTensor<B>> = tiles(rows, q.cols)
+            .into_iter()
+            .map(|r| {
+                let (c, s, b) = rows_of::<B>(&codes, &scale, &bias, r);
+                let w = dense_like::<B>(&x, c, s, b, q);
+                B::float_matmul(x.clone(), B::float_transpose(w))
+            })
+            .collect();
+        match parts.len() {
+            1 => parts.into_iter().next().expect("one tile"),
+            _ => B::float_cat(parts, 1),
+        }
     }
 
+    /// `grad · W`, summed over tiles of W's rows in order.
     pub fn qmatmul_backward<B: Backend>(
         grad: FloatTensor<B>,
         codes: IntTensor<B>,
@@ -378,8 +419,18 @@ mod composed {
         bias: FloatTensor<B>,
         q: QuantShape,
     ) -> FloatTensor<B> {
-        let w = dense_like::<B>(&grad, codes, scale, bias, q);
-        B::float_matmul(grad, w)
+        let rows = codes.shape()[0];
+        let n = grad.shape()[0];
+        tiles(rows, q.cols)
+            .into_iter()
+            .map(|r| {
+                let g = B::float_slice(grad.clone(), &[Slice::from(0..n), Slice::from(r.clone())]);
+                let (c, s, b) = rows_of::<B>(&codes, &scale, &bias, r);
+                let w = dense_like::<B>(&g, c, s, b, q);
+                B::float_matmul(g, w)
+            })
+            .reduce(B::float_add)
+            .expect("a matrix has rows")
     }
 
     fn target_index<B: Backend>(targets: IntTensor<B>) -> IntTensor<B> {
@@ -487,6 +538,27 @@ mod cpu {
             bias,
         };
         r.is_consistent().then_some(r)
+    }
+
+    /// `t` in f32 (itself when it is).
+    pub fn as_f32(t: FlexTensor) -> FlexTensor {
+        match t.dtype() {
+            DType::F32 => t,
+            _ => <Flex as burn::backend::ops::FloatTensorOps<Flex>>::float_cast(
+                t,
+                burn::tensor::FloatDType::F32,
+            ),
+        }
+    }
+
+    /// An f32 result in `dtype`, the type its input had.
+    pub fn back_to(t: FlexTensor, dtype: DType) -> FlexTensor {
+        match dtype {
+            DType::F32 => t,
+            other => {
+                <Flex as burn::backend::ops::FloatTensorOps<Flex>>::float_cast(t, other.into())
+            }
+        }
     }
 
     pub fn is_f32(ts: &[&FlexTensor]) -> bool {
@@ -685,10 +757,14 @@ impl FusedOps for Flex {
         let dims = x.layout().shape().clone();
         let w = cpu::quant_ref(&codes, &scale, &bias, shape);
         match w {
-            Some(w) if cpu::is_f32(&[&x]) && dims.num_dims() == 2 && dims[1] == w.cols => {
+            Some(w) if dims.num_dims() == 2 && dims[1] == w.cols => {
+                // Half-precision activations go through f32 (the kernel's type) and back: an
+                // activation-sized copy, where the composed path would widen the weight.
+                let dtype = x.dtype();
+                let x = cpu::as_f32(x);
                 let mut y = vec![0f32; dims[0] * w.rows];
                 kiln_kernels::quant::qmatmul(&cpu::values(&x), dims[0], w, &mut y);
-                cpu::tensor(y, Shape::new([dims[0], w.rows]))
+                cpu::back_to(cpu::tensor(y, Shape::new([dims[0], w.rows])), dtype)
             }
             _ => composed::qmatmul::<Self>(x, codes, scale, bias, shape),
         }
@@ -704,10 +780,12 @@ impl FusedOps for Flex {
         let dims = grad.layout().shape().clone();
         let w = cpu::quant_ref(&codes, &scale, &bias, shape);
         match w {
-            Some(w) if cpu::is_f32(&[&grad]) && dims.num_dims() == 2 && dims[1] == w.rows => {
+            Some(w) if dims.num_dims() == 2 && dims[1] == w.rows => {
+                let dtype = grad.dtype();
+                let grad = cpu::as_f32(grad);
                 let mut dx = vec![0f32; dims[0] * w.cols];
                 kiln_kernels::quant::qmatmul_backward(&cpu::values(&grad), dims[0], w, &mut dx);
-                cpu::tensor(dx, Shape::new([dims[0], w.cols]))
+                cpu::back_to(cpu::tensor(dx, Shape::new([dims[0], w.cols])), dtype)
             }
             _ => composed::qmatmul_backward::<Self>(grad, codes, scale, bias, shape),
         }
@@ -981,12 +1059,7 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         #[derive(Debug)]
         struct QmatmulBackward;
         impl<B: Backend + FusedOps> Backward<B, 1> for QmatmulBackward {
-            type State = (
-                IntTensor<B>,
-                FloatTensor<B>,
-                FloatTensor<B>,
-                QuantShape,
-            );
+            type State = (IntTensor<B>, FloatTensor<B>, FloatTensor<B>, QuantShape);
             fn backward(
                 self,
                 ops: Ops<Self::State, 1>,
@@ -1012,9 +1085,7 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 let y = B::kiln_qmatmul(x, codes.clone(), scale.clone(), bias.clone(), shape);
                 prep.finish((codes, scale, bias, shape), y)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::kiln_qmatmul(x, codes, scale, bias, shape))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_qmatmul(x, codes, scale, bias, shape)),
         }
     }
 }
@@ -1096,11 +1167,7 @@ pub fn adamw(
 pub fn qmatmul(x: Tensor<2>, w: &QuantMatrix) -> Tensor<2> {
     // The constants take the input's side of autodiff (an untracked wrap, no copy).
     let on_side = |t: Tensor<2>| {
-        if x.is_autodiff() {
-            t.autodiff()
-        } else {
-            t
-        }
+        if x.is_autodiff() { t.autodiff() } else { t }
     };
     let codes = if x.is_autodiff() {
         w.codes.clone().autodiff()

@@ -7,10 +7,10 @@ use crate::family::{Family, config_from_hf};
 use crate::model::{HostParam, Model};
 use crate::params::ParamKind;
 use crate::quant::{self, BaseQuant};
-use kiln_formats::{ggml_repack, ggml_types};
 use crate::registry;
 use crate::safetensors_io::HostTensor;
 use burn::prelude::Device;
+use kiln_formats::{ggml_repack, ggml_types};
 use std::collections::BTreeMap;
 
 pub use kiln_formats::gguf::*;
@@ -97,8 +97,15 @@ pub fn load_model_held(
             message: format!("not a tensor of the {} architecture", file.architecture()),
         })?;
         let matrix = info.dims.len() == 2 && kinds.get(&name).is_some_and(|&k| quant::holdable(k));
-        let float = matches!(info.ggml_type, ggml_types::F32 | ggml_types::F16 | ggml_types::BF16);
-        if quant == BaseQuant::Keep && matrix && !float && ggml_repack::layout(info.ggml_type).is_none() {
+        let float = matches!(
+            info.ggml_type,
+            ggml_types::F32 | ggml_types::F16 | ggml_types::BF16
+        );
+        if quant == BaseQuant::Keep
+            && matrix
+            && !float
+            && ggml_repack::layout(info.ggml_type).is_none()
+        {
             return Err(ModelError::Tensor {
                 path: file.path.clone(),
                 name: info.name.clone(),
@@ -192,7 +199,13 @@ fn row_order(
     let order: Vec<usize> = probe.data.iter().map(|&v| v as usize).collect();
     let mut seen = vec![false; rows];
     let permutation = probe.shape == [rows, 1]
-        && probe.data.iter().zip(&order).all(|(&v, &r)| r as f32 == v && r < rows)
-        && order.iter().all(|&r| !std::mem::replace(&mut seen[r], true));
+        && probe
+            .data
+            .iter()
+            .zip(&order)
+            .all(|(&v, &r)| r as f32 == v && r < rows)
+        && order
+            .iter()
+            .all(|&r| !std::mem::replace(&mut seen[r], true));
     permutation.then_some(Some(order))
 }

@@ -6,7 +6,7 @@
 //! [`registry`]) reads a config and declares an [`arch::Architecture`] from the shared
 //! [`layers`]; a [`Model`] is that declaration with its weights.
 
-pub use kiln_formats::{fsutil, ggml_repack, ggml_types, safetensors_io};
+pub use kiln_formats::{fsutil, ggml_quantize, ggml_repack, ggml_types, safetensors_io};
 pub mod arch;
 pub mod config;
 pub mod dtype;
@@ -22,8 +22,8 @@ pub mod lora;
 pub mod model;
 pub mod params;
 pub mod plan;
-pub mod quant;
 pub mod pretrained;
+pub mod quant;
 pub mod registry;
 
 pub use arch::Architecture;

@@ -7,16 +7,16 @@ use crate::dtype::{float_dtype, to_dtype};
 use crate::family::Family;
 use crate::fused;
 use crate::layers::{Dropout, ForwardConsts, LayerCache, Linear, Lora, Positions};
-use crate::quant::QuantMatrix;
-use kiln_formats::ggml_repack::PackedMatrix;
 use crate::params::{
-    P1, P2, ParamInfo, QuantHeld, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, Weights,
-    name_hash, transpose_host,
+    P1, P2, ParamInfo, ParamKind, ParamMapper, ParamSource, ParamTensor, ParamVisitor, QuantHeld,
+    Weights, name_hash, transpose_host,
 };
+use crate::quant::QuantMatrix;
 use crate::safetensors_io::HostTensor;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kiln_data::{Batch, Rng};
+use kiln_formats::ggml_repack::PackedMatrix;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -415,7 +415,9 @@ impl Model {
             .0
             .iter()
             .filter_map(|t| match t {
-                ParamTensor::Quantized(q) => Some((q.matrix.rows * q.matrix.cols, q.matrix.bytes())),
+                ParamTensor::Quantized(q) => {
+                    Some((q.matrix.rows * q.matrix.cols, q.matrix.bytes()))
+                }
                 _ => None,
             })
             .fold((0, 0), |(n, b), (dn, db)| (n + dn, b + db))

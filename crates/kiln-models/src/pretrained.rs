@@ -1,8 +1,8 @@
 //! A pretrained model with what it needs to be used: tokenizer, chat template, end-of-turn ids.
 //! From a Hugging Face directory (also kiln's own checkpoints) or a GGUF file.
 
-use crate::quant::BaseQuant;
 use crate::gguf::GgufFile;
+use crate::quant::BaseQuant;
 use crate::{Model, ModelError, hf};
 use burn::prelude::Device;
 use kiln_data::{ChatTemplate, Tokenizer};

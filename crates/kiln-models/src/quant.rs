@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorCreationOptions};
 use kiln_formats::ggml_repack::{self, PackedMatrix};
 use kiln_formats::ggml_types;
-pub use kiln_kernels::quant::QuantLayout;
+pub use kiln_kernels::quant::{QuantLayout, SCRATCH_ELEMENTS};
 
 /// How to hold a base model's frozen matrices (`finetune.base_quant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +25,14 @@ pub enum BaseQuant {
 
 impl BaseQuant {
     /// The config's names: `none`, `keep`, `q8_0`, `q4_0`, `q4_k`, and the other types kiln
-    /// quantizes to (`q4_1` is read but not written).
+    /// quantizes to.
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "none" => Self::None,
             "keep" => Self::Keep,
             "q8_0" => Self::To(ggml_types::Q8_0),
             "q4_0" => Self::To(ggml_types::Q4_0),
+            "q4_1" => Self::To(ggml_types::Q4_1),
             "q5_0" => Self::To(ggml_types::Q5_0),
             "q5_1" => Self::To(ggml_types::Q5_1),
             "q4_k" => Self::To(ggml_types::Q4_K),
@@ -41,7 +42,7 @@ impl BaseQuant {
         })
     }
 
-    pub const NAMES: &'static str = "none, keep, q8_0, q4_0, q5_0, q5_1, q4_k, q5_k, q6_k";
+    pub const NAMES: &'static str = "none, keep, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k";
 
     pub fn is_none(self) -> bool {
         self == Self::None
@@ -49,15 +50,16 @@ impl BaseQuant {
 }
 
 /// The type a row of `cols` elements is quantized to when `wanted` asks for it: a K-quant needs
-/// whole 256-element super-blocks, otherwise llama.cpp's fallback (Q4_K → Q5_0, Q5_K → Q5_1,
-/// Q6_K → Q8_0) is taken, as `llama-quantize` does for such rows.
+/// whole 256-element super-blocks; other rows take a 32-element type of the same bits held:
+/// Q4_K → Q4_1 (4-bit affine, the same 0.75 bytes an element held; llama.cpp's writer takes
+/// Q5_0, which kiln would hold in 8-bit codes), Q5_K → Q5_1, Q6_K → Q8_0.
 pub fn type_for_row(wanted: u32, cols: usize) -> u32 {
     let whole = ggml_types::block_layout(wanted).is_some_and(|(b, _)| cols.is_multiple_of(b));
     if whole {
         return wanted;
     }
     match wanted {
-        ggml_types::Q4_K => ggml_types::Q5_0,
+        ggml_types::Q4_K => ggml_types::Q4_1,
         ggml_types::Q5_K => ggml_types::Q5_1,
         ggml_types::Q6_K => ggml_types::Q8_0,
         other => other,
@@ -206,6 +208,9 @@ pub fn hold_dense(
 pub struct Held {
     pub numel: u64,
     pub bytes: u64,
+    /// The output projection (or the embedding it is tied to) is among them: its products
+    /// de-quantise tile by tile, never widening the whole weight.
+    pub head: bool,
 }
 
 /// [`Held`] for a model declared as `arch` loaded with `quant`; `keep_types` gives a GGUF
@@ -216,6 +221,10 @@ pub fn held_for(
     keep_types: Option<&std::collections::BTreeMap<String, u32>>,
 ) -> Held {
     let mut held = Held::default();
+    let head = match &arch.lm_head {
+        Some(l) => format!("{}.weight", l.path),
+        None => "model.embed_tokens.weight".to_string(),
+    };
     for p in arch.params.iter().filter(|p| holdable(p.kind)) {
         let cols = p.hf_shape().get(1).copied().unwrap_or(0);
         let ty = match quant {
@@ -229,6 +238,7 @@ pub fn held_for(
             (cols.is_multiple_of(block) && l.fits(cols)).then_some(l)
         });
         if let Some(l) = layout {
+            held.head |= p.name == head;
             held.numel += p.numel() as u64;
             held.bytes += (l.bytes_per_element() * p.numel() as f64).ceil() as u64;
         }

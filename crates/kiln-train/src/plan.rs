@@ -113,14 +113,25 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     if w.half {
         // The half-type logits beside their f32 copy, and the output projection's weight widened
         // to f32 for the matmul where the backend multiplies half precision through f32 (Flex):
-        // without these a LoRA run in bf16 measured 18% over the estimate.
-        logits += (2.0 * rows * vocab as f64) as u64 + 4 * (vocab * m.config.hidden_size) as u64;
+        // without these a LoRA run in bf16 measured 18% over the estimate. A quantized head
+        // is de-quantised a tile at a time instead (counted below).
+        logits += (2.0 * rows * vocab as f64) as u64;
+        if !w.held.head {
+            logits += 4 * (vocab * m.config.hidden_size) as u64;
+        }
     }
     // In half precision each step casts the f32 trainable weights (a half-size copy during the
     // step), and frozen weights (a LoRA base model) are held in the half type.
     let frozen = w.total.saturating_sub(w.trainable);
     let float_frozen = frozen.saturating_sub(w.held.numel);
+    // A product of a quantized weight holds one de-quantised tile (and on the GPU its cast).
+    let scratch = if w.held.numel > 0 {
+        2 * 4 * kiln_models::quant::SCRATCH_ELEMENTS as u64
+    } else {
+        0
+    };
     let weights = w.held.bytes
+        + scratch
         + if w.half {
             6 * w.trainable + 2 * float_frozen
         } else {
@@ -724,6 +735,45 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.micro_batch, p.grad_accum), (4, 3));
+    }
+
+    /// A 16 GB Mac's Metal working set: 2/3 of its RAM (FACTS.md), about 10.7 GiB.
+    const MAC_16GB: u64 = (16 << 30) / 3 * 2;
+
+    /// QLoRA: a Llama-3-8B-shaped model with LoRA at sequence 2048 fits a 16 GB Mac with its
+    /// base held as Q4_K (recompute as needed), in f32 or half compute; held in f16 it does not
+    /// (16 GB of weights alone).
+    #[test]
+    fn a_q4_k_8b_base_fits_a_16_gb_mac_and_an_f16_one_does_not() {
+        use kiln_models::ggml_types::{Q4_K, Q8_0};
+        use kiln_models::quant::{BaseQuant, held_for};
+        let m = llama3_8b();
+        let w = lora_workload(&m, 1, 2048);
+        let on_mac =
+            |w: &Workload| choose(&m, w, Checkpointing::Auto, metal(MAC_16GB), GPU_OVERHEAD);
+        let f16 = Workload { half: true, ..w };
+        let e = on_mac(&f16).unwrap_err();
+        assert!(e.leanest.weights > 15 << 30, "{e}");
+        let held = held_for(&m, BaseQuant::To(Q4_K), None);
+        // Every linear weight and both embeddings (4096 and 14336 are whole super-blocks).
+        assert_eq!(held.numel, m.num_params() as u64 - (2 * 32 + 1) * 4096);
+        // Q4_K held: 4 bits a code and an f32 scale and bias per 32 elements.
+        assert_eq!(held.bytes, held.numel * 3 / 4);
+        for half in [false, true] {
+            let q = Workload { held, half, ..w };
+            let p = on_mac(&q).unwrap_or_else(|e| panic!("half {half}: {e}"));
+            assert!(p.estimate.total <= p.usable, "{p:?}");
+            assert!(p.estimate.weights < 6 << 30, "{:?}", p.estimate);
+        }
+        // q8_0 holds 1.125 bytes an element: it needs recompute-level room but not f16's.
+        let q8 = held_for(&m, BaseQuant::To(Q8_0), None);
+        assert_eq!(q8.bytes, q8.numel * 9 / 8);
+        // SmolLM2-135M's 576-wide rows are not whole super-blocks: q4_k holds them as Q4_1,
+        // the same bytes, and its 1536-wide rows (down_proj) as Q4_K.
+        let s = smollm2_135m();
+        let held = held_for(&s, BaseQuant::To(Q4_K), None);
+        assert_eq!(held.numel, s.num_params() as u64 - 61 * 576);
+        assert_eq!(held.bytes, held.numel * 3 / 4);
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub fn base_quant(config: &Config) -> BaseQuant {
         C::Keep => BaseQuant::Keep,
         C::Q8_0 => BaseQuant::To(t::Q8_0),
         C::Q4_0 => BaseQuant::To(t::Q4_0),
+        C::Q4_1 => BaseQuant::To(t::Q4_1),
         C::Q5_0 => BaseQuant::To(t::Q5_0),
         C::Q5_1 => BaseQuant::To(t::Q5_1),
         C::Q4K => BaseQuant::To(t::Q4_K),

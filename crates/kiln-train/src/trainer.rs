@@ -516,6 +516,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         n_total as f64 / 1e6,
         100.0 * n_trainable as f64 / n_total.max(1) as f64
     ));
+    let (held, held_bytes) = model.quantized_numel();
+    if held > 0 {
+        say(&format!(
+            "base: {:.3}M frozen weights held quantized (finetune.base_quant: {}) in {}",
+            held as f64 / 1e6,
+            config.finetune.base_quant.name(),
+            crate::memory::human_bytes(held_bytes as u64)
+        ));
+    }
     say(&format!(
         "data: {}; {} steps of {} × {} × ≤{} tokens",
         setup.data.describe(),
