@@ -4538,9 +4538,9 @@ fn qlora_holds_gguf_blocks_at_transformers_logits_and_refuses_what_it_cannot_hol
 }
 
 /// A LoRA run on a `keep` base from `kiln finetune --base-quant keep`: it trains (loss falls as
-/// on the f32 base, step for step within 1e-4), saves only the adapter, and `kiln fuse` writes
-/// the merged model in f32 from it; `--base-quant keep` on an HF directory, or with `--full`,
-/// exits 2 naming the flag.
+/// on the f32 base, step for step within 1e-4), saves only the adapter; `kiln fuse` writes the
+/// merged model in f32 from it, or (`--gguf --quant keep`) in the base's own encoding.
+/// `--base-quant keep` on an HF directory, or with `--full`, exits 2 naming the flag.
 #[test]
 fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
     let tmp = tempfile::tempdir().unwrap();
@@ -4651,6 +4651,53 @@ fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
     assert!(o.status.success(), "{}", output_text(&o));
     let weights = kiln::models::safetensors_io::read_all(&fused.join("model.safetensors")).unwrap();
     assert!(weights.contains_key("model.layers.0.self_attn.q_proj.weight"));
+    // `--quant keep`: the base's types; what no adapter changed is the base's bytes, what one
+    // changed is the fused f32 weight quantized again (within Q8_0's error of it).
+    let kept = tmp.path().join("kept.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["fuse", "--adapter"])
+        .arg(&ckpt)
+        .arg("--gguf")
+        .arg(&kept)
+        .args(["--quant", "keep"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", output_text(&o));
+    let (base, out) = (
+        kiln::models::gguf::GgufFile::read(&gguf).unwrap(),
+        kiln::models::gguf::GgufFile::read(&kept).unwrap(),
+    );
+    assert_eq!(base.tensors.len(), out.tensors.len());
+    let (mut copied, mut requantized) = (0, 0);
+    for t in &out.tensors {
+        let b = base.tensors.iter().find(|b| b.name == t.name).unwrap();
+        assert_eq!((t.ggml_type, &t.dims), (b.ggml_type, &b.dims), "{}", t.name);
+        if out.tensor_bytes(t) == base.tensor_bytes(b) {
+            copied += 1;
+            continue;
+        }
+        requantized += 1;
+        let hf = match t.name.as_str() {
+            n if n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight") => continue,
+            n => n.replace("blk.", "model.layers.").replace(".attn_v.", ".self_attn.v_proj."),
+        };
+        let fused_values = &weights[&hf].data;
+        let got = out.dequantize(t);
+        let scale = fused_values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(fused_values).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= scale / 100.0, "{}: {err} of {scale}", t.name);
+    }
+    assert!(copied > 0 && requantized > 0, "{copied} copied, {requantized} quantized again");
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["fuse", "--model"])
+        .arg(repo().join("tests/fixtures/parity/llama-gqa-tied"))
+        .arg("--gguf")
+        .arg(tmp.path().join("refused.gguf"))
+        .args(["--quant", "keep"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(output_text(&o).contains("not a GGUF file"), "{}", output_text(&o));
 
     let o = run("keep", &["--full"]);
     assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));

@@ -98,13 +98,36 @@ struct FuseArgs {
     /// Where to write a GGUF file for llama.cpp, Ollama and LM Studio (must not exist).
     #[arg(long, value_name = "OUT.gguf")]
     gguf: Option<PathBuf>,
-    /// The GGUF's encoding: f32, f16, bf16, q8_0, or llama.cpp's mixes q4_k_m, q5_k_m, q6_k.
+    /// The GGUF's encoding: f32, f16, bf16, q8_0, llama.cpp's mixes q4_k_m, q5_k_m, q6_k, or
+    /// keep (a GGUF base's own types: the tensors no adapter changed copied block for block,
+    /// the changed ones quantized again to their type).
     #[arg(long, requires = "gguf", default_value = "f16", value_parser = parse_quant)]
-    quant: GgufQuant,
+    quant: FuseQuant,
 }
 
-fn parse_quant(text: &str) -> Result<GgufQuant, String> {
-    GgufQuant::parse(text).ok_or_else(|| format!("`{text}`: choose {}", GgufQuant::NAMES))
+/// `kiln fuse --quant`.
+#[derive(Debug, Clone, Copy)]
+enum FuseQuant {
+    Quant(GgufQuant),
+    Keep,
+}
+
+impl FuseQuant {
+    fn name(self) -> &'static str {
+        match self {
+            FuseQuant::Quant(q) => q.name(),
+            FuseQuant::Keep => "keep",
+        }
+    }
+}
+
+fn parse_quant(text: &str) -> Result<FuseQuant, String> {
+    if text.eq_ignore_ascii_case("keep") {
+        return Ok(FuseQuant::Keep);
+    }
+    GgufQuant::parse(text)
+        .map(FuseQuant::Quant)
+        .ok_or_else(|| format!("`{text}`: choose {}, keep", GgufQuant::NAMES))
 }
 
 #[derive(Args)]
@@ -895,10 +918,27 @@ fn load(
     adapter: Option<&Path>,
     backend: &BackendArgs,
 ) -> Result<(Pretrained, Option<PathBuf>), Failure> {
+    load_held(model_arg, adapter, backend, kiln_models::quant::BaseQuant::None)
+}
+
+/// [`load`] with the base's matrices held as `quant` says.
+fn load_held(
+    model_arg: &Path,
+    adapter: Option<&Path>,
+    backend: &BackendArgs,
+    quant: kiln_models::quant::BaseQuant,
+) -> Result<(Pretrained, Option<PathBuf>), Failure> {
     let (path, adapter) = model_and_adapter(model_arg, adapter)?;
     let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
     let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-    let mut p = Pretrained::load(&path, &selected.device)
+    if quant == kiln_models::quant::BaseQuant::Keep && !kiln_models::pretrained::is_gguf(&path) {
+        return Err(usage(anyhow::anyhow!(
+            "--quant keep: the base {} is not a GGUF file; choose one of {}",
+            path.display(),
+            GgufQuant::NAMES
+        )));
+    }
+    let mut p = Pretrained::load_held(&path, &selected.device, quant)
         .with_context(|| format!("loading {}", path.display()))?;
     if let Some(dir) = &adapter {
         p.model = kiln_train::setup::apply_adapter_dir(p.model, dir)
@@ -1152,7 +1192,15 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
             )));
         }
     };
-    let (mut p, _) = load(&model_arg, adapter.as_deref(), &cpu)?;
+    // Keeping a GGUF base's encoding, its matrices stay in their blocks through the fuse: only
+    // the adapted ones are widened to f32.
+    let keep = matches!(args.quant, FuseQuant::Keep) && args.gguf.is_some();
+    let held = match keep {
+        true => kiln_models::quant::BaseQuant::Keep,
+        false => kiln_models::quant::BaseQuant::None,
+    };
+    let (mut p, _) = load_held(&model_arg, adapter.as_deref(), &cpu, held)?;
+    let adapted = kiln_models::lora::adapted_weights(&p.model);
     p.model = kiln_models::lora::fuse(p.model);
     let model = &p.model;
     let summary = format!(
@@ -1177,8 +1225,21 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
     if let Some(path) = &args.gguf {
         let vocab = kiln_models::gguf_export::vocab_metadata(&p).context("the tokenizer")?;
         let name = model_name(&model_arg);
-        let report = kiln_models::gguf_export::write_gguf(path, model, vocab, &name, args.quant)
-            .context("writing the GGUF file")?;
+        let report = match args.quant {
+            FuseQuant::Quant(quant) => {
+                kiln_models::gguf_export::write_gguf(path, model, vocab, &name, quant)
+            }
+            FuseQuant::Keep => {
+                let file = kiln_models::gguf::GgufFile::read(&p.path)
+                    .with_context(|| format!("reading {}", p.path.display()))?;
+                let base = kiln_models::gguf_export::KeepBase {
+                    file: &file,
+                    changed: adapted,
+                };
+                kiln_models::gguf_export::write_gguf_keeping(path, model, vocab, &name, &base)
+            }
+        }
+        .context("writing the GGUF file")?;
         out!(
             "wrote {} ({summary}, {}: {}; {:.1} MB)",
             path.display(),

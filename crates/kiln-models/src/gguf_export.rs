@@ -227,6 +227,46 @@ fn gguf_name(
     })
 }
 
+/// A GGUF base whose encoding a fused model keeps (`kiln fuse --quant keep`): each tensor in
+/// its base type, the blocks of the tensors no adapter changed copied as they are (no second
+/// rounding), the changed ones quantized again to their type.
+pub struct KeepBase<'a> {
+    pub file: &'a crate::gguf::GgufFile,
+    /// HF names of the weights an adapter was fused into.
+    pub changed: std::collections::BTreeSet<String>,
+}
+
+impl KeepBase<'_> {
+    fn info(&self, gguf_name: &str) -> Option<&crate::gguf::TensorInfo> {
+        self.file.tensors.iter().find(|t| t.name == gguf_name)
+    }
+
+    /// The base's type for a tensor; a changed tensor of a type kiln does not write (Q2_K,
+    /// Q3_K, IQ4) is written as Q8_0 (F16 where rows are not whole blocks).
+    fn tensor_type(&self, gguf_name: &str, hf_name: Option<&str>, dims: &[u64]) -> u32 {
+        let Some(info) = self.info(gguf_name) else {
+            return F32;
+        };
+        let changed = hf_name.is_some_and(|n| self.changed.contains(n));
+        if !changed || kiln_formats::ggml_quantize::writable(info.ggml_type) {
+            return info.ggml_type;
+        }
+        match block_layout(Q8_0) {
+            Some((b, _)) if dims[0].is_multiple_of(b as u64) => Q8_0,
+            _ => F16,
+        }
+    }
+
+    /// The base's own bytes for a tensor no adapter changed.
+    fn raw(&self, gguf_name: &str, hf_name: Option<&str>, dims: &[u64]) -> Option<&[u8]> {
+        if hf_name.is_some_and(|n| self.changed.contains(n)) {
+            return None;
+        }
+        let info = self.info(gguf_name)?;
+        (info.dims == dims).then(|| self.file.tensor_bytes(info))
+    }
+}
+
 /// Writes `model` (adapters fused or absent) to `path` as a `quant` GGUF file, with the
 /// `tokenizer.*` metadata `vocab` and `general.name` `model_name`.
 pub fn write_gguf(
@@ -235,6 +275,34 @@ pub fn write_gguf(
     vocab: Vec<(String, Meta)>,
     model_name: &str,
     quant: GgufQuant,
+) -> Result<GgufReport, ModelError> {
+    write_gguf_as(path, model, vocab, model_name, Encoding::Quant(quant))
+}
+
+/// Writes `model` to `path` in the encoding of the GGUF file it was fused from (see
+/// [`KeepBase`]).
+pub fn write_gguf_keeping(
+    path: &Path,
+    model: &Model,
+    vocab: Vec<(String, Meta)>,
+    model_name: &str,
+    base: &KeepBase<'_>,
+) -> Result<GgufReport, ModelError> {
+    write_gguf_as(path, model, vocab, model_name, Encoding::Keep(base))
+}
+
+/// How [`write_gguf_as`] chooses each tensor's type.
+enum Encoding<'a> {
+    Quant(GgufQuant),
+    Keep(&'a KeepBase<'a>),
+}
+
+fn write_gguf_as(
+    path: &Path,
+    model: &Model,
+    vocab: Vec<(String, Meta)>,
+    model_name: &str,
+    encoding: Encoding<'_>,
 ) -> Result<GgufReport, ModelError> {
     let Header {
         config,
@@ -270,10 +338,13 @@ pub fn write_gguf(
     };
     let plan: Vec<PlannedTensor> = tensors
         .iter()
-        .map(|(name, _, dims)| PlannedTensor {
+        .map(|(name, hf, dims)| PlannedTensor {
             name: name.clone(),
             dims: dims.clone(),
-            ggml_type: tensor_type(quant, name, dims, mix),
+            ggml_type: match &encoding {
+                Encoding::Quant(quant) => tensor_type(*quant, name, dims, mix),
+                Encoding::Keep(base) => base.tensor_type(name, hf.as_deref(), dims),
+            },
         })
         .collect();
 
@@ -284,12 +355,22 @@ pub fn write_gguf(
         ),
         ("general.type".to_string(), Meta::str("model")),
         ("general.name".to_string(), Meta::str(model_name)),
-        (
-            "general.file_type".to_string(),
-            Meta::U32(quant.file_type()),
-        ),
     ];
-    if matches!(quant.default_type(), Q8_0 | Q4_K | Q5_K | Q6_K) {
+    let (file_type, quantized) = match &encoding {
+        Encoding::Quant(quant) => (
+            quant.file_type(),
+            matches!(quant.default_type(), Q8_0 | Q4_K | Q5_K | Q6_K),
+        ),
+        Encoding::Keep(base) => {
+            let meta = |key: &str| base.file.metadata.get(key).and_then(|v| v.as_u64());
+            let quantized = plan
+                .iter()
+                .any(|t| !matches!(t.ggml_type, F32 | F16 | BF16));
+            (meta("general.file_type").unwrap_or(1) as u32, quantized)
+        }
+    };
+    metadata.push(("general.file_type".to_string(), Meta::U32(file_type)));
+    if quantized {
         metadata.push(("general.quantization_version".into(), Meta::U32(2)));
     }
     metadata.extend(export.metadata);
@@ -302,6 +383,20 @@ pub fn write_gguf(
     let mut writer = GgufWriter::create(path, &metadata, plan.clone()).map_err(io)?;
     let mut reports = Vec::with_capacity(plan.len());
     for ((name, hf_name, dims), planned) in tensors.iter().zip(&plan) {
+        let kept = match &encoding {
+            Encoding::Keep(base) => base.raw(name, hf_name.as_deref(), dims),
+            Encoding::Quant(_) => None,
+        };
+        if let Some(raw) = kept.filter(|_| base_type_is(&encoding, name, planned.ggml_type)) {
+            writer.write_tensor(name, raw).map_err(io)?;
+            reports.push(TensorReport {
+                name: name.clone(),
+                ggml_type: planned.ggml_type,
+                elements: planned.elements(),
+                error: Reconstruction::default(),
+            });
+            continue;
+        }
         let values = match hf_name {
             Some(hf) => {
                 let mut t = model.hf_tensor(hf).ok_or_else(|| ModelError::Tensor {
@@ -334,6 +429,14 @@ pub fn write_gguf(
         tensors: reports,
         bytes,
     })
+}
+
+/// Whether the base file holds `name` in `ty` (its bytes are then the tensor as written).
+fn base_type_is(encoding: &Encoding<'_>, name: &str, ty: u32) -> bool {
+    match encoding {
+        Encoding::Keep(base) => base.info(name).is_some_and(|i| i.ggml_type == ty),
+        Encoding::Quant(_) => false,
+    }
 }
 
 /// The `tokenizer.*` metadata for a GGUF of `p`: a GGUF source's own, as it was; otherwise

@@ -121,6 +121,19 @@ pub fn set_trainable(model: Model, device: &Device, lora_only: bool) -> Model {
     model.map_params(&mut Mark(device, lora_only))
 }
 
+/// The HF names of the weights `model`'s adapters change (`<path>.weight` of each adapted
+/// linear): what fusing rewrites.
+pub fn adapted_weights(model: &Model) -> std::collections::BTreeSet<String> {
+    let arch = model.arch();
+    arch.blocks
+        .iter()
+        .flat_map(|b| b.linears())
+        .chain(arch.lm_head.iter())
+        .filter(|l| l.lora.is_some())
+        .map(|l| format!("{}.weight", l.path))
+        .collect()
+}
+
 /// Merges every adapter into its weight: a plain model that computes what base + adapter did.
 pub fn fuse(model: Model) -> Model {
     model.fuse_lora()
