@@ -4679,15 +4679,23 @@ fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
         requantized += 1;
         let hf = match t.name.as_str() {
             n if n.ends_with("attn_q.weight") || n.ends_with("attn_k.weight") => continue,
-            n => n.replace("blk.", "model.layers.").replace(".attn_v.", ".self_attn.v_proj."),
+            n => n
+                .replace("blk.", "model.layers.")
+                .replace(".attn_v.", ".self_attn.v_proj."),
         };
         let fused_values = &weights[&hf].data;
         let got = out.dequantize(t);
         let scale = fused_values.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = got.iter().zip(fused_values).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let err = got
+            .iter()
+            .zip(fused_values)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= scale / 100.0, "{}: {err} of {scale}", t.name);
     }
-    assert!(copied > 0 && requantized > 0, "{copied} copied, {requantized} quantized again");
+    assert!(
+        copied > 0 && requantized > 0,
+        "{copied} copied, {requantized} quantized again"
+    );
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["fuse", "--model"])
         .arg(repo().join("tests/fixtures/parity/llama-gqa-tied"))
@@ -4697,7 +4705,11 @@ fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
-    assert!(output_text(&o).contains("not a GGUF file"), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("not a GGUF file"),
+        "{}",
+        output_text(&o)
+    );
 
     let o = run("keep", &["--full"]);
     assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));

@@ -918,7 +918,12 @@ fn load(
     adapter: Option<&Path>,
     backend: &BackendArgs,
 ) -> Result<(Pretrained, Option<PathBuf>), Failure> {
-    load_held(model_arg, adapter, backend, kiln_models::quant::BaseQuant::None)
+    load_held(
+        model_arg,
+        adapter,
+        backend,
+        kiln_models::quant::BaseQuant::None,
+    )
 }
 
 /// [`load`] with the base's matrices held as `quant` says.

@@ -239,9 +239,9 @@ fn q8_0(b: &[u8], u: Unpacked<'_>) {
 fn q2_k(b: &[u8], u: Unpacked<'_>) {
     let (scales, qs) = (&b[0..16], &b[16..80]);
     let (d, dmin) = (f16(&b[80..82]), f16(&b[82..84]));
-    for g in 0..16 {
-        u.scale[g] = d * (scales[g] & 0x0f) as f32;
-        u.bias[g] = -(dmin * (scales[g] >> 4) as f32);
+    for ((s, m), &packed) in u.scale.iter_mut().zip(u.bias.iter_mut()).zip(scales) {
+        *s = d * (packed & 0x0f) as f32;
+        *m = -(dmin * (packed >> 4) as f32);
     }
     for (e, c) in u.codes.iter_mut().enumerate() {
         *c = two_bit(qs, e);
