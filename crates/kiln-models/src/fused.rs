@@ -6,7 +6,8 @@
 //!   across cores, vectorised `exp`, instead of the several allocating passes of the composed
 //!   operations and their several more in backward.
 //! - On the CubeCL backends (wgpu: Metal, Vulkan) the trait's default bodies compose Burn's own
-//!   operations, which the fusion compiler then merges; the backward is the same formula.
+//!   operations, which the fusion compiler then merges; the backward is the same formula. The
+//!   de-quantisation of QLoRA's frozen matrices is a CubeCL kernel of kiln's (`fused_cube`).
 //! - Under autodiff the forward saves what its backward needs (often less than the composed
 //!   operations' tape held) and the backward calls the backend's fused backward.
 //!
@@ -162,8 +163,18 @@ pub trait FusedOps: Backend {
 use crate::quant::{QuantMatrix, QuantShape};
 pub use kiln_kernels::AdamW as AdamWStep;
 
-/// The GPU backends: Burn's operations, merged by its fusion compiler.
-impl FusedOps for Cube {}
+/// The GPU backends: Burn's operations, merged by its fusion compiler; quantized matrices are
+/// de-quantised by kiln's CubeCL kernel (`fused_cube`).
+impl FusedOps for Cube {
+    fn kiln_dequantize(
+        codes: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        shape: QuantShape,
+    ) -> FloatTensor<Self> {
+        crate::fused_cube::dequantize(codes, scale, bias, shape)
+    }
+}
 
 /// The formulas on any backend's primitive operations (the GPU path, and the CPU's for other
 /// float types than f32).
@@ -347,15 +358,15 @@ mod composed {
         B::float_reshape(w, Shape::new([rows, q.cols]))
     }
 
-    /// `W` in `x`'s float type.
-    fn dense_like<B: Backend>(
+    /// `W` in `x`'s float type (the backend's de-quantisation: a kernel where it has one).
+    fn dense_like<B: FusedOps>(
         x: &FloatTensor<B>,
         codes: IntTensor<B>,
         scale: FloatTensor<B>,
         bias: FloatTensor<B>,
         q: QuantShape,
     ) -> FloatTensor<B> {
-        let w = dequantize::<B>(codes, scale, bias, q);
+        let w = B::kiln_dequantize(codes, scale, bias, q);
         match x.dtype() {
             DType::F32 => w,
             other => B::float_cast(w, other.into()),
@@ -389,7 +400,7 @@ mod composed {
 
     /// `x · Wᵀ`, one tile of W's rows at a time (no weight-sized f32 copy), the tiles' columns
     /// of the output concatenated.
-    pub fn qmatmul<B: Backend>(
+    pub fn qmatmul<B: FusedOps>(
         x: FloatTensor<B>,
         codes: IntTensor<B>,
         scale: FloatTensor<B>,
@@ -412,7 +423,7 @@ mod composed {
     }
 
     /// `grad · W`, summed over tiles of W's rows in order.
-    pub fn qmatmul_backward<B: Backend>(
+    pub fn qmatmul_backward<B: FusedOps>(
         grad: FloatTensor<B>,
         codes: IntTensor<B>,
         scale: FloatTensor<B>,

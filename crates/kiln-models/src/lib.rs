@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod families;
 pub mod family;
 pub mod fused;
+mod fused_cube;
 pub mod fuzz;
 pub mod gguf;
 pub mod gguf_export;
