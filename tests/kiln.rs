@@ -4485,6 +4485,11 @@ fn qlora_holds_gguf_blocks_at_transformers_logits_and_refuses_what_it_cannot_hol
         diff < 1e-4,
         "keep: logits differ from transformers by {diff}"
     );
+    if software_vulkan("the wgpu half") {
+        let gpu = load_model_held(&file, &lavapipe(), BaseQuant::Keep).unwrap();
+        let diff = logit_difference(&gpu, &dir, "expected-Q4_K_M.safetensors");
+        assert!(diff < 1e-3, "keep on wgpu: logits differ from transformers by {diff}");
+    }
 
     let mixed = GgufFile::read(&dir.join("mixed.gguf")).unwrap();
     let e = load_model_held(&mixed, &cpu, BaseQuant::Keep)
@@ -4729,4 +4734,45 @@ fn finetune_with_a_quantized_base_trains_like_the_f32_base_and_fuses() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
     assert!(output_text(&o).contains("keep"), "{}", output_text(&o));
+}
+
+/// `kiln plan`, as a user runs it: a Llama-3-8B-shaped base (its config.json alone: plan loads
+/// no weights), LoRA at sequence 2048, on a 16 GB Mac's working set (10.7 GiB). Held as Q4_K
+/// it fits (recomputing); held in f16 it does not, and the refusal gives the numbers.
+#[test]
+fn kiln_plan_fits_an_8b_base_held_as_q4_k_in_a_16_gb_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+            "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let plan = |extra: &[&str]| {
+        let base = format!("model.pretrained={}", dir.path().display());
+        let mut args = vec!["plan", "configs/smollm2-lora.yaml", "--set", &base];
+        for set in [
+            "data.seq_len=2048",
+            "train.batch_size=1",
+            "memory.budget=10922MiB",
+            "finetune.lora.rank=16",
+        ] {
+            args.extend(["--set", set]);
+        }
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(repo())
+            .output()
+            .unwrap()
+    };
+    let o = plan(&["--set", "finetune.base_quant=q4_k"]);
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(output_text(&o).contains("recompute every"), "{}", output_text(&o));
+    let o = plan(&["--set", "finetune.base_quant=none", "--set", "train.dtype=f16"]);
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    assert!(output_text(&o).contains("does not fit"), "{}", output_text(&o));
 }
