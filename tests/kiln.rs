@@ -4488,7 +4488,10 @@ fn qlora_holds_gguf_blocks_at_transformers_logits_and_refuses_what_it_cannot_hol
     if software_vulkan("the wgpu half") {
         let gpu = load_model_held(&file, &lavapipe(), BaseQuant::Keep).unwrap();
         let diff = logit_difference(&gpu, &dir, "expected-Q4_K_M.safetensors");
-        assert!(diff < 1e-3, "keep on wgpu: logits differ from transformers by {diff}");
+        assert!(
+            diff < 1e-3,
+            "keep on wgpu: logits differ from transformers by {diff}"
+        );
     }
 
     let mixed = GgufFile::read(&dir.join("mixed.gguf")).unwrap();
@@ -4771,8 +4774,21 @@ fn kiln_plan_fits_an_8b_base_held_as_q4_k_in_a_16_gb_mac() {
     };
     let o = plan(&["--set", "finetune.base_quant=q4_k"]);
     assert!(o.status.success(), "{}", output_text(&o));
-    assert!(output_text(&o).contains("recompute every"), "{}", output_text(&o));
-    let o = plan(&["--set", "finetune.base_quant=none", "--set", "train.dtype=f16"]);
+    assert!(
+        output_text(&o).contains("recompute every"),
+        "{}",
+        output_text(&o)
+    );
+    let o = plan(&[
+        "--set",
+        "finetune.base_quant=none",
+        "--set",
+        "train.dtype=f16",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
-    assert!(output_text(&o).contains("does not fit"), "{}", output_text(&o));
+    assert!(
+        output_text(&o).contains("does not fit"),
+        "{}",
+        output_text(&o)
+    );
 }

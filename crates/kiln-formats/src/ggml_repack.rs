@@ -9,7 +9,7 @@
 
 use crate::ggml_types::{
     Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, block_layout, f16, five_bit,
-    k_nibble, k_scale_min, two_bit,
+    k_nibble, k_scale_min, six_bit, two_bit,
 };
 use kiln_kernels::quant::{QuantLayout, QuantRef};
 
@@ -295,10 +295,7 @@ fn q6_k(b: &[u8], u: Unpacked<'_>) {
         *s = d * (scales[g] as i8) as f32;
     }
     for (e, c) in u.codes.iter_mut().enumerate() {
-        let (h, r) = (e / 128, e % 128);
-        let low = ql[h * 64 + r % 64] >> (4 * (r / 64)) & 0x0f;
-        let high = qh[h * 32 + r % 32] >> (2 * (r / 32)) & 3;
-        *c = low | high << 4;
+        *c = six_bit(ql, qh, e);
     }
 }
 

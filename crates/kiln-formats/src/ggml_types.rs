@@ -287,12 +287,17 @@ fn q6_k(b: &[u8], out: &mut [f32]) {
     let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16(&b[208..210]);
     for (e, o) in out.iter_mut().enumerate() {
-        let (h, r) = (e / 128, e % 128);
-        let low = ql[h * 64 + r % 64] >> (4 * (r / 64)) & 0x0f;
-        let high = qh[h * 32 + r % 32] >> (2 * (r / 32)) & 3;
-        let q = (low | high << 4) as i8 - 32;
+        let q = six_bit(ql, qh, e) as i8 - 32;
         *o = d * (scales[e / 16] as i8) as f32 * q as f32;
     }
+}
+
+/// Q6_K's 6-bit quant of element `e`: its low 4 bits from `ql`, its high 2 from `qh`.
+pub(crate) fn six_bit(ql: &[u8], qh: &[u8], e: usize) -> u8 {
+    let (h, r) = (e / 128, e % 128);
+    let low = ql[h * 64 + r % 64] >> (4 * (r / 64)) & 0x0f;
+    let high = qh[h * 32 + r % 32] >> (2 * (r / 32)) & 3;
+    low | high << 4
 }
 
 /// `d · level[q]`, nibbles as Q4_0's.

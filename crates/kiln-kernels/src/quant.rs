@@ -13,8 +13,6 @@
 //! de-quantise a tile of rows into a scratch buffer of at most [`SCRATCH_ELEMENTS`] and hand it
 //! to `gemm`, tile after tile, in a fixed order (deterministic whatever the thread count).
 
-use rayon::prelude::*;
-
 /// Elements of f32 scratch one product de-quantises at a time (16 MiB).
 pub const SCRATCH_ELEMENTS: usize = 4 << 20;
 
@@ -98,30 +96,35 @@ impl QuantRef<'_> {
             && self.bias.is_none_or(|b| b.len() == groups)
     }
 
-    /// Row `r` in f32 into `out` (`cols` long).
+    /// Row `r` in f32 into `out` (`cols` long), one group at a time (its codes unpacked, then
+    /// scaled and shifted while they are in cache).
     #[inline(always)]
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        match self.layout.bits {
+            4 => self.dequantize_row_of::<4>(r, out),
+            _ => self.dequantize_row_of::<8>(r, out),
+        }
+    }
+
+    #[inline(always)]
+    fn dequantize_row_of<const BITS: usize>(&self, r: usize, out: &mut [f32]) {
         let l = self.layout;
         let (words, groups) = (l.words_per_row(self.cols), l.groups_per_row(self.cols));
         let codes = &self.codes[r * words..(r + 1) * words];
         let scale = &self.scale[r * groups..(r + 1) * groups];
-        match l.bits {
-            4 => unpack::<4>(codes, l.zero, &mut out[..self.cols]),
-            _ => unpack::<8>(codes, l.zero, &mut out[..self.cols]),
-        }
-        for (g, chunk) in out[..self.cols].chunks_exact_mut(l.group).enumerate() {
+        let bias = self.bias.map(|b| &b[r * groups..(r + 1) * groups]);
+        let words_per_group = l.group * BITS / 32;
+        let chunks = out[..self.cols].chunks_exact_mut(l.group);
+        for (g, (chunk, words)) in chunks.zip(codes.chunks_exact(words_per_group)).enumerate() {
+            unpack::<BITS>(words, l.zero, chunk);
             let s = scale[g];
-            for v in chunk.iter_mut() {
-                *v *= s;
-            }
-        }
-        if let Some(bias) = self.bias {
-            let bias = &bias[r * groups..(r + 1) * groups];
-            for (g, chunk) in out[..self.cols].chunks_exact_mut(l.group).enumerate() {
-                let b = bias[g];
-                for v in chunk.iter_mut() {
-                    *v += b;
+            // Multiply, then add: two roundings, as ggml de-quantizes (no fused multiply-add).
+            match bias {
+                Some(b) => {
+                    let b = b[g];
+                    chunk.iter_mut().for_each(|v| *v = *v * s + b);
                 }
+                None => chunk.iter_mut().for_each(|v| *v *= s),
             }
         }
     }
@@ -135,9 +138,17 @@ impl QuantRef<'_> {
         });
     }
 
-    /// Rows per tile: as many as fit the scratch, at least one.
-    fn tile_rows(&self) -> usize {
-        (SCRATCH_ELEMENTS / self.cols.max(1)).clamp(1, self.rows.max(1))
+    /// Calls `f(first, rows, tile)` on each tile of rows de-quantised in turn into one scratch
+    /// buffer: as many rows as fit [`SCRATCH_ELEMENTS`], at least one.
+    fn for_each_tile(&self, mut f: impl FnMut(usize, usize, &[f32])) {
+        let tile = (SCRATCH_ELEMENTS / self.cols.max(1)).clamp(1, self.rows.max(1));
+        let mut scratch = vec![0f32; tile * self.cols];
+        for first in (0..self.rows).step_by(tile) {
+            let t = tile.min(self.rows - first);
+            let scratch = &mut scratch[..t * self.cols];
+            self.dequantize_rows(first, scratch);
+            f(first, t, scratch);
+        }
     }
 }
 
@@ -160,12 +171,7 @@ pub fn qmatmul(x: &[f32], n: usize, w: QuantRef<'_>, y: &mut [f32]) {
     if n == 0 || w.rows == 0 {
         return;
     }
-    let tile = w.tile_rows();
-    let mut scratch = vec![0f32; tile * w.cols];
-    for first in (0..w.rows).step_by(tile) {
-        let t = tile.min(w.rows - first);
-        let scratch = &mut scratch[..t * w.cols];
-        w.dequantize_rows(first, scratch);
+    w.for_each_tile(|first, t, scratch| {
         // SAFETY: every pointer and stride stays inside its slice: dst is columns
         // first..first + t of y's n rows (row stride rows), lhs is x (row stride cols), rhs is
         // the tile read transposed ([cols, t] with column stride cols).
@@ -192,7 +198,7 @@ pub fn qmatmul(x: &[f32], n: usize, w: QuantRef<'_>, y: &mut [f32]) {
                 parallelism(n, t, w.cols),
             );
         }
-    }
+    });
 }
 
 /// `dx = dy · W`: `dy` `[n, rows]`, `dx` `[n, cols]` (the input gradient of [`qmatmul`]; a
@@ -210,12 +216,7 @@ pub fn qmatmul_backward(dy: &[f32], n: usize, w: QuantRef<'_>, dx: &mut [f32]) {
         dx.fill(0.0);
         return;
     }
-    let tile = w.tile_rows();
-    let mut scratch = vec![0f32; tile * w.cols];
-    for first in (0..w.rows).step_by(tile) {
-        let t = tile.min(w.rows - first);
-        let scratch = &mut scratch[..t * w.cols];
-        w.dequantize_rows(first, scratch);
+    w.for_each_tile(|first, t, scratch| {
         // SAFETY: dst is dx (row stride cols); lhs is columns first..first + t of dy (row
         // stride rows); rhs is the tile [t, cols], row-major. The first tile overwrites dx, the
         // others add to it.
@@ -242,21 +243,5 @@ pub fn qmatmul_backward(dy: &[f32], n: usize, w: QuantRef<'_>, dx: &mut [f32]) {
                 parallelism(n, w.cols, t),
             );
         }
-    }
-}
-
-/// Rows `ids` of W in f32, `[ids.len(), cols]` (an embedding lookup); `None` when an id is out
-/// of range.
-pub fn gather_rows(w: QuantRef<'_>, ids: &[usize]) -> Option<Vec<f32>> {
-    if ids.iter().any(|&i| i >= w.rows) || !w.is_consistent() {
-        return None;
-    }
-    let mut out = vec![0f32; ids.len() * w.cols];
-    if w.cols == 0 {
-        return Some(out);
-    }
-    out.par_chunks_mut(w.cols)
-        .zip(ids.par_iter())
-        .for_each(|(row, &id)| w.dequantize_row(id, row));
-    Some(out)
+    });
 }

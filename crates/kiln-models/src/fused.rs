@@ -551,6 +551,29 @@ mod cpu {
         r.is_consistent().then_some(r)
     }
 
+    /// A quantized matrix's product with `input` `[n, widths.0]`, giving `[n, widths.1]` in
+    /// the input's type, by a kernel of `kiln_kernels::quant`; `None` for another shape. Half
+    /// precision goes through f32 (the kernels' type) and back: an activation-sized copy, where
+    /// the composed path would widen the weight.
+    pub fn quant_product(
+        input: &FlexTensor,
+        (width_in, width_out): (usize, usize),
+        kernel: impl FnOnce(&[f32], usize, &mut [f32]),
+    ) -> Option<FlexTensor> {
+        let dims = input.layout().shape().clone();
+        if dims.num_dims() != 2 || dims[1] != width_in {
+            return None;
+        }
+        let dtype = input.dtype();
+        let input = as_f32(input.clone());
+        let mut out = vec![0f32; dims[0] * width_out];
+        kernel(&values(&input), dims[0], &mut out);
+        Some(back_to(
+            tensor(out, Shape::new([dims[0], width_out])),
+            dtype,
+        ))
+    }
+
     /// `t` in f32 (itself when it is).
     pub fn as_f32(t: FlexTensor) -> FlexTensor {
         match t.dtype() {
@@ -765,19 +788,14 @@ impl FusedOps for Flex {
         bias: FlexTensor,
         shape: QuantShape,
     ) -> FlexTensor {
-        let dims = x.layout().shape().clone();
         let w = cpu::quant_ref(&codes, &scale, &bias, shape);
-        match w {
-            Some(w) if dims.num_dims() == 2 && dims[1] == w.cols => {
-                // Half-precision activations go through f32 (the kernel's type) and back: an
-                // activation-sized copy, where the composed path would widen the weight.
-                let dtype = x.dtype();
-                let x = cpu::as_f32(x);
-                let mut y = vec![0f32; dims[0] * w.rows];
-                kiln_kernels::quant::qmatmul(&cpu::values(&x), dims[0], w, &mut y);
-                cpu::back_to(cpu::tensor(y, Shape::new([dims[0], w.rows])), dtype)
-            }
-            _ => composed::qmatmul::<Self>(x, codes, scale, bias, shape),
+        match w.and_then(|w| {
+            cpu::quant_product(&x, (w.cols, w.rows), |x, n, out| {
+                kiln_kernels::quant::qmatmul(x, n, w, out)
+            })
+        }) {
+            Some(y) => y,
+            None => composed::qmatmul::<Self>(x, codes, scale, bias, shape),
         }
     }
 
@@ -788,17 +806,14 @@ impl FusedOps for Flex {
         bias: FlexTensor,
         shape: QuantShape,
     ) -> FlexTensor {
-        let dims = grad.layout().shape().clone();
         let w = cpu::quant_ref(&codes, &scale, &bias, shape);
-        match w {
-            Some(w) if dims.num_dims() == 2 && dims[1] == w.rows => {
-                let dtype = grad.dtype();
-                let grad = cpu::as_f32(grad);
-                let mut dx = vec![0f32; dims[0] * w.cols];
-                kiln_kernels::quant::qmatmul_backward(&cpu::values(&grad), dims[0], w, &mut dx);
-                cpu::back_to(cpu::tensor(dx, Shape::new([dims[0], w.cols])), dtype)
-            }
-            _ => composed::qmatmul_backward::<Self>(grad, codes, scale, bias, shape),
+        match w.and_then(|w| {
+            cpu::quant_product(&grad, (w.rows, w.cols), |g, n, out| {
+                kiln_kernels::quant::qmatmul_backward(g, n, w, out)
+            })
+        }) {
+            Some(dx) => dx,
+            None => composed::qmatmul_backward::<Self>(grad, codes, scale, bias, shape),
         }
     }
 

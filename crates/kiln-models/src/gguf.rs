@@ -35,23 +35,35 @@ pub fn read_config(file: &GgufFile) -> Result<(&'static dyn Family, ModelConfig)
     Ok((family, config))
 }
 
+/// The file's parameter tensors with their Hugging Face names (the family's ignored ones left
+/// out); a tensor the family does not know is an error naming it.
+fn named_tensors<'a>(
+    file: &'a GgufFile,
+    family: &dyn Family,
+) -> Result<Vec<(&'a TensorInfo, String)>, ModelError> {
+    let names = family.gguf_names();
+    file.tensors
+        .iter()
+        .filter(|info| !family.gguf_ignored(&info.name))
+        .map(|info| {
+            let name = names.to_hf(&info.name).ok_or_else(|| ModelError::Tensor {
+                path: file.path.clone(),
+                name: info.name.clone(),
+                message: format!("not a tensor of the {} architecture", file.architecture()),
+            })?;
+            Ok((info, name))
+        })
+        .collect()
+}
+
 /// Every tensor de-quantised to f32, renamed to Hugging Face's names, in HF layout.
 pub fn hf_tensors(
     file: &GgufFile,
     family: &dyn Family,
     config: &ModelConfig,
 ) -> Result<BTreeMap<String, HostTensor>, ModelError> {
-    let names = family.gguf_names();
     let mut out = BTreeMap::new();
-    for info in &file.tensors {
-        if family.gguf_ignored(&info.name) {
-            continue;
-        }
-        let name = names.to_hf(&info.name).ok_or_else(|| ModelError::Tensor {
-            path: file.path.clone(),
-            name: info.name.clone(),
-            message: format!("not a tensor of the {} architecture", file.architecture()),
-        })?;
+    for (info, name) in named_tensors(file, family)? {
         let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
         let mut t = HostTensor {
             shape,
@@ -85,17 +97,8 @@ pub fn load_model_held(
         .iter()
         .map(|p| (p.name.clone(), p.kind))
         .collect();
-    let names = family.gguf_names();
     let mut planned = Vec::new();
-    for info in &file.tensors {
-        if family.gguf_ignored(&info.name) {
-            continue;
-        }
-        let name = names.to_hf(&info.name).ok_or_else(|| ModelError::Tensor {
-            path: file.path.clone(),
-            name: info.name.clone(),
-            message: format!("not a tensor of the {} architecture", file.architecture()),
-        })?;
+    for (info, name) in named_tensors(file, family)? {
         let matrix = info.dims.len() == 2 && kinds.get(&name).is_some_and(|&k| quant::holdable(k));
         let float = matches!(
             info.ggml_type,

@@ -62,16 +62,7 @@ impl Model {
             .iter()
             .map(|p| {
                 let values = make(&p.name, p.kind, &p.shape);
-                match p.shape[..] {
-                    [n] => {
-                        ParamTensor::Vector(Tensor::from_data(TensorData::new(values, [n]), device))
-                    }
-                    [r, c] => ParamTensor::Matrix(Tensor::from_data(
-                        TensorData::new(values, [r, c]),
-                        device,
-                    )),
-                    _ => unreachable!("parameters are vectors or matrices"),
-                }
+                float_param(values, &p.shape, device)
             })
             .collect();
         Self {
@@ -185,16 +176,7 @@ impl Model {
                 } else {
                     t.data
                 };
-                match p.shape[..] {
-                    [n] => {
-                        ParamTensor::Vector(Tensor::from_data(TensorData::new(values, [n]), device))
-                    }
-                    [r, c] => ParamTensor::Matrix(Tensor::from_data(
-                        TensorData::new(values, [r, c]),
-                        device,
-                    )),
-                    _ => unreachable!("parameters are vectors or matrices"),
-                }
+                float_param(values, &p.shape, device)
             })
             .collect();
         Ok(Self {
@@ -578,6 +560,15 @@ impl Model {
             arch: Arc::new(arch),
             weights,
         }
+    }
+}
+
+/// A float parameter of `shape` (a vector or a matrix) on `device`.
+fn float_param(values: Vec<f32>, shape: &[usize], device: &Device) -> ParamTensor {
+    match *shape {
+        [n] => ParamTensor::Vector(Tensor::from_data(TensorData::new(values, [n]), device)),
+        [r, c] => ParamTensor::Matrix(Tensor::from_data(TensorData::new(values, [r, c]), device)),
+        _ => unreachable!("parameters are vectors or matrices"),
     }
 }
 

@@ -15,38 +15,12 @@ pub use kiln_kernels::quant::{QuantLayout, SCRATCH_ELEMENTS};
 /// How to hold a base model's frozen matrices (`finetune.base_quant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseQuant {
-    /// In float (`train.dtype`), as today.
+    /// In float (`train.dtype`).
     None,
     /// A GGUF base's matrices in their own blocks.
     Keep,
     /// Each matrix quantized to this GGML type as it loads.
     To(u32),
-}
-
-impl BaseQuant {
-    /// The config's names: `none`, `keep`, `q8_0`, `q4_0`, `q4_k`, and the other types kiln
-    /// quantizes to.
-    pub fn parse(name: &str) -> Option<Self> {
-        Some(match name {
-            "none" => Self::None,
-            "keep" => Self::Keep,
-            "q8_0" => Self::To(ggml_types::Q8_0),
-            "q4_0" => Self::To(ggml_types::Q4_0),
-            "q4_1" => Self::To(ggml_types::Q4_1),
-            "q5_0" => Self::To(ggml_types::Q5_0),
-            "q5_1" => Self::To(ggml_types::Q5_1),
-            "q4_k" => Self::To(ggml_types::Q4_K),
-            "q5_k" => Self::To(ggml_types::Q5_K),
-            "q6_k" => Self::To(ggml_types::Q6_K),
-            _ => return None,
-        })
-    }
-
-    pub const NAMES: &'static str = "none, keep, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k";
-
-    pub fn is_none(self) -> bool {
-        self == Self::None
-    }
 }
 
 /// The type a row of `cols` elements is quantized to when `wanted` asks for it: a K-quant needs

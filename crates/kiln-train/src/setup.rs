@@ -58,14 +58,7 @@ pub fn setup(
         return setup_scratch(config, device, resume, planner);
     };
     // The shape comes from config.json or the GGUF metadata; a GGUF file is read once.
-    let gguf = match kiln_models::pretrained::is_gguf(base) {
-        true => Some(kiln_models::gguf::GgufFile::read(base)?),
-        false => None,
-    };
-    let shape = match &gguf {
-        Some(file) => kiln_models::gguf::read_config(file)?.1,
-        None => kiln_models::hf::read_config(base)?,
-    };
+    let (gguf, shape) = crate::shape::read_base(base)?;
     let arch = crate::shape::declare(&shape)?;
     let (trainable, total) = crate::shape::param_counts(config, &arch)?;
     let held = crate::shape::held(config, &arch, gguf.as_ref());

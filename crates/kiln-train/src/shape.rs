@@ -125,6 +125,18 @@ pub fn pretrained_shape(
     config: &Config,
     base: &std::path::Path,
 ) -> Result<(Architecture, u64, u64, Held), TrainError> {
+    let (gguf, m) = read_base(base)?;
+    let arch = declare(&m)?;
+    let (trainable, total) = param_counts(config, &arch)?;
+    let held = held(config, &arch, gguf.as_ref());
+    Ok((arch, trainable, total, held))
+}
+
+/// A pretrained base's config, from its GGUF metadata (the file, read once, comes back for the
+/// loader) or its `config.json`.
+pub fn read_base(
+    base: &std::path::Path,
+) -> Result<(Option<kiln_models::gguf::GgufFile>, ModelConfig), TrainError> {
     let gguf = match kiln_models::pretrained::is_gguf(base) {
         true => Some(kiln_models::gguf::GgufFile::read(base)?),
         false => None,
@@ -133,10 +145,7 @@ pub fn pretrained_shape(
         Some(file) => kiln_models::gguf::read_config(file)?.1,
         None => kiln_models::hf::read_config(base)?,
     };
-    let arch = declare(&m)?;
-    let (trainable, total) = param_counts(config, &arch)?;
-    let held = held(config, &arch, gguf.as_ref());
-    Ok((arch, trainable, total, held))
+    Ok((gguf, m))
 }
 
 /// (trainable, total) parameters of a pretrained model declared as `m` under the config's
