@@ -10,6 +10,8 @@
 #            bench/torch_llama.py, the same architecture in PyTorch
 #   lora     LoRA r=8 on all linear layers of SmolLM2-135M-Instruct, sequence 256, batch 4
 #            (packed), against PyTorch + PEFT on the same f32 weights (bench/torch_peft_lora.py)
+#   plain    the plain LoRA workload: PEFT's default targets (q_proj, v_proj), rows of 256 tokens
+#            of Shakespeare, every position scored, batch 4, same model, against PyTorch + PEFT
 #
 # Needs python3 with torch, pyyaml, transformers and peft. Not a test: it prints figures, which go
 # into docs/PERFORMANCE.md with the machine and date. bench/gpu.sh does the same on a GPU.
@@ -20,7 +22,7 @@ cd "$root"
 threads="${1:-$(nproc)}"
 rounds="${2:-3}"
 shift $(( $# < 2 ? $# : 2 ))
-cases=(scratch lora)
+cases=(scratch lora plain)
 [ $# -gt 0 ] && cases=("$@")
 cargo build --quiet --bin kiln
 kiln="$CARGO_TARGET_DIR/debug/kiln"
@@ -30,13 +32,13 @@ export RAYON_NUM_THREADS="$threads"
 for case in "${cases[@]}"; do
   case "$case" in
     scratch) ;;
-    lora)
+    lora|plain)
       gguf="$("$root/scripts/fetch-smollm2")"
       base="$HOME/.cache/kiln/models/smollm2-hf"
       # PyTorch trains the same f32 weights kiln de-quantizes from the GGUF.
       [ -f "$base/model.safetensors" ] || "$kiln" fuse --model "$gguf" --out "$base" >/dev/null
       ;;
-    *) echo "unknown case $case (scratch, lora)" >&2; exit 2 ;;
+    *) echo "unknown case $case (scratch, lora, plain)" >&2; exit 2 ;;
   esac
 done
 for r in $(seq "$rounds"); do
@@ -46,6 +48,14 @@ for r in $(seq "$rounds"); do
         --json > "$out/scratch-kiln-$r.json"
       python3 bench/torch_llama.py --threads "$threads" --steps 30 --warmup 5 --json \
         > "$out/scratch-torch-$r.json"
+    elif [ "$case" = plain ]; then
+      "$kiln" bench configs/smollm2-lora.yaml --set model.pretrained="$gguf" --set data.seq_len=256 \
+        --set train.batch_size=4 --set data.format=text --set data.train="$root/datasets/shakespeare/input.txt" \
+        --set 'finetune.lora.target_modules=[q_proj, v_proj]' --set data.mask_prompt=false \
+        --set backend.kind=cpu --steps 6 --warmup 1 --json > "$out/plain-kiln-$r.json"
+      python3 bench/torch_peft_lora.py --base "$base" --threads "$threads" --seq-len 256 \
+        --batch-size 4 --text datasets/shakespeare/input.txt --targets q_proj,v_proj --steps 6 \
+        --warmup 1 --json 2>/dev/null > "$out/plain-torch-$r.json"
     else
       "$kiln" bench configs/smollm2-lora.yaml --set model.pretrained="$gguf" --set data.seq_len=256 \
         --set train.batch_size=4 --set data.pack=true --set backend.kind=cpu --steps 4 --warmup 1 \

@@ -8,6 +8,9 @@ packs them, and attention stays within each example (a block-diagonal causal mas
 
     python3 bench/torch_peft_lora.py --base DIR --config configs/smollm2-lora.yaml --threads 2 --json
     python3 bench/torch_peft_lora.py --base DIR --seq-len 256 --batch-size 4 --pack --device cuda
+
+With `--text FILE` (kiln's `data.format: text`) the rows are windows of that text's tokens, every
+position scored; `--targets q_proj,v_proj` overrides the config's target modules.
 """
 import argparse
 import json
@@ -39,6 +42,8 @@ def main():
     p.add_argument("--seq-len", type=int, help="overrides data.seq_len")
     p.add_argument("--batch-size", type=int, help="overrides train.batch_size")
     p.add_argument("--pack", action="store_true", help="pack examples into full rows (kiln's data.pack)")
+    p.add_argument("--text", help="a text file: rows are windows of its tokens, all positions scored")
+    p.add_argument("--targets", help="comma-separated target modules, overriding the config's")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -46,6 +51,8 @@ def main():
     cfg = yaml.safe_load(open(a.config))
     lora, data, train = cfg["finetune"]["lora"], cfg["data"], cfg["train"]
     targets = ALL if lora.get("target_modules") == "all-linear" else lora["target_modules"]
+    if a.targets:
+        targets = a.targets.split(",")
     tok = AutoTokenizer.from_pretrained(a.base)
     if a.seq_len:
         data["seq_len"] = a.seq_len
@@ -57,7 +64,8 @@ def main():
                                              task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    records = [json.loads(l) for l in open(ROOT / data["train"] / "train.jsonl")]
+    records = [] if a.text else [json.loads(l) for l in open(ROOT / data["train"] / "train.jsonl")]
+    corpus = tok(open(a.text).read(), add_special_tokens=False)["input_ids"] if a.text else []
     examples = []
     for r in records:
         full = tok.apply_chat_template(r["messages"], tokenize=False)
@@ -97,7 +105,12 @@ def main():
 
     model.train()
     for step in range(a.steps + a.warmup):
-        if a.pack:
+        if a.text:
+            starts = [rng.randrange(len(corpus) - seq - 1) for _ in range(bs)]
+            x = torch.tensor([corpus[i:i + seq] for i in starts])
+            y = torch.tensor([corpus[i + 1:i + seq + 1] for i in starts])
+            mask, n = None, seq
+        elif a.pack:
             x, y, mask = packed_batch()
             n = seq
         else:
@@ -132,7 +145,7 @@ def main():
         "min_tokens_per_s": min(rates),
         "max_tokens_per_s": max(rates),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "tokens_per_step": bs * seq if a.pack else None,
+        "tokens_per_step": bs * seq if a.pack or a.text else None,
     }
     if dev.type == "cuda":
         report["device"] = torch.cuda.get_device_name(dev)
