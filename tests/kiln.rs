@@ -4792,3 +4792,49 @@ fn kiln_plan_fits_an_8b_base_held_as_q4_k_in_a_16_gb_mac() {
         output_text(&o)
     );
 }
+
+/// Every family held with `keep` computes what its de-quantised file does: each family's
+/// fixture written as a Q8_0 GGUF (kiln's writer), loaded held and loaded in f32, gives the same
+/// logits within 1e-5 relative. The held matrices go through each family's GGUF-to-HF row order
+/// (Llama's and SmolLM3's Q/K permutation, Phi-3's fused QKV, Qwen3's none). The Gemma 3 fixture
+/// has a `query_pre_attn_scalar` llama.cpp would not use, so kiln does not write it as GGUF (its
+/// GGUF transform touches only norms, which are never held).
+#[test]
+fn every_family_held_in_its_gguf_blocks_computes_its_f32_values() {
+    use kiln::models::gguf::{GgufFile, load_model, load_model_held};
+    use kiln::models::gguf_export::{GgufQuant, write_gguf};
+    use kiln::models::quant::BaseQuant;
+    let cpu = burn::tensor::Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    for family in ["llama3", "qwen3", "phi3", "smollm3"] {
+        let dir = repo().join("tests/fixtures/families").join(family);
+        // The weights alone: loading a model from GGUF needs no tokenizer.
+        let model = kiln::models::hf::load_model(&dir, &cpu).unwrap();
+        let path = tmp.path().join(format!("{family}.gguf"));
+        write_gguf(&path, &model, Vec::new(), family, GgufQuant::Q8_0).unwrap();
+        let file = GgufFile::read(&path).unwrap();
+        let (f32_model, held) = (
+            load_model(&file, &cpu).unwrap(),
+            load_model_held(&file, &cpu, BaseQuant::Keep).unwrap(),
+        );
+        assert!(held.quantized_numel().0 > 0, "{family}: nothing held");
+        let (ids, batch, seq) = parity_inputs(&dir);
+        let logits = |m: &kiln::models::Model| {
+            m.forward(&ids, batch, seq, &mut None)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        let (want, got) = (logits(&f32_model), logits(&held));
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "{family}: logits differ by {err} (scale {scale})"
+        );
+    }
+}
