@@ -4363,19 +4363,8 @@ fn check_quantized_lora(device: &burn::tensor::Device, what: &str, types: &[u32]
     let tensor =
         |v: Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, dims), &dev);
     let close = |name: &str, a: Tensor<2>, b: Tensor<2>| {
-        let (a, b) = (
-            a.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
-            b.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
-        );
-        let scale = b.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-        let err = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(
-            err <= 1e-5 * scale,
-            "{what} {name}: max difference {err} (scale {scale})"
-        );
+        let values = |t: Tensor<2>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+        assert_close(&format!("{what} {name}"), &values(a), &values(b), 1e-5);
     };
     for &ty in types {
         let mut shapes = vec![(8usize, 512usize, 256usize, 256usize)];
@@ -4826,15 +4815,25 @@ fn every_family_held_in_its_gguf_blocks_computes_its_f32_values() {
                 .try_into_vec::<f32>()
                 .unwrap()
         };
-        let (want, got) = (logits(&f32_model), logits(&held));
-        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            err <= 1e-5 * scale,
-            "{family}: logits differ by {err} (scale {scale})"
+        assert_close(
+            &format!("{family} logits"),
+            &logits(&held),
+            &logits(&f32_model),
+            1e-5,
         );
     }
+}
+
+/// `got` equals `want` within `relative` of `want`'s largest magnitude, element by element.
+fn assert_close(what: &str, got: &[f32], want: &[f32], relative: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= relative * scale,
+        "{what}: max difference {err} (scale {scale})"
+    );
 }
