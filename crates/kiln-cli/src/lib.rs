@@ -918,38 +918,52 @@ fn load(
     adapter: Option<&Path>,
     backend: &BackendArgs,
 ) -> Result<(Pretrained, Option<PathBuf>), Failure> {
-    load_held(
-        model_arg,
-        adapter,
-        backend,
-        kiln_models::quant::BaseQuant::None,
-    )
-}
-
-/// [`load`] with the base's matrices held as `quant` says.
-fn load_held(
-    model_arg: &Path,
-    adapter: Option<&Path>,
-    backend: &BackendArgs,
-    quant: kiln_models::quant::BaseQuant,
-) -> Result<(Pretrained, Option<PathBuf>), Failure> {
     let (path, adapter) = model_and_adapter(model_arg, adapter)?;
     let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
     let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
-    if quant == kiln_models::quant::BaseQuant::Keep && !kiln_models::pretrained::is_gguf(&path) {
+    let p = Pretrained::load(&path, &selected.device)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok((with_adapter(p, adapter.as_deref())?, adapter))
+}
+
+/// `p` with the adapter directory (if any) applied.
+fn with_adapter(mut p: Pretrained, adapter: Option<&Path>) -> Result<Pretrained, Failure> {
+    if let Some(dir) = adapter {
+        p.model = kiln_train::setup::apply_adapter_dir(p.model, dir)
+            .with_context(|| format!("applying adapter {}", dir.display()))?;
+    }
+    Ok(p)
+}
+
+/// For `kiln fuse --quant keep`: the GGUF base, read once, and the model loaded from it with
+/// its matrices in their own blocks (only the adapted ones are widened to f32 by the fuse), or
+/// de-quantised when it holds a type kiln cannot hold. The file stays for its blocks to be
+/// copied.
+fn load_keeping(
+    model_arg: &Path,
+    adapter: Option<&Path>,
+    backend: &BackendArgs,
+) -> Result<(Pretrained, kiln_models::gguf::GgufFile), Failure> {
+    use kiln_models::quant::BaseQuant;
+    let (path, adapter) = model_and_adapter(model_arg, adapter)?;
+    let backend = backend.config().map_err(|e| usage(anyhow::anyhow!(e)))?;
+    let selected = device::select(&backend).map_err(|e| Failure::from(anyhow::Error::from(e)))?;
+    if !kiln_models::pretrained::is_gguf(&path) {
         return Err(usage(anyhow::anyhow!(
             "--quant keep: the base {} is not a GGUF file; choose one of {}",
             path.display(),
             GgufQuant::NAMES
         )));
     }
-    let mut p = Pretrained::load_held(&path, &selected.device, quant)
+    let file = kiln_models::gguf::GgufFile::read(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let quant = match kiln_models::gguf::first_unholdable(&file) {
+        None => BaseQuant::Keep,
+        Some(_) => BaseQuant::None,
+    };
+    let p = Pretrained::from_gguf_held(&file, &selected.device, quant)
         .with_context(|| format!("loading {}", path.display()))?;
-    if let Some(dir) = &adapter {
-        p.model = kiln_train::setup::apply_adapter_dir(p.model, dir)
-            .with_context(|| format!("applying adapter {}", dir.display()))?;
-    }
-    Ok((p, adapter))
+    Ok((with_adapter(p, adapter.as_deref())?, file))
 }
 
 /// `--prompt -` reads the prompt from standard input.
@@ -1197,14 +1211,13 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
             )));
         }
     };
-    // Keeping a GGUF base's encoding, its matrices stay in their blocks through the fuse: only
-    // the adapted ones are widened to f32.
-    let keep = matches!(args.quant, FuseQuant::Keep) && args.gguf.is_some();
-    let held = match keep {
-        true => kiln_models::quant::BaseQuant::Keep,
-        false => kiln_models::quant::BaseQuant::None,
+    let (mut p, keep_base) = match args.quant {
+        FuseQuant::Keep if args.gguf.is_some() => {
+            let (p, file) = load_keeping(&model_arg, adapter.as_deref(), &cpu)?;
+            (p, Some(file))
+        }
+        _ => (load(&model_arg, adapter.as_deref(), &cpu)?.0, None),
     };
-    let (mut p, _) = load_held(&model_arg, adapter.as_deref(), &cpu, held)?;
     let adapted = kiln_models::lora::adapted_weights(&p.model);
     p.model = kiln_models::lora::fuse(p.model);
     let model = &p.model;
@@ -1230,15 +1243,16 @@ fn fuse(args: FuseArgs) -> Result<(), Failure> {
     if let Some(path) = &args.gguf {
         let vocab = kiln_models::gguf_export::vocab_metadata(&p).context("the tokenizer")?;
         let name = model_name(&model_arg);
-        let report = match args.quant {
-            FuseQuant::Quant(quant) => {
+        let report = match (args.quant, &keep_base) {
+            (FuseQuant::Quant(quant), _) => {
                 kiln_models::gguf_export::write_gguf(path, model, vocab, &name, quant)
             }
-            FuseQuant::Keep => {
-                let file = kiln_models::gguf::GgufFile::read(&p.path)
-                    .with_context(|| format!("reading {}", p.path.display()))?;
+            (FuseQuant::Keep, file) => {
+                let file = file
+                    .as_ref()
+                    .context("--quant keep: the base file was not read")?;
                 let base = kiln_models::gguf_export::KeepBase {
-                    file: &file,
+                    file,
                     changed: adapted,
                 };
                 kiln_models::gguf_export::write_gguf_keeping(path, model, vocab, &name, &base)

@@ -125,9 +125,8 @@ fn q8_0(x: &[f32], out: &mut Vec<u8>) {
     out.extend(x.iter().map(|&v| (v * id).round() as i8 as u8));
 }
 
-/// `quantize_row_q4_0_ref`: the scale is the value of largest magnitude over −8 (its sign
-/// kept), so that value lands exactly on level 0.
-fn q4_0(x: &[f32], out: &mut Vec<u8>) {
+/// The value of largest magnitude, its sign kept (the first of equals, as ggml's loop finds it).
+fn signed_absmax(x: &[f32]) -> f32 {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if amax < v.abs() {
@@ -135,6 +134,23 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
             max = v;
         }
     }
+    max
+}
+
+/// The smallest and largest values, compared as ggml's loops compare them.
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = if v < min { v } else { min };
+        max = if v > max { v } else { max };
+    }
+    (min, max)
+}
+
+/// `quantize_row_q4_0_ref`: the scale is the value of largest magnitude over −8 (its sign
+/// kept), so that value lands exactly on level 0.
+fn q4_0(x: &[f32], out: &mut Vec<u8>) {
+    let max = signed_absmax(x);
     let d = max / -8.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, d);
@@ -145,11 +161,7 @@ fn q4_0(x: &[f32], out: &mut Vec<u8>) {
 
 /// `quantize_row_q4_1_ref`: 16 levels from the block's minimum to its maximum.
 fn q4_1(x: &[f32], out: &mut Vec<u8>) {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in x {
-        min = if v < min { v } else { min };
-        max = if v > max { v } else { max };
-    }
+    let (min, max) = min_max(x);
     let d = (max - min) / 15.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, d);
@@ -169,13 +181,7 @@ fn pack_five_bit(q: &[u8; 32], out: &mut Vec<u8>) {
 }
 
 fn q5_0(x: &[f32], out: &mut Vec<u8>) {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let max = signed_absmax(x);
     let d = max / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, d);
@@ -185,11 +191,7 @@ fn q5_0(x: &[f32], out: &mut Vec<u8>) {
 }
 
 fn q5_1(x: &[f32], out: &mut Vec<u8>) {
-    let (mut min, mut max) = (f32::MAX, -f32::MAX);
-    for &v in x {
-        min = if v < min { v } else { min };
-        max = if v > max { v } else { max };
-    }
+    let (min, max) = min_max(x);
     let d = (max - min) / 31.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     put_f16(out, d);

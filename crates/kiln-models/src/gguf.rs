@@ -104,11 +104,7 @@ pub fn load_model_held(
             info.ggml_type,
             ggml_types::F32 | ggml_types::F16 | ggml_types::BF16
         );
-        if quant == BaseQuant::Keep
-            && matrix
-            && !float
-            && ggml_repack::layout(info.ggml_type).is_none()
-        {
+        if quant == BaseQuant::Keep && matrix && !holdable_type(info.ggml_type) {
             return Err(ModelError::Tensor {
                 path: file.path.clone(),
                 name: info.name.clone(),
@@ -178,6 +174,19 @@ pub fn matrix_types(file: &GgufFile) -> BTreeMap<String, u32> {
         .iter()
         .filter_map(|t| Some((names.to_hf(&t.name)?, t.ggml_type)))
         .collect()
+}
+
+/// The first tensor of `file` that is quantized in a type `keep` cannot hold (IQ4_NL, IQ4_XS).
+pub fn first_unholdable(file: &GgufFile) -> Option<&TensorInfo> {
+    file.tensors.iter().find(|t| !holdable_type(t.ggml_type))
+}
+
+/// A type `keep` holds as it is: float (held as f32) or a layout of `ggml_repack`.
+fn holdable_type(ggml_type: u32) -> bool {
+    matches!(
+        ggml_type,
+        ggml_types::F32 | ggml_types::F16 | ggml_types::BF16
+    ) || ggml_repack::layout(ggml_type).is_some()
 }
 
 /// How the family reorders the rows of a matrix on its way from GGUF to HF (llama.cpp permutes

@@ -241,29 +241,30 @@ impl KeepBase<'_> {
         self.file.tensors.iter().find(|t| t.name == gguf_name)
     }
 
-    /// The base's type for a tensor; a changed tensor of a type kiln does not write (Q2_K,
-    /// Q3_K, IQ4) is written as Q8_0 (F16 where rows are not whole blocks).
-    fn tensor_type(&self, gguf_name: &str, hf_name: Option<&str>, dims: &[u64]) -> u32 {
-        let Some(info) = self.info(gguf_name) else {
-            return F32;
-        };
-        let changed = hf_name.is_some_and(|n| self.changed.contains(n));
-        if !changed || kiln_formats::ggml_quantize::writable(info.ggml_type) {
-            return info.ggml_type;
-        }
-        match block_layout(Q8_0) {
-            Some((b, _)) if dims[0].is_multiple_of(b as u64) => Q8_0,
-            _ => F16,
-        }
-    }
-
-    /// The base's own bytes for a tensor no adapter changed.
+    /// The base's own bytes for a tensor no adapter changed (of the dims it is written with).
     fn raw(&self, gguf_name: &str, hf_name: Option<&str>, dims: &[u64]) -> Option<&[u8]> {
         if hf_name.is_some_and(|n| self.changed.contains(n)) {
             return None;
         }
         let info = self.info(gguf_name)?;
         (info.dims == dims).then(|| self.file.tensor_bytes(info))
+    }
+
+    /// The type a tensor is written in: the base's, copied or (changed) quantized again to it; a
+    /// changed tensor of a type kiln does not write (Q2_K, Q3_K, IQ4) is written as Q8_0 (F16
+    /// where rows are not whole blocks), a tensor the base lacks (computed) as F32.
+    fn tensor_type(&self, gguf_name: &str, hf_name: Option<&str>, dims: &[u64]) -> u32 {
+        let Some(info) = self.info(gguf_name) else {
+            return F32;
+        };
+        let copied = self.raw(gguf_name, hf_name, dims).is_some();
+        if copied || kiln_formats::ggml_quantize::writable(info.ggml_type) {
+            return info.ggml_type;
+        }
+        match block_layout(Q8_0) {
+            Some((b, _)) if dims[0].is_multiple_of(b as u64) => Q8_0,
+            _ => F16,
+        }
     }
 }
 
@@ -387,7 +388,8 @@ fn write_gguf_as(
             Encoding::Keep(base) => base.raw(name, hf_name.as_deref(), dims),
             Encoding::Quant(_) => None,
         };
-        if let Some(raw) = kept.filter(|_| base_type_is(&encoding, name, planned.ggml_type)) {
+        // A copied tensor was planned in its base type (`KeepBase::tensor_type`).
+        if let Some(raw) = kept {
             writer.write_tensor(name, raw).map_err(io)?;
             reports.push(TensorReport {
                 name: name.clone(),
@@ -429,14 +431,6 @@ fn write_gguf_as(
         tensors: reports,
         bytes,
     })
-}
-
-/// Whether the base file holds `name` in `ty` (its bytes are then the tensor as written).
-fn base_type_is(encoding: &Encoding<'_>, name: &str, ty: u32) -> bool {
-    match encoding {
-        Encoding::Keep(base) => base.info(name).is_some_and(|i| i.ggml_type == ty),
-        Encoding::Quant(_) => false,
-    }
 }
 
 /// The `tokenizer.*` metadata for a GGUF of `p`: a GGUF source's own, as it was; otherwise

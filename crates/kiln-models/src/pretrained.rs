@@ -85,7 +85,7 @@ impl Pretrained {
     /// Loads with the frozen matrices held as `quant` says (`finetune.base_quant`).
     pub fn load_held(path: &Path, device: &Device, quant: BaseQuant) -> Result<Self, ModelError> {
         if is_gguf(path) {
-            return Self::from_gguf_held(GgufFile::read(path)?, device, quant);
+            return Self::from_gguf_held(&GgufFile::read(path)?, device, quant);
         }
         if !path.is_dir() {
             return Err(file_err(path, "not a model directory or a GGUF file"));
@@ -151,19 +151,20 @@ impl Pretrained {
 
     /// From a GGUF file already read (callers that looked at its metadata first read it once).
     pub fn from_gguf(file: GgufFile, device: &Device) -> Result<Self, ModelError> {
-        Self::from_gguf_held(file, device, BaseQuant::None)
+        Self::from_gguf_held(&file, device, BaseQuant::None)
     }
 
-    /// [`Pretrained::from_gguf`] with the frozen matrices held as `quant` says.
+    /// [`Pretrained::from_gguf`] with the frozen matrices held as `quant` says; the file stays
+    /// the caller's (`kiln fuse --quant keep` copies blocks from it afterwards).
     pub fn from_gguf_held(
-        file: GgufFile,
+        file: &GgufFile,
         device: &Device,
         quant: BaseQuant,
     ) -> Result<Self, ModelError> {
         let path = file.path.clone();
         let path = path.as_path();
         // The architecture and config first: they decide whether the file is usable at all.
-        crate::gguf::read_config(&file)?;
+        crate::gguf::read_config(file)?;
         let json = file.tokenizer_json()?;
         let tokenizer = Tokenizer::from_hf_json(&json.to_string(), path)
             .map_err(|e| file_err(path, e.to_string()))?;
@@ -197,7 +198,7 @@ impl Pretrained {
             .filter(|(k, _)| k.starts_with("tokenizer."))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let model = crate::gguf::load_model_held(&file, device, quant)?;
+        let model = crate::gguf::load_model_held(file, device, quant)?;
         check_vocabulary(path, &model, &tokenizer, &stop_ids)?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -65,7 +65,7 @@ pub fn setup(
     let plan = planner(&arch, trainable, total, held)?;
     let quant = crate::shape::base_quant(config);
     let mut p = match gguf {
-        Some(file) => Pretrained::from_gguf_held(file, device, quant)?,
+        Some(file) => Pretrained::from_gguf_held(&file, device, quant)?,
         None => Pretrained::load_held(base, device, quant)?,
     };
     if let (Some(t), Some(think)) = (p.chat_template.as_mut(), config.data.enable_thinking) {
