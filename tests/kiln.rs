@@ -823,6 +823,7 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, packed: bool) -> kiln::d
                 .collect(),
         ),
         segments: packed.then(|| (0..batch * seq).map(|i| ((i % seq) / 5) as u32).collect()),
+        pairs: None,
     }
 }
 
@@ -1813,6 +1814,7 @@ fn packed_rows_compute_each_example_as_if_alone() {
         targets: vec![0; 16],
         loss_mask: None,
         segments: Some([vec![0; 7], vec![1; 9]].concat()),
+        pairs: None,
     };
     let together = rows(model.forward_batch(&packed, &mut None));
     let diff = alone
@@ -4193,6 +4195,7 @@ fn dora_adapters_match_peft_in_logits_gradients_and_merge() {
         targets: shifted(1),
         loss_mask: None,
         segments: None,
+        pairs: None,
     };
     let shape = StepShape {
         recompute_every: None,
@@ -4835,5 +4838,203 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], relative: f32) {
     assert!(
         err <= relative * scale,
         "{what}: max difference {err} (scale {scale})"
+    );
+}
+
+/// Relative difference of `got` from `want`, scaled by `want`'s largest magnitude (at least
+/// `floor`, for values near zero).
+fn relative_difference(got: &[f32], want: &[f32], floor: f32) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+        / scale
+}
+
+#[test]
+fn dpo_and_orpo_match_trl_in_tokens_losses_rewards_and_lora_gradients() {
+    use kiln::data::preference::{PairEncoding, collate_pairs, parse_pairs};
+    use kiln::train::preference::{Preference, Reference};
+    use kiln::train::step::StepShape;
+    use kiln_config::DpoLoss;
+    let base = repo().join("tests/fixtures/families/llama3");
+    let fixture = repo().join("tests/fixtures/preference");
+    let expected =
+        kiln::models::safetensors_io::read_all(&fixture.join("expected.safetensors")).unwrap();
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("template.json")).unwrap())
+            .unwrap();
+    let tokenizer = kiln::data::Tokenizer::load_dir(&base).unwrap();
+    let template = kiln::data::ChatTemplate {
+        source: settings["chat_template"].as_str().unwrap().into(),
+        bos_token: String::new(),
+        eos_token: "!".into(),
+        kwargs: Default::default(),
+    };
+    let max_len = settings["max_length"].as_u64().unwrap() as usize;
+    let enc = PairEncoding {
+        tokenizer: &tokenizer,
+        chat_template: Some(&template),
+        eos_id: Some(2),
+        max_len,
+    };
+    let cpu = burn::tensor::Device::flex();
+    let adapted = kiln::train::setup::apply_adapter_dir(
+        kiln::models::hf::load_model(&base, &cpu).unwrap(),
+        &fixture.join("adapter"),
+    )
+    .unwrap();
+    let trainable = kiln::models::lora::set_trainable(adapted, &cpu.clone().autodiff(), true);
+    let cases = [
+        (
+            "sigmoid",
+            Preference::Dpo {
+                beta: 0.1,
+                loss: DpoLoss::Sigmoid,
+                label_smoothing: 0.0,
+            },
+        ),
+        (
+            "ipo",
+            Preference::Dpo {
+                beta: 0.1,
+                loss: DpoLoss::Ipo,
+                label_smoothing: 0.0,
+            },
+        ),
+        (
+            "robust",
+            Preference::Dpo {
+                beta: 0.1,
+                loss: DpoLoss::Robust,
+                label_smoothing: 0.1,
+            },
+        ),
+        ("orpo", Preference::Orpo { beta: 0.1 }),
+    ];
+    // One tape over the model, and block recompute with the head in chunks of 7 positions.
+    let shapes = [
+        StepShape {
+            recompute_every: None,
+            loss_chunk: usize::MAX,
+            dtype: burn::tensor::FloatDType::F32,
+        },
+        StepShape {
+            recompute_every: Some(1),
+            loss_chunk: 7,
+            dtype: burn::tensor::FloatDType::F32,
+        },
+    ];
+    let mut worst = (0f32, 0f32, 0f32);
+    for form in ["strings", "conversational"] {
+        let path = fixture.join(format!("{form}.jsonl"));
+        let split = parse_pairs(&std::fs::read_to_string(&path).unwrap(), &path, &enc).unwrap();
+        assert_eq!(split.pairs.len(), 3, "{form}");
+        assert!(split.truncated >= 1, "{form}: the long pair is cut");
+        let batch = collate_pairs(&split.pairs.iter().collect::<Vec<_>>(), 2);
+        // TRL's collated ids and completion mask, as kiln's inputs, targets and loss mask.
+        let ids = &expected[&format!("{form}.input_ids")];
+        let mask = &expected[&format!("{form}.completion_mask")];
+        let (rows, len) = (ids.shape[0], ids.shape[1]);
+        assert_eq!((batch.batch_size, batch.seq_len), (rows, len - 1), "{form}");
+        let trl_ids: Vec<u32> = ids.data.iter().map(|&v| v as u32).collect();
+        for r in 0..rows {
+            let (row, ours) = (
+                &trl_ids[r * len..(r + 1) * len],
+                r * (len - 1)..(r + 1) * (len - 1),
+            );
+            // A sequence's last token is an input only in TRL's batch (kiln pads there): it
+            // predicts padding, so it changes no loss.
+            let real = &batch.pairs.as_ref().unwrap().sequence_mask[ours.clone()];
+            let inputs = |ids: &[u32]| -> Vec<u32> {
+                ids.iter()
+                    .zip(real)
+                    .map(|(&t, &m)| if m > 0.0 { t } else { 2 })
+                    .collect()
+            };
+            assert_eq!(
+                inputs(&batch.inputs[ours.clone()]),
+                inputs(&row[..len - 1]),
+                "{form} row {r}"
+            );
+            assert_eq!(&batch.targets[ours.clone()], &row[1..], "{form} row {r}");
+            assert_eq!(
+                &batch.loss_mask.as_ref().unwrap()[ours],
+                &mask.data[r * len + 1..(r + 1) * len],
+                "{form} row {r}: completion mask"
+            );
+        }
+        for (case, p) in cases {
+            let key = |what: &str| format!("{form}.{case}.{what}");
+            for shape in shapes {
+                let mut grads = kiln::train::optim::GradAccumulator::default();
+                let (loss, metrics) = kiln::train::preference::forward_backward(
+                    &trainable,
+                    Reference::Base,
+                    &batch,
+                    &mut None,
+                    shape,
+                    &mut grads,
+                    1.0,
+                    p,
+                );
+                let loss = loss.into_scalar::<f32>();
+                let trl_loss = expected[&key("loss")].data[0];
+                let d_loss = (loss - trl_loss).abs() / trl_loss.abs();
+                assert!(d_loss < 1e-5, "{form} {case}: loss {loss} vs TRL's {trl_loss}");
+                let metrics = metrics.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                let trl_metrics = &expected[&key("metrics")].data;
+                let n = p.metrics().len();
+                assert_eq!(trl_metrics.len(), n);
+                // DPO's rewards are β times a difference of two sums of log-probabilities (of
+                // magnitude |logps|): f32 carries them to that scale, in TRL as in kiln.
+                let reward_scale = match p {
+                    Preference::Dpo { beta, .. } => {
+                        beta as f32 * trl_metrics[4].abs().max(trl_metrics[5].abs())
+                    }
+                    Preference::Orpo { .. } => 1e-3,
+                };
+                for (i, name) in p.metrics().iter().enumerate() {
+                    let floor = if [0, 1, 3].contains(&i) {
+                        reward_scale
+                    } else {
+                        1e-3
+                    };
+                    let d = relative_difference(&metrics[i..i + 1], &trl_metrics[i..i + 1], floor);
+                    assert!(
+                        d < 1e-5,
+                        "{form} {case} {name}: {} vs TRL's {}",
+                        metrics[i],
+                        trl_metrics[i]
+                    );
+                    worst.1 = worst.1.max(d);
+                }
+                let grads = grads.to_host();
+                let prefix = key("grad.");
+                let theirs: Vec<_> = expected
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix))
+                    .collect();
+                assert_eq!(theirs.len(), grads.len(), "{form} {case}");
+                for (k, t) in theirs {
+                    let name = &k[prefix.len()..];
+                    let ours = kiln::models::params::transpose_host(
+                        &grads[name],
+                        t.shape[1],
+                        t.shape[0],
+                    );
+                    let d = relative_difference(&ours, &t.data, 1e-12);
+                    assert!(d < 1e-5, "{form} {case} {name}: gradient off by {d:.2e}");
+                    worst.2 = worst.2.max(d);
+                }
+                worst.0 = worst.0.max(d_loss);
+            }
+        }
+    }
+    eprintln!(
+        "DPO/ORPO vs TRL: worst relative difference: loss {:.1e}, metrics {:.1e}, LoRA gradients {:.1e}",
+        worst.0, worst.1, worst.2
     );
 }

@@ -178,6 +178,19 @@ struct FinetuneArgs {
     /// base in its own blocks (Q4_K_M, Q8_0, ...); q8_0, q4_0, q4_k quantize any base as it loads.
     #[arg(long, value_name = "none|keep|q8_0|q4_0|q4_k", default_value = "none", value_parser = ["none", "keep", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])]
     base_quant: String,
+    /// What to optimize: `sft` (next-token loss on the examples), or `dpo` / `orpo` on
+    /// preference pairs (`{"prompt", "chosen", "rejected"}` records), as TRL's trainers do.
+    #[arg(long, value_name = "sft|dpo|orpo", default_value = "sft", value_parser = ["sft", "dpo", "orpo"])]
+    objective: String,
+    /// DPO's or ORPO's beta (TRL's `beta`; default 0.1).
+    #[arg(long, value_parser = finite_f64)]
+    beta: Option<f64>,
+    /// DPO's loss (TRL's `loss_type`; default sigmoid).
+    #[arg(long, value_name = "sigmoid|ipo|robust", value_parser = ["sigmoid", "ipo", "robust"])]
+    loss_type: Option<String>,
+    /// The label-flip probability of `--loss-type robust` (TRL's `label_smoothing`).
+    #[arg(long, value_parser = finite_f64)]
+    label_smoothing: Option<f64>,
     #[arg(long, default_value_t = 8)]
     rank: usize,
     #[arg(long, default_value_t = 16.0, value_parser = finite_f64)]
@@ -519,6 +532,10 @@ fn finetune_flag(field: &str) -> Option<&'static str> {
         "finetune.lora.num_layers" => "--num-layers",
         "finetune.lora.dora" => "--fine-tune-type",
         "finetune.base_quant" => "--base-quant",
+        "finetune.objective" => "--objective",
+        "finetune.dpo.beta" | "finetune.orpo.beta" => "--beta",
+        "finetune.dpo.loss" => "--loss-type",
+        "finetune.dpo.label_smoothing" => "--label-smoothing",
         "data.train" => "--data",
         "data.seq_len" => "--seq-len",
         "data.mask_prompt" => "--mask-prompt",
@@ -584,6 +601,36 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
     }
     if args.fine_tune_type.as_deref() == Some("dora") {
         items.push(set("finetune.lora.dora", "true".into()));
+    }
+    items.push(set("finetune.objective", args.objective.clone()));
+    if let Some(beta) = args.beta {
+        let key = match args.objective.as_str() {
+            "orpo" => "finetune.orpo.beta",
+            "dpo" => "finetune.dpo.beta",
+            _ => {
+                return Err(usage(anyhow::anyhow!(
+                    "--beta weighs a preference objective: give --objective dpo or orpo"
+                )));
+            }
+        };
+        items.push(set(key, beta.to_string()));
+    }
+    for (flag, key, value) in [
+        ("--loss-type", "finetune.dpo.loss", args.loss_type.clone()),
+        (
+            "--label-smoothing",
+            "finetune.dpo.label_smoothing",
+            args.label_smoothing.map(|v| v.to_string()),
+        ),
+    ] {
+        if let Some(v) = value {
+            if args.objective != "dpo" {
+                return Err(usage(anyhow::anyhow!(
+                    "{flag} is a DPO setting: give --objective dpo"
+                )));
+            }
+            items.push(set(key, v));
+        }
     }
     items.extend(args.set.iter().cloned());
     Config::default()

@@ -401,6 +401,94 @@ pub struct FinetuneConfig {
     /// quantized while the adapters train in float (QLoRA). `keep` holds a GGUF base in its own
     /// blocks; the others quantize the base as it loads. Default `none`.
     pub base_quant: BaseQuantConfig,
+    /// `sft | dpo | orpo`: what the run optimizes. `sft` is the next-token loss on the data's
+    /// examples; `dpo` and `orpo` learn from preference pairs (`{"prompt", "chosen",
+    /// "rejected"}` records) as TRL's `DPOTrainer` and `ORPOTrainer` do. Default `sft`.
+    pub objective: Objective,
+    pub dpo: DpoConfig,
+    pub orpo: OrpoConfig,
+}
+
+/// `finetune.objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    #[default]
+    Sft,
+    Dpo,
+    Orpo,
+}
+
+impl Objective {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Dpo => "dpo",
+            Self::Orpo => "orpo",
+        }
+    }
+
+    /// Whether the run trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        self != Self::Sft
+    }
+}
+
+/// `finetune.dpo.loss`: TRL's `loss_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    /// `-log σ(β·Δ)`, Δ the chosen log-ratio minus the rejected one (the DPO paper's loss).
+    #[default]
+    Sigmoid,
+    /// `(Δ/n − 1/(2β))²` on log-ratios averaged over each completion's tokens (IPO, as TRL
+    /// normalizes it).
+    Ipo,
+    /// Robust DPO: the sigmoid loss corrected for preference labels flipped with probability
+    /// `label_smoothing`.
+    Robust,
+}
+
+/// `finetune.dpo`: Direct Preference Optimization against the frozen base (under LoRA, the same
+/// model with its adapters switched off; under full fine-tuning, a frozen copy of the start).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoConfig {
+    /// How far the policy may move from the reference (TRL's `beta`; IPO's τ). Default 0.1.
+    #[serde(deserialize_with = "crate::finite::finite")]
+    pub beta: f64,
+    /// `sigmoid | ipo | robust`. Default `sigmoid`.
+    pub loss: DpoLoss,
+    /// The probability that a pair's labels are flipped, for `loss: robust` (in [0, 0.5)).
+    /// Default 0.
+    #[serde(deserialize_with = "crate::finite::finite")]
+    pub label_smoothing: f64,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+/// `finetune.orpo`: Odds Ratio Preference Optimization (no reference model): the chosen
+/// sequences' NLL plus `beta` times the odds-ratio term.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrpoConfig {
+    /// The weight of the odds-ratio term (TRL's `beta`, the paper's λ). Default 0.1.
+    #[serde(deserialize_with = "crate::finite::finite")]
+    pub beta: f64,
+}
+
+impl Default for OrpoConfig {
+    fn default() -> Self {
+        Self { beta: 0.1 }
+    }
 }
 
 /// Learning-rate schedule shape.
@@ -804,6 +892,63 @@ fn is_positive(x: f64) -> bool {
 }
 
 impl Config {
+    /// `finetune.objective` and its settings: preference tuning starts from a pretrained model,
+    /// reads pairs unpacked, and takes TRL's ranges.
+    fn check_objective(&self) -> Result<(), (String, String)> {
+        let f = &self.finetune;
+        if !f.objective.is_preference() {
+            return Ok(());
+        }
+        let field = || "finetune.objective".to_string();
+        if self.model.pretrained.is_none() {
+            return Err((
+                field(),
+                format!(
+                    "{} tunes a pretrained model on preference pairs: set model.pretrained",
+                    f.objective.name()
+                ),
+            ));
+        }
+        if self.data.pack {
+            return Err((
+                "data.pack".into(),
+                "preference pairs are not packed: set data.pack: false".into(),
+            ));
+        }
+        if self.data.format != DataFormat::Auto {
+            return Err((
+                "data.format".into(),
+                "preference records ({\"prompt\", \"chosen\", \"rejected\"}) are read as they \
+                 are: leave data.format at auto"
+                    .into(),
+            ));
+        }
+        if f.objective == Objective::Dpo {
+            if !is_positive(f.dpo.beta) {
+                return Err(("finetune.dpo.beta".into(), "must be positive".into()));
+            }
+            let ls = f.dpo.label_smoothing;
+            if !(0.0..0.5).contains(&ls) {
+                return Err((
+                    "finetune.dpo.label_smoothing".into(),
+                    "must be in [0, 0.5)".into(),
+                ));
+            }
+            if ls > 0.0 && f.dpo.loss != DpoLoss::Robust {
+                return Err((
+                    "finetune.dpo.label_smoothing".into(),
+                    "is the label-flip probability of loss: robust (TRL's sigmoid and ipo \
+                     losses do not use it): set finetune.dpo.loss: robust"
+                        .into(),
+                ));
+            }
+        }
+        if f.objective == Objective::Orpo && !is_positive(f.orpo.beta) {
+            return Err(("finetune.orpo.beta".into(), "must be positive".into()));
+        }
+        Ok(())
+    }
+
     /// Checks values that types alone cannot: returns the dotted field and what is wrong.
     pub fn validate(&self) -> Result<(), (String, String)> {
         use crate::limits::*;
@@ -1004,6 +1149,7 @@ impl Config {
                 ));
             }
         }
+        self.check_objective()?;
         let l = &self.finetune.lora;
         bounded("finetune.lora.rank", l.rank, MAX_LORA_RANK)?;
         if l.dora && l.mlx_export {

@@ -21,6 +21,18 @@ pub struct Batch {
     /// Attention stays inside an example and positions restart at each one. `None`: one
     /// sequence per row.
     pub segments: Option<Vec<u32>>,
+    /// Preference pairs (DPO, ORPO): `None` for plain examples.
+    pub pairs: Option<Pairs>,
+}
+
+/// The rows of a preference micro-batch: rows `0..count` hold the chosen sequences and
+/// `count..2·count` the rejected ones, pair `i` in rows `i` and `count + i`. The batch's
+/// `loss_mask` marks the completion tokens (what the log-probabilities sum over).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pairs {
+    pub count: usize,
+    /// 1 at every real (not padding) target: ORPO's NLL term covers prompt and completion.
+    pub sequence_mask: Vec<f32>,
 }
 
 /// Tokenized training and validation text.
@@ -121,6 +133,7 @@ impl Corpus {
             targets,
             loss_mask: None,
             segments: None,
+            pairs: None,
         }
     }
 
@@ -152,6 +165,7 @@ pub fn sequential_windows(tokens: &[u32], seq_len: usize) -> Vec<Batch> {
             targets: tokens[start + 1..end + 1].to_vec(),
             loss_mask: None,
             segments: None,
+            pairs: None,
         });
         start = end;
     }

@@ -44,7 +44,7 @@ pub struct Split {
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
-fn line_err(path: &Path, line: usize, message: impl Into<String>) -> DataError {
+pub(crate) fn line_err(path: &Path, line: usize, message: impl Into<String>) -> DataError {
     DataError::Corpus {
         path: path.to_path_buf(),
         message: format!("line {line}: {}", message.into()),
@@ -65,7 +65,7 @@ pub fn detect(record: &Value) -> Option<Format> {
     }
 }
 
-fn string_field<'v>(
+pub(crate) fn string_field<'v>(
     record: &'v Value,
     key: &str,
     path: &Path,
@@ -78,31 +78,42 @@ fn string_field<'v>(
 }
 
 fn messages(record: &Value, path: &Path, line: usize) -> Result<Vec<Message>, DataError> {
+    messages_at(record, "messages", path, line)
+}
+
+/// The list of `{"role", "content"}` messages under `key`, checked.
+pub(crate) fn messages_at(
+    record: &Value,
+    key: &str,
+    path: &Path,
+    line: usize,
+) -> Result<Vec<Message>, DataError> {
     let list = record
-        .get("messages")
+        .get(key)
         .and_then(Value::as_array)
-        .ok_or_else(|| line_err(path, line, "`messages` must be a list"))?;
+        .ok_or_else(|| line_err(path, line, format!("`{key}` must be a list")))?;
     if list.is_empty() {
-        return Err(line_err(path, line, "`messages` is empty"));
+        return Err(line_err(path, line, format!("`{key}` is empty")));
     }
     list.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| {
-                line_err(path, line, format!("messages[{i}] has no string `role`"))
-            })?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| line_err(path, line, format!("{key}[{i}] has no string `role`")))?;
             if !ROLES.contains(&role) {
                 return Err(line_err(
                     path,
                     line,
                     format!(
-                        "messages[{i}]: unknown role `{role}` (expected one of {})",
+                        "{key}[{i}]: unknown role `{role}` (expected one of {})",
                         ROLES.join(", ")
                     ),
                 ));
             }
             let content = m.get("content").and_then(Value::as_str).ok_or_else(|| {
-                line_err(path, line, format!("messages[{i}] has no string `content`"))
+                line_err(path, line, format!("{key}[{i}] has no string `content`"))
             })?;
             Ok(Message::new(role, content))
         })
@@ -347,6 +358,7 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
         targets,
         loss_mask: Some(mask),
         segments: None,
+        pairs: None,
     }
 }
 
@@ -395,6 +407,7 @@ fn rows_batch(rows: &[Vec<(u32, u32, f32, u32)>], seq_len: usize) -> Batch {
         targets: flat.clone().map(|p| p.1).collect(),
         loss_mask: Some(flat.clone().map(|p| p.2).collect()),
         segments: Some(flat.map(|p| p.3).collect()),
+        pairs: None,
     }
 }
 
@@ -443,7 +456,7 @@ pub fn train_batch(split: &Split, seed: u64, index: u64, batch_size: usize, pad_
     collate(&picked, pad_id)
 }
 
-fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
     let mut rng = Rng::stream(seed, PURPOSE_SHUFFLE, epoch);
     for i in (1..n).rev() {

@@ -5,11 +5,12 @@ mod chat;
 mod corpus;
 mod error;
 pub mod jsonl;
+pub mod preference;
 mod rng;
 mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
-pub use corpus::{Batch, Corpus, sequential_windows, tokenize_file};
+pub use corpus::{Batch, Corpus, Pairs, sequential_windows, tokenize_file};
 pub use error::DataError;
 pub use rng::Rng;
 pub use tokenizer::{CharTokenizer, Tokenizer};

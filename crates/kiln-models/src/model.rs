@@ -528,6 +528,19 @@ impl Model {
         true
     }
 
+    /// The base model alone: every adapter switched off, its parameters kept but unused, as
+    /// PEFT's `disable_adapter()` computes. DPO's reference under LoRA, with no second copy.
+    pub fn without_adapters(&self) -> Self {
+        let mut arch = (*self.arch).clone();
+        for linear in linears_mut(&mut arch) {
+            linear.lora = None;
+        }
+        Self {
+            arch: Arc::new(arch),
+            weights: self.weights.clone(),
+        }
+    }
+
     /// Merges every adapter into its weight, `W += s · A B` (PEFT's `W += s · B A` in its
     /// layout; DoRA's then rescaled per output, `W ← m / ‖W‖ · W`), and drops the adapters: a
     /// plain model that computes what base + adapter did.

@@ -4,6 +4,7 @@
 use crate::TrainError;
 use kiln_config::{Config, DataFormat};
 use kiln_data::jsonl::{self, Dataset, Encoding, Format};
+use kiln_data::preference::{self, PairEncoding, PreferenceDataset};
 use kiln_data::{Batch, ChatTemplate, Corpus, Tokenizer};
 
 /// The data a run samples batches from.
@@ -15,6 +16,11 @@ pub enum TrainData {
         dataset: Dataset,
         pad_id: u32,
         pack: bool,
+    },
+    /// Tokenized preference pairs (DPO, ORPO), `batch_size` pairs a micro-batch.
+    Pairs {
+        dataset: PreferenceDataset,
+        pad_id: u32,
     },
 }
 
@@ -32,6 +38,9 @@ impl TrainData {
             TrainData::Examples {
                 dataset, pad_id, ..
             } => jsonl::train_batch(&dataset.train, seed, index, batch_size, *pad_id),
+            TrainData::Pairs { dataset, pad_id } => {
+                preference::train_pairs(&dataset.train, seed, index, batch_size, *pad_id)
+            }
         }
     }
 
@@ -56,6 +65,20 @@ impl TrainData {
                 b.truncate(count.max(1));
                 Box::new(b.into_iter())
             }
+            TrainData::Pairs { dataset, pad_id } => {
+                let mut b = preference::sequential_pairs(&dataset.valid, batch_size, *pad_id);
+                b.truncate(count.max(1));
+                Box::new(b.into_iter())
+            }
+        }
+    }
+
+    /// Micro-batches of `batch_size` in one pass over the training data, where that is counted
+    /// in records (pairs) rather than tokens.
+    pub fn records_per_epoch(&self) -> Option<usize> {
+        match self {
+            TrainData::Pairs { dataset, .. } => Some(dataset.train.pairs.len()),
+            _ => None,
         }
     }
 
@@ -66,6 +89,12 @@ impl TrainData {
             TrainData::Examples { dataset, .. } => {
                 dataset.train.examples.iter().map(|e| e.ids.len()).sum()
             }
+            TrainData::Pairs { dataset, .. } => dataset
+                .train
+                .pairs
+                .iter()
+                .map(|p| 2 * p.prompt.len() + p.chosen.len() + p.rejected.len())
+                .sum(),
         }
     }
 
@@ -83,6 +112,16 @@ impl TrainData {
                 dataset.format,
                 dataset.train.truncated,
                 dataset.valid.truncated
+            ),
+            TrainData::Pairs { dataset, .. } => format!(
+                "{} train / {} validation preference pairs ({} train and {} validation truncated \
+                 to data.seq_len + 1 tokens a sequence; {} and {} dropped: their prompts fill it)",
+                dataset.train.pairs.len(),
+                dataset.valid.pairs.len(),
+                dataset.train.truncated,
+                dataset.valid.truncated,
+                dataset.train.dropped,
+                dataset.valid.dropped
             ),
         }
     }
@@ -113,6 +152,27 @@ pub fn load_data(
             ))
         })?;
         let eos_id = stop_ids.first().copied();
+        let pad_id = eos_id.unwrap_or(0);
+        let preference_records = preference::is_preference_dir(&d.train) == Some(true);
+        if config.finetune.objective.is_preference() {
+            let enc = PairEncoding {
+                tokenizer: &tokenizer,
+                chat_template,
+                eos_id,
+                // TRL's max_length counts the tokens of a sequence; data.seq_len, as for SFT
+                // examples, the positions it predicts from.
+                max_len: d.seq_len + 1,
+            };
+            let dataset = PreferenceDataset::load(&d.train, &enc)?;
+            return Ok((tokenizer, TrainData::Pairs { dataset, pad_id }));
+        }
+        if preference_records {
+            return Err(TrainError::Other(format!(
+                "{} holds preference records (prompt, chosen, rejected): train on them with \
+                 finetune.objective: dpo or orpo",
+                d.train.join("train.jsonl").display()
+            )));
+        }
         let enc = Encoding {
             tokenizer: &tokenizer,
             chat_template,
@@ -121,7 +181,6 @@ pub fn load_data(
             max_seq_len: d.seq_len,
         };
         let dataset = Dataset::load(&d.train, format_of(d.format), &enc)?;
-        let pad_id = eos_id.unwrap_or(0);
         return Ok((
             tokenizer,
             TrainData::Examples {

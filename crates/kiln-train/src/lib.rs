@@ -26,6 +26,7 @@ pub mod setup;
 // The step loop.
 pub mod inference;
 pub mod optim;
+pub mod preference;
 pub mod step;
 
 // Running it: the loop with its sinks and signals, and the benchmark.

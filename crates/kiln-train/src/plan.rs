@@ -30,6 +30,18 @@ pub struct Workload {
     pub half: bool,
     /// Frozen matrices held quantized (`finetune.base_quant`), counted at their own bytes.
     pub held: kiln_models::quant::Held,
+    /// Sequences per example: 2 for preference pairs (chosen and rejected in one batch), else 1.
+    pub sequences_per_example: usize,
+    /// Parameters of a frozen reference copy (DPO under full fine-tuning), held in the compute
+    /// type; 0 when there is none (LoRA's reference is the base with its adapters off).
+    pub reference: u64,
+}
+
+impl Workload {
+    /// Sequences in a micro-batch.
+    pub fn rows(&self) -> usize {
+        self.batch * self.sequences_per_example.max(1)
+    }
 }
 
 /// Bytes of each part of a run's peak.
@@ -63,13 +75,13 @@ pub const GPU_OVERHEAD: u64 = 16 << 20;
 
 /// Bytes the tape keeps for one block, from its family's profile (`kiln_models::plan`).
 pub fn block_activation_bytes(b: &BlockProfile, w: &Workload) -> u64 {
-    let tokens = (w.batch * w.seq) as f64;
+    let tokens = (w.rows() * w.seq) as f64;
     let per_token = if w.dropout {
         b.per_token_dropout
     } else {
         b.per_token
     };
-    let scores = (w.batch * b.heads) as f64 * (w.seq * w.seq) as f64;
+    let scores = (w.rows() * b.heads) as f64 * (w.seq * w.seq) as f64;
     let per_score = b.per_score + if w.dropout { b.per_score_dropout } else { 0.0 };
     if w.half {
         (HALF_TOKEN_BYTES * tokens * per_token + HALF_SCORE_BYTES * scores * per_score) as u64
@@ -82,7 +94,7 @@ pub fn block_activation_bytes(b: &BlockProfile, w: &Workload) -> u64 {
 pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: u64) -> Estimate {
     let layers = m.blocks.len() as u64;
     let elem = if w.half { 2 } else { 4 };
-    let hidden_state = elem * (w.batch * w.seq * m.config.hidden_size) as u64;
+    let hidden_state = elem * (w.rows() * w.seq * m.config.hidden_size) as u64;
     let profiles = m.memory_profile();
     let blocks: Vec<u64> = profiles
         .iter()
@@ -91,7 +103,7 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     // A recomputed span is as large as its largest blocks (they differ where layers do).
     let block = blocks.iter().copied().max().unwrap_or(0);
     // One block's backward at a time holds its transients.
-    let tokens = (w.batch * w.seq) as f64;
+    let tokens = (w.rows() * w.seq) as f64;
     let transient = profiles
         .iter()
         .map(|b| (elem as f64 * tokens * b.backward_per_token) as u64)
@@ -107,7 +119,7 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
                 layers.div_ceil(k) * hidden_state + k * block + 2 * hidden_state
             }
         };
-    let rows = (w.batch * w.seq).min(w.loss_chunk.max(1)) as f64;
+    let rows = (w.rows() * w.seq).min(w.loss_chunk.max(1)) as f64;
     let vocab = m.config.vocab_size;
     let mut logits = (4.0 * PER_LOGIT * rows * vocab as f64) as u64;
     if w.half {
@@ -132,6 +144,7 @@ pub fn estimate(m: &Architecture, w: &Workload, every: Option<usize>, overhead: 
     };
     let weights = w.held.bytes
         + scratch
+        + elem * w.reference
         + if w.half {
             6 * w.trainable + 2 * float_frozen
         } else {
@@ -380,6 +393,16 @@ pub fn workload(
         loss_chunk: loss_chunk(config.memory.loss_chunk, m.config.vocab_size),
         half: config.train.dtype != kiln_config::ComputeDtype::F32,
         held,
+        sequences_per_example: if config.finetune.objective.is_preference() {
+            2
+        } else {
+            1
+        },
+        reference: if config.finetune.objective == kiln_config::Objective::Dpo && !lora {
+            total
+        } else {
+            0
+        },
     }
 }
 
@@ -587,6 +610,8 @@ mod tests {
             loss_chunk: loss_chunk(0, m.config.vocab_size),
             half: false,
             held: Default::default(),
+            sequences_per_example: 1,
+            reference: 0,
         }
     }
 

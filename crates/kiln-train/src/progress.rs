@@ -20,6 +20,8 @@ pub struct StepReport {
     pub tokens_per_s: f64,
     pub memory: String,
     pub eta_secs: f64,
+    /// More of the step to show (a preference run's reward accuracy and margin).
+    pub extra: Option<String>,
 }
 
 fn eta(secs: f64) -> String {
@@ -66,7 +68,7 @@ impl<'a> Progress<'a> {
 
     pub fn report(&self, r: &StepReport) {
         // Under 80 columns up to a 20,000-step run at 100k tokens/s.
-        let line = format!(
+        let mut line = format!(
             "step {}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  {}  eta {}",
             r.step,
             r.total,
@@ -76,6 +78,9 @@ impl<'a> Progress<'a> {
             r.memory,
             eta(r.eta_secs)
         );
+        if let Some(extra) = &r.extra {
+            line = format!("{line}  {extra}");
+        }
         match &self.bar {
             // The report stays on screen above the bar, as mlx-lm leaves a line per report.
             Some(bar) => {

@@ -38,6 +38,9 @@ pub struct Setup {
     pub method: Method,
     /// The memory plan, made once from the declared model before any weight was allocated.
     pub plan: Plan,
+    /// DPO under full fine-tuning: the pretrained model as it was before training (also on
+    /// resume), the frozen reference. `None` otherwise (LoRA's reference is the base itself).
+    pub reference: Option<Model>,
 }
 
 /// What `setup` asks before it builds or loads any weights, given the model's declaration and its
@@ -77,8 +80,12 @@ pub fn setup(
         p.chat_template.as_ref(),
         &p.stop_ids,
     )?;
+    let mut reference = None;
     let (model, method) = match config.finetune.method {
         FinetuneMethod::Full => {
+            if config.finetune.objective == kiln_config::Objective::Dpo {
+                reference = Some(p.model.clone());
+            }
             let model = match resume {
                 Some(dir) => checkpoint::load_model(dir, device)?,
                 None => p.model,
@@ -109,6 +116,7 @@ pub fn setup(
             data,
             method,
             plan,
+            reference,
         },
     ))
 }
@@ -155,6 +163,7 @@ fn setup_scratch(
             data,
             method: Method::Scratch,
             plan,
+            reference: None,
         },
     ))
 }

@@ -44,6 +44,31 @@ impl StepShape {
     }
 }
 
+/// The loss the head computes from the last hidden state: `Σ_t weights_t · nll_t / divisor`
+/// over the batch's positions `t`, `nll_t` the cross-entropy of position `t`'s target. The
+/// next-token loss weighs each trained position 1 and divides by their count; preference
+/// objectives give each position the derivative of their loss with respect to its `nll_t`.
+pub struct HeadLoss {
+    /// `[batch × seq]`, on the plain (non-autodiff) device: constants of the backward.
+    pub weights: Tensor<1>,
+    pub divisor: f64,
+}
+
+impl HeadLoss {
+    /// The mean next-token loss over `batch`'s trained positions.
+    pub fn next_token(batch: &Batch, device: &Device) -> Self {
+        let rows = batch.batch_size * batch.seq_len;
+        let (weights, count) = match batch.loss_mask.as_deref() {
+            Some(m) => (m.to_vec(), m.iter().sum::<f32>()),
+            None => (vec![1.0; rows], rows as f32),
+        };
+        Self {
+            weights: Tensor::from_data(TensorData::new(weights, [rows]), device),
+            divisor: count.max(1.0) as f64,
+        }
+    }
+}
+
 /// Forward and backward of `batch`: adds `scale ×` the gradients into `grads` and returns the
 /// batch's mean loss (detached, off the tape).
 pub fn forward_backward(
@@ -53,6 +78,34 @@ pub fn forward_backward(
     shape: StepShape,
     grads: &mut GradAccumulator,
     scale: f64,
+) -> Tensor<1> {
+    let rows = batch.batch_size * batch.seq_len;
+    if shape.recompute_every.is_none() && rows <= shape.loss_chunk {
+        // One tape over the whole model.
+        let compute = compute_view(master, shape.dtype);
+        let loss_scale = loss_scale(shape.dtype);
+        let loss = compute.loss(batch, dropout);
+        let g = (loss.clone() * loss_scale).backward();
+        grads.add(master, &g, scale / loss_scale);
+        return loss.detach().without_autodiff();
+    }
+    let device = master.device().without_autodiff();
+    forward_backward_with(master, batch, dropout, shape, grads, scale, &mut |_, _| {
+        HeadLoss::next_token(batch, &device)
+    })
+}
+
+/// Forward and backward of `batch` under the loss `head_loss` makes from the model (in the
+/// compute type) and the last hidden state (off the tape): the body runs in `shape` (taped, or in
+/// recomputed spans), the head in chunks. Returns the head's loss (detached).
+pub fn forward_backward_with(
+    master: &Model,
+    batch: &Batch,
+    dropout: &mut Option<Dropout>,
+    shape: StepShape,
+    grads: &mut GradAccumulator,
+    scale: f64,
+    head_loss: &mut dyn FnMut(&Model, &Tensor<2>) -> HeadLoss,
 ) -> Tensor<1> {
     // In half precision the step runs on a cast of the (f32) parameters; the casts are on the
     // tape, so gradients arrive at the f32 leaves. f16 scales the loss before backward so that
@@ -65,13 +118,10 @@ pub fn forward_backward(
         grads: scale / loss_scale,
     };
     let scale = head.grads;
-    let rows = batch.batch_size * batch.seq_len;
-    if shape.recompute_every.is_none() && rows <= shape.loss_chunk {
-        let loss = model.loss(batch, dropout);
-        let g = (loss.clone() * head.loss).backward();
-        grads.add(master, &g, scale);
-        return loss.detach().without_autodiff();
-    }
+    let mut head_backward = |model: &Model, h: &Tensor<2>, grads: &mut GradAccumulator| {
+        let loss = head_loss(model, &h.clone().detach().without_autodiff());
+        head_backward(model, master, h, batch, &loss, shape.loss_chunk, grads, head)
+    };
     let consts = model.consts_for(batch);
     let x0 = model.embed(&batch.inputs);
     match shape.recompute_every {
@@ -80,8 +130,7 @@ pub fn forward_backward(
             for i in 0..model.num_layers() {
                 h = model.block(i, h, &consts, dropout, None);
             }
-            let (loss, grad_h) =
-                head_backward(model, master, &h, batch, shape.loss_chunk, grads, head);
+            let (loss, grad_h) = head_backward(model, &h, grads);
             backprop_into(h, grad_h, master, grads, scale);
             loss
         }
@@ -108,8 +157,7 @@ pub fn forward_backward(
             for i in last.0..last.1 {
                 out = model.block(i, out, &consts, dropout, None);
             }
-            let (loss, grad_out) =
-                head_backward(model, master, &out, batch, shape.loss_chunk, grads, head);
+            let (loss, grad_out) = head_backward(model, &out, grads);
             let mut grad_h = span_backward(out, grad_out, &last_input, master, grads, scale);
             for &(a, b) in rest.iter().rev() {
                 let (input, mut replay) = saved.pop().expect("one saved input per span");
@@ -211,39 +259,42 @@ fn backprop_into(
 }
 
 /// Final norm, output projection and cross-entropy over chunks of `chunk` positions of the last
-/// hidden state `h`, each chunk taped and backpropagated on its own. Returns the mean loss and
-/// the gradient of the loss with respect to `h` (both off the tape).
+/// hidden state `h`, each chunk taped and backpropagated on its own, under `loss`'s weights.
+/// Returns the loss and the gradient of the loss with respect to `h` (both off the tape).
+#[allow(clippy::too_many_arguments)]
 fn head_backward(
     model: &Model,
     master: &Model,
     h: &Tensor<2>,
     batch: &Batch,
+    head_loss: &HeadLoss,
     chunk: usize,
     grads: &mut GradAccumulator,
     scale: HeadScale,
 ) -> (Tensor<1>, Tensor<2>) {
     let h = h.clone().without_autodiff();
     let [rows, _] = h.dims();
-    let mask = batch.loss_mask.as_deref();
-    let count = mask.map_or(rows as f32, |m| m.iter().sum::<f32>()).max(1.0);
     let mut loss: Option<Tensor<1>> = None;
     let mut grad_parts = Vec::new();
     let chunk = chunk.clamp(1, rows.max(1));
     for start in (0..rows).step_by(chunk) {
         let end = (start + chunk).min(rows);
-        let part = if start == 0 && end == rows {
+        let whole = start == 0 && end == rows;
+        let part = if whole {
             h.clone()
         } else {
             h.clone().slice(start..end)
         };
+        let weights = if whole {
+            head_loss.weights.clone()
+        } else {
+            head_loss.weights.clone().slice(start..end)
+        };
         let part = part.autodiff().require_grad();
         let logits = model.head(part.clone());
-        let sum = Model::cross_entropy_sum(
-            logits,
-            &batch.targets[start..end],
-            mask.map(|m| &m[start..end]),
-        );
-        let l = sum.div_scalar(count as f64).neg();
+        let l = weighted_nll(logits, &batch.targets[start..end], weights)
+            .sum()
+            .div_scalar(head_loss.divisor);
         let g = (l.clone() * scale.loss).backward();
         grads.add(master, &g, scale.grads);
         grad_parts.push(
@@ -263,4 +314,13 @@ fn head_backward(
         Tensor::cat(grad_parts, 0)
     };
     (loss, grad)
+}
+
+/// `weights_t · nll_t` for each row of `logits` (in f32 whatever the compute type).
+pub fn weighted_nll(logits: Tensor<2>, targets: &[u32], weights: Tensor<1>) -> Tensor<1> {
+    let device = logits.device().without_autodiff();
+    let n = targets.len();
+    let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
+    kiln_models::fused::cross_entropy(to_dtype(logits, FloatDType::F32), idx, weights)
 }

@@ -7,6 +7,7 @@ use crate::device::{self, SelectedDevice};
 use crate::memory;
 use crate::optim::{AdamW, GradAccumulator, learning_rate};
 use crate::plan::{self, Plan};
+use crate::preference::{self, Preference, Reference};
 use crate::progress::{Progress, StepReport};
 use crate::setup;
 use crate::shape::Method;
@@ -113,13 +114,31 @@ pub fn weights_are_finite(model: &Model) -> bool {
     probe.0.is_none_or(|t| t.into_scalar::<f32>().is_finite())
 }
 
+/// The progress line's part for a preference run: reward accuracy and margin.
+fn reward_summary(metrics: &[(&str, f32)]) -> Option<String> {
+    let get = |name: &str| metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    Some(format!(
+        "reward acc {:.2} margin {:.3}",
+        get("rewards/accuracies")?,
+        get("rewards/margins")?
+    ))
+}
+
 /// Total optimizer steps the config asks for.
-pub fn total_steps(config: &Config, train_tokens: usize) -> usize {
+pub fn total_steps(config: &Config, data: &TrainData) -> usize {
     let t = &config.train;
     match t.epochs {
         Some(epochs) => {
-            let per_step = t.batch_size.get() * t.grad_accum * config.data.seq_len;
-            ((epochs * train_tokens as f64) / per_step as f64)
+            // A pass is counted in records where a micro-batch holds a number of them (pairs),
+            // else in tokens at `seq_len` a sequence.
+            let (per_pass, per_step) = match data.records_per_epoch() {
+                Some(records) => (records, t.batch_size.get() * t.grad_accum),
+                None => (
+                    data.train_tokens(),
+                    t.batch_size.get() * t.grad_accum * config.data.seq_len,
+                ),
+            };
+            ((epochs * per_pass as f64) / per_step as f64)
                 .ceil()
                 .clamp(1.0, kiln_config::limits::MAX_STEPS as f64) as usize
         }
@@ -159,6 +178,23 @@ pub struct StepOutput {
     /// Whether the loss and gradient norm were finite, so the update was applied (a one-element
     /// device tensor: deciding this needs no host read; see [`SkipCounter`]).
     pub applied: Tensor<1, Bool>,
+    /// Preference runs: the step's mean metrics (`preference::METRICS`), on the device.
+    pub metrics: Option<Tensor<1>>,
+}
+
+/// The preference objective of `config` with its reference (`frozen`: DPO's copy under full
+/// fine-tuning), or `None` for the next-token loss.
+pub fn preference_of<'a>(
+    config: &Config,
+    frozen: Option<&'a Model>,
+) -> Option<(Preference, Reference<'a>)> {
+    let p = Preference::from_config(&config.finetune)?;
+    let reference = match (p.needs_reference(), frozen) {
+        (false, _) => Reference::None,
+        (true, Some(m)) => Reference::Frozen(m),
+        (true, None) => Reference::Base,
+    };
+    Some((p, reference))
 }
 
 /// Counts skipped updates on the device; read only when the trainer reads the loss anyway
@@ -247,6 +283,7 @@ pub fn train_step(
     lr: f64,
     shape: StepShape,
     prefetch: &mut Prefetched,
+    preference: Option<(Preference, Reference<'_>)>,
 ) -> (Model, StepOutput) {
     let (bs, seq, accum) = (
         config.train.batch_size.get(),
@@ -263,6 +300,7 @@ pub fn train_step(
     };
     let mut grads = GradAccumulator::default();
     let mut loss_sum: Option<Tensor<1>> = None;
+    let mut metrics_sum: Option<Tensor<1>> = None;
     let mut tokens = 0;
     for index in first_micro..first_micro + accum as u64 {
         let batch = prefetch.take(data, seed, index, bs, seq);
@@ -272,20 +310,42 @@ pub fn train_step(
             lora_p,
             rng: Rng::stream(seed, DROPOUT_PURPOSE, index),
         });
-        let (l, next) = rayon::join(
-            || {
-                step::forward_backward(
-                    &model,
-                    &batch,
-                    &mut dropout,
-                    shape,
-                    &mut grads,
-                    1.0 / accum as f64,
-                )
+        let ((l, metrics), next) = rayon::join(
+            || match preference {
+                Some((p, reference)) => {
+                    let (l, m) = preference::forward_backward(
+                        &model,
+                        reference,
+                        &batch,
+                        &mut dropout,
+                        shape,
+                        &mut grads,
+                        1.0 / accum as f64,
+                        p,
+                    );
+                    (l, Some(m))
+                }
+                None => (
+                    step::forward_backward(
+                        &model,
+                        &batch,
+                        &mut dropout,
+                        shape,
+                        &mut grads,
+                        1.0 / accum as f64,
+                    ),
+                    None,
+                ),
             },
             || data.train_batch(seed, index + 1, bs, seq),
         );
         prefetch.0 = Some((index + 1, next));
+        if let Some(m) = metrics {
+            metrics_sum = Some(match metrics_sum {
+                Some(s) => s + m,
+                None => m,
+            });
+        }
         loss_sum = Some(match loss_sum {
             Some(s) => s + l,
             None => l,
@@ -316,6 +376,7 @@ pub fn train_step(
             grad_norm: norm,
             tokens,
             applied,
+            metrics: metrics_sum.map(|m| m / accum as f64),
         },
     )
 }
@@ -355,6 +416,9 @@ fn load_run(
         resume_from,
         &plan::planner(config, selected, resumed),
     )?;
+    let mut setup = setup;
+    let compute = device::compute_dtype(config.train.dtype);
+    setup.reference = setup.reference.take().map(|m| step::frozen_to(m, compute));
     let lora_only = matches!(setup.method, Method::Lora { .. });
     let mut model = lora::set_trainable(base, &train_device, lora_only);
     if lora_only {
@@ -362,7 +426,7 @@ fn load_run(
     }
     let plan = setup.plan.clone();
     let config = plan::resolve(config, &plan);
-    let total = total_steps(&config, setup.data.train_tokens());
+    let total = total_steps(&config, &setup.data);
     let mut optimizer = AdamW::new(&config.optim);
     let state = match (resume_from, saved) {
         (Some(dir), Some(state)) => {
@@ -604,6 +668,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     // A sink that failed (see `crate::sinks`), once acted on: stop after a checkpoint, or go on.
     let mut sink_stop: Option<String> = None;
     let mut sink_reported = false;
+    let objective = preference_of(config, setup.reference.as_ref());
     // From here a signal asks for a checkpoint; before, it ended the process at once.
     crate::signals::loading_done();
     while state.step < last_step {
@@ -624,6 +689,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             lr,
             shape,
             &mut prefetch,
+            objective,
         );
         model = next;
         state.micro_batches += accum as u64;
@@ -705,6 +771,19 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 peak_device = Some(peak_device.unwrap_or(0).max(m));
             }
             state.last_train_loss = Some(loss);
+            // Preference runs: TRL's metrics, read with the loss.
+            let metrics = match (&out.metrics, objective) {
+                (Some(m), Some((p, _))) => {
+                    let values = m
+                        .clone()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap_or_default();
+                    p.metrics().iter().copied().zip(values).collect::<Vec<_>>()
+                }
+                _ => Vec::new(),
+            };
             let steps_left = (last_step - step) as f64;
             progress.report(&StepReport {
                 step,
@@ -715,7 +794,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 memory: mem.map(memory::human_bytes).unwrap_or_else(|| "?".into()),
                 eta_secs: steps_left * started.elapsed().as_secs_f64()
                     / (step - first_step).max(1) as f64,
+                extra: reward_summary(&metrics),
             });
+            for (name, v) in &metrics {
+                events.scalar(&format!("train/{name}"), *v, step);
+            }
             events.scalar("loss/train", loss as f32, step);
             events.scalar("optim/lr", lr as f32, step);
             events.scalar("optim/grad_norm", grad_norm as f32, step);
@@ -744,12 +827,29 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         if eval_due {
             // In the compute type: a LoRA base model may be held in it.
             let view = step::compute_view(&inference::inference_view(&model), shape.dtype);
-            let val = inference::mean_loss(
-                &view,
-                setup
-                    .data
-                    .valid_batches(seed, config.train.eval_batches, bs, seq),
-            );
+            let batches = setup
+                .data
+                .valid_batches(seed, config.train.eval_batches, bs, seq);
+            let val = match objective {
+                Some((p, reference)) => {
+                    let (val, metrics) =
+                        preference::evaluate(&view, reference, batches, p, shape.loss_chunk);
+                    let named: Vec<(&str, f32)> = p
+                        .metrics()
+                        .iter()
+                        .copied()
+                        .zip(metrics.iter().map(|&v| v as f32))
+                        .collect();
+                    for (name, v) in &named {
+                        events.scalar(&format!("eval/{name}"), *v, step);
+                    }
+                    if let Some(summary) = reward_summary(&named) {
+                        progress.println(&format!("step {step}: validation {summary}"));
+                    }
+                    val
+                }
+                None => inference::mean_loss(&view, batches),
+            };
             state.last_val_loss = Some(val);
             if state.best_val_loss.is_none_or(|b| val < b) {
                 state.best_val_loss = Some(val);
