@@ -4983,8 +4983,15 @@ fn dpo_and_orpo_match_trl_in_tokens_losses_rewards_and_lora_gradients() {
                 let loss = loss.into_scalar::<f32>();
                 let trl_loss = expected[&key("loss")].data[0];
                 let d_loss = (loss - trl_loss).abs() / trl_loss.abs();
-                assert!(d_loss < 1e-5, "{form} {case}: loss {loss} vs TRL's {trl_loss}");
-                let metrics = metrics.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                assert!(
+                    d_loss < 1e-5,
+                    "{form} {case}: loss {loss} vs TRL's {trl_loss}"
+                );
+                let metrics = metrics
+                    .into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap();
                 let trl_metrics = &expected[&key("metrics")].data;
                 let n = p.metrics().len();
                 assert_eq!(trl_metrics.len(), n);
@@ -5020,11 +5027,8 @@ fn dpo_and_orpo_match_trl_in_tokens_losses_rewards_and_lora_gradients() {
                 assert_eq!(theirs.len(), grads.len(), "{form} {case}");
                 for (k, t) in theirs {
                     let name = &k[prefix.len()..];
-                    let ours = kiln::models::params::transpose_host(
-                        &grads[name],
-                        t.shape[1],
-                        t.shape[0],
-                    );
+                    let ours =
+                        kiln::models::params::transpose_host(&grads[name], t.shape[1], t.shape[0]);
                     let d = relative_difference(&ours, &t.data, 1e-12);
                     assert!(d < 1e-5, "{form} {case} {name}: gradient off by {d:.2e}");
                     worst.2 = worst.2.max(d);
@@ -5037,4 +5041,211 @@ fn dpo_and_orpo_match_trl_in_tokens_losses_rewards_and_lora_gradients() {
         "DPO/ORPO vs TRL: worst relative difference: loss {:.1e}, metrics {:.1e}, LoRA gradients {:.1e}",
         worst.0, worst.1, worst.2
     );
+}
+
+/// String preference pairs for the tiny Llama fixture (its tokenizer has printable ASCII): the
+/// chosen answer a number's digits doubled, the rejected one its digits reversed.
+fn write_preference_data(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let record = |i: usize| {
+        let n = (i * 37 + 11) % 1000;
+        let doubled: String = n.to_string().chars().flat_map(|c| [c, c]).collect();
+        let reversed: String = n.to_string().chars().rev().collect();
+        format!(
+            "{{\"prompt\": \"Q {n}: \", \"chosen\": \"{doubled}.\", \"rejected\": \"{reversed}?\"}}\n"
+        )
+    };
+    std::fs::write(
+        dir.join("train.jsonl"),
+        (0..40).map(record).collect::<String>(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("valid.jsonl"),
+        (40..48).map(record).collect::<String>(),
+    )
+    .unwrap();
+}
+
+fn preference_config(out: &Path, data: &Path, name: &str, overrides: &[&str]) -> Config {
+    let yaml = format!(
+        r#"
+run: {{ name: {name}, seed: 3, output_dir: "{out}" }}
+backend: {{ kind: cpu }}
+model: {{ pretrained: "{base}" }}
+finetune:
+  method: lora
+  lora: {{ rank: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj, down_proj] }}
+  objective: dpo
+data: {{ train: "{data}", seq_len: 24 }}
+optim: {{ lr: 1.0e-2, weight_decay: 0.0, schedule: {{ kind: cosine, warmup_steps: 1, min_lr: 1.0e-4 }} }}
+train: {{ max_steps: 6, batch_size: 2, grad_accum: 2, eval_every: 3, eval_batches: 2, save_every: 3 }}
+logging: {{ log_every: 1, histograms_every: 0 }}
+"#,
+        out = out.display(),
+        data = data.display(),
+        base = repo().join("tests/fixtures/families/llama3").display(),
+    );
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::from_yaml_str(&yaml, "preference.yaml")
+        .unwrap()
+        .with_overrides(&overrides)
+        .unwrap()
+}
+
+#[test]
+fn preference_runs_resume_exactly_log_trl_metrics_export_peft_and_refuse_bad_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("pairs");
+    write_preference_data(&data);
+    let out = tmp.path().join("runs");
+    // LoRA DPO (its reference the base with the adapters off) and full DPO (a frozen copy of the
+    // pretrained model, also after a resume): a run split at step 3 ends where an uninterrupted
+    // one does, with gradient accumulation on.
+    for (what, file, extra) in [
+        ("lora", "adapter_model.safetensors", vec![]),
+        ("full", "model.safetensors", vec!["finetune.method=full"]),
+        (
+            "orpo",
+            "adapter_model.safetensors",
+            vec!["finetune.objective=orpo", "memory.checkpointing=every:1"],
+        ),
+    ] {
+        let whole_name = format!("{what}-whole");
+        let whole = preference_config(&out, &data, &whole_name, &extra);
+        let a = train(&whole, &quiet()).unwrap();
+        assert_eq!(a.steps, 6);
+        let split_name = format!("{what}-split");
+        let split = preference_config(&out, &data, &split_name, &extra);
+        let stop = TrainOptions {
+            stop_after: Some(3),
+            ..quiet()
+        };
+        train(&split, &stop).unwrap();
+        let resume = TrainOptions {
+            resume: true,
+            ..quiet()
+        };
+        let b = train(&split, &resume).unwrap();
+        let bytes =
+            |run: &str| std::fs::read(out.join(run).join("step-0000006").join(file)).unwrap();
+        assert!(
+            bytes(&whole_name) == bytes(&split_name),
+            "{what}: weights after resume differ from the uninterrupted run"
+        );
+        assert_eq!(a.final_val_loss, b.final_val_loss, "{what}");
+        assert!(a.final_val_loss.unwrap().is_finite(), "{what}");
+    }
+    // PEFT's layout, loadable as any kiln LoRA adapter.
+    let adapter = out.join("lora-whole/step-0000006");
+    assert!(adapter.join("adapter_config.json").is_file());
+    let base = repo().join("tests/fixtures/families/llama3");
+    let cpu = burn::tensor::Device::flex();
+    kiln::train::setup::apply_adapter_dir(
+        kiln::models::hf::load_model(&base, &cpu).unwrap(),
+        &adapter,
+    )
+    .unwrap();
+
+    // TRL's metric names in TensorBoard, train and validation; the first DPO step starts at the
+    // reference (loss ln 2, rewards 0).
+    let r = Command::new("python3")
+        .arg(repo().join("tests/read_events.py"))
+        .arg(out.join("lora-whole/tensorboard"))
+        .output()
+        .expect("python3 is needed to read event files with TensorBoard");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    for split in ["train", "eval"] {
+        for m in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            let tag = format!("{split}/{m}");
+            assert!(v["scalars"][&tag].is_array(), "no `{tag}` in {v}");
+        }
+    }
+    let first = |tag: &str| v["scalars"][tag][0][1].as_f64().unwrap();
+    assert!((first("loss/train") - std::f64::consts::LN_2).abs() < 1e-6);
+    assert_eq!(first("train/rewards/margins"), 0.0);
+
+    // From flags: the progress line shows the reward accuracy.
+    let r = kiln(&[
+        "finetune",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--objective",
+        "dpo",
+        "--loss-type",
+        "ipo",
+        "--beta",
+        "0.5",
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "24",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--name",
+        "flags",
+        "--backend",
+        "cpu",
+    ]);
+    let text = output_text(&r);
+    assert!(r.status.success(), "{text}");
+    assert!(text.contains("reward acc"), "{text}");
+    assert!(text.contains("preference pairs"), "{text}");
+
+    // Bad pairs name their file and line and exit 2; so do preference records under SFT.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    let good = r#"{"prompt": "Q: ", "chosen": "a", "rejected": "b"}"#;
+    std::fs::write(bad.join("valid.jsonl"), format!("{good}\n")).unwrap();
+    for (record, needle, objective) in [
+        (
+            r#"{"prompt": "Q: ", "chosen": "a"}"#,
+            "missing `rejected`",
+            "dpo",
+        ),
+        (
+            r#"{"prompt": "Q: ", "chosen": "", "rejected": "b"}"#,
+            "`chosen` is an empty answer",
+            "orpo",
+        ),
+        (good, "finetune.objective: dpo or orpo", "sft"),
+    ] {
+        std::fs::write(bad.join("train.jsonl"), format!("{good}\n{record}\n")).unwrap();
+        let r = kiln(&[
+            "finetune",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            bad.to_str().unwrap(),
+            "--objective",
+            objective,
+            "--iters",
+            "1",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--name",
+            "bad",
+            "--backend",
+            "cpu",
+        ]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{record}: {err}");
+        assert!(err.contains(needle) && err.contains("train.jsonl"), "{err}");
+        if objective != "sft" {
+            assert!(err.contains("line 2"), "{err}");
+        }
+        assert!(!out.join("bad").join("step-0000001").exists());
+    }
 }

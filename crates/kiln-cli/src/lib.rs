@@ -825,6 +825,11 @@ fn run_training(
         kiln_train::TrainError::Field { field, message } => {
             usage(anyhow::anyhow!("{}: {message}", name_of(&field)))
         }
+        // A malformed record (named by file and line) is bad input, as a bad flag is.
+        e @ kiln_train::TrainError::Data(kiln_data::DataError::Corpus { .. }) => Failure {
+            code: 2,
+            error: anyhow::Error::from(e).context("training failed"),
+        },
         e => Failure::from(anyhow::Error::from(e).context("training failed")),
     })?;
     if let Some(sig) = summary.interrupted_by {

@@ -167,11 +167,13 @@ pub fn load_data(
             return Ok((tokenizer, TrainData::Pairs { dataset, pad_id }));
         }
         if preference_records {
-            return Err(TrainError::Other(format!(
-                "{} holds preference records (prompt, chosen, rejected): train on them with \
-                 finetune.objective: dpo or orpo",
-                d.train.join("train.jsonl").display()
-            )));
+            return Err(kiln_data::DataError::Corpus {
+                path: d.train.join("train.jsonl"),
+                message: "holds preference records (prompt, chosen, rejected): train on them \
+                          with finetune.objective: dpo or orpo"
+                    .into(),
+            }
+            .into());
         }
         let enc = Encoding {
             tokenizer: &tokenizer,

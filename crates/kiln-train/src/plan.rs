@@ -768,6 +768,35 @@ mod tests {
     /// QLoRA: a Llama-3-8B-shaped model with LoRA at sequence 2048 fits a 16 GB Mac with its
     /// base held as Q4_K (recompute as needed), in f32 or half compute; held in f16 it does not
     /// (16 GB of weights alone).
+    /// A preference pair is two sequences, so a micro-batch of 4 pairs holds the activations of
+    /// 8 sequences; DPO under full fine-tuning adds a frozen copy of every weight.
+    #[test]
+    fn preference_pairs_count_two_sequences_and_full_dpo_a_reference_copy() {
+        let m = smollm2_135m();
+        let sft = lora_workload(&m, 4, 256);
+        let pairs = Workload {
+            sequences_per_example: 2,
+            ..sft
+        };
+        let eight = lora_workload(&m, 8, 256);
+        let (e_pairs, e_eight) = (
+            estimate(&m, &pairs, None, 0),
+            estimate(&m, &eight, None, 0),
+        );
+        assert_eq!(e_pairs.activations, e_eight.activations);
+        assert_eq!(e_pairs.logits, e_eight.logits);
+        let full = Workload {
+            trainable: sft.total,
+            ..sft
+        };
+        let dpo = Workload {
+            reference: full.total,
+            ..full
+        };
+        let (e_full, e_dpo) = (estimate(&m, &full, None, 0), estimate(&m, &dpo, None, 0));
+        assert_eq!(e_dpo.weights - e_full.weights, 4 * full.total);
+    }
+
     #[test]
     fn a_q4_k_8b_base_fits_a_16_gb_mac_and_an_f16_one_does_not() {
         use kiln_models::ggml_types::{Q4_K, Q8_0};

@@ -297,42 +297,52 @@ pub fn forward_backward(
         Reference::None => panic!("DPO needs a reference model"),
     });
     let mut out = None;
-    step::forward_backward_with(master, batch, dropout, shape, grads, scale, &mut |model, h| {
-        let nll = token_nll(&inference_view(model), h.clone(), &batch.targets, shape.loss_chunk);
-        let logps = masks.completion_logps(nll.clone());
-        let orpo_nll = matches!(p, Preference::Orpo { .. })
-            .then(|| (nll * masks.nll.clone()).sum().autodiff());
-        // The derivative of the loss with respect to each sequence's log-probability.
-        let leaf = logps.autodiff().require_grad();
-        let (loss, metrics) = objective(
-            p,
-            leaf.clone(),
-            reference_logps.clone().map(|r| r.autodiff()),
-            masks.counts.clone().autodiff(),
-            orpo_nll,
-        );
-        let g = loss.backward();
-        let d = leaf
-            .grad(&g)
-            .unwrap_or_else(|| Tensor::zeros([masks.rows], &device));
-        // log π(seq) = −Σ completion · nll_t, so ∂loss/∂nll_t = −∂loss/∂log π at its positions.
-        let per_position = d
-            .reshape([masks.rows, 1])
-            .expand([masks.rows, masks.seq])
-            .reshape([masks.rows * masks.seq]);
-        let mut weights = (per_position * masks.completion.clone()).neg();
-        if matches!(p, Preference::Orpo { .. }) {
-            weights = weights + masks.nll.clone();
-        }
-        out = Some((
-            loss.detach().without_autodiff(),
-            metrics.without_autodiff(),
-        ));
-        HeadLoss {
-            weights,
-            divisor: 1.0,
-        }
-    });
+    step::forward_backward_with(
+        master,
+        batch,
+        dropout,
+        shape,
+        grads,
+        scale,
+        &mut |model, h| {
+            let nll = token_nll(
+                &inference_view(model),
+                h.clone(),
+                &batch.targets,
+                shape.loss_chunk,
+            );
+            let logps = masks.completion_logps(nll.clone());
+            let orpo_nll = matches!(p, Preference::Orpo { .. })
+                .then(|| (nll * masks.nll.clone()).sum().autodiff());
+            // The derivative of the loss with respect to each sequence's log-probability.
+            let leaf = logps.autodiff().require_grad();
+            let (loss, metrics) = objective(
+                p,
+                leaf.clone(),
+                reference_logps.clone().map(|r| r.autodiff()),
+                masks.counts.clone().autodiff(),
+                orpo_nll,
+            );
+            let g = loss.backward();
+            let d = leaf
+                .grad(&g)
+                .unwrap_or_else(|| Tensor::zeros([masks.rows], &device));
+            // log π(seq) = −Σ completion · nll_t, so ∂loss/∂nll_t = −∂loss/∂log π at its positions.
+            let per_position = d
+                .reshape([masks.rows, 1])
+                .expand([masks.rows, masks.seq])
+                .reshape([masks.rows * masks.seq]);
+            let mut weights = (per_position * masks.completion.clone()).neg();
+            if matches!(p, Preference::Orpo { .. }) {
+                weights = weights + masks.nll.clone();
+            }
+            out = Some((loss.detach().without_autodiff(), metrics.without_autodiff()));
+            HeadLoss {
+                weights,
+                divisor: 1.0,
+            }
+        },
+    );
     out.expect("the head ran")
 }
 
@@ -368,7 +378,8 @@ pub fn evaluate(
             (_, Some(b)) => Some(reference_logps(b, &batch, &masks, chunk)),
             _ => None,
         };
-        let orpo_nll = matches!(p, Preference::Orpo { .. }).then(|| (nll * masks.nll.clone()).sum());
+        let orpo_nll =
+            matches!(p, Preference::Orpo { .. }).then(|| (nll * masks.nll.clone()).sum());
         let (loss, metrics) = objective(p, logps, reference_logps, masks.counts.clone(), orpo_nll);
         let values = Tensor::cat(vec![loss, metrics], 0)
             .into_data()

@@ -120,7 +120,16 @@ pub fn forward_backward_with(
     let scale = head.grads;
     let mut head_backward = |model: &Model, h: &Tensor<2>, grads: &mut GradAccumulator| {
         let loss = head_loss(model, &h.clone().detach().without_autodiff());
-        head_backward(model, master, h, batch, &loss, shape.loss_chunk, grads, head)
+        head_backward(
+            model,
+            master,
+            h,
+            batch,
+            &loss,
+            shape.loss_chunk,
+            grads,
+            head,
+        )
     };
     let consts = model.consts_for(batch);
     let x0 = model.embed(&batch.inputs);
