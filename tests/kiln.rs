@@ -4091,6 +4091,7 @@ fn the_readme_command_blocks_run_as_written() {
             "generate",
             "eval",
             "train",
+            "train",
             "finetune",
             "eval",
             "generate",
@@ -4101,6 +4102,7 @@ fn the_readme_command_blocks_run_as_written() {
     );
     assert!(cwd.join("checkpoints/shakespeare-char/latest").exists());
     assert!(cwd.join("checkpoints/from-yaml/latest").exists());
+    assert!(cwd.join("checkpoints/smollm2-roman-dpo/latest").exists());
     assert!(cwd.join("smollm2-roman.gguf").is_file() && cwd.join("roman-lora.gguf").is_file());
     let fused = cwd.join("smollm2-roman-hf");
     let json = |name: &str| -> serde_json::Value {
@@ -5109,6 +5111,15 @@ fn preference_runs_resume_exactly_log_trl_metrics_export_peft_and_refuse_bad_pai
             "orpo",
             "adapter_model.safetensors",
             vec!["finetune.objective=orpo", "memory.checkpointing=every:1"],
+        ),
+        (
+            "auto",
+            "adapter_model.safetensors",
+            vec![
+                "train.batch_size=auto",
+                "train.effective_batch_size=4",
+                "train.grad_accum=1",
+            ],
         ),
     ] {
         let whole_name = format!("{what}-whole");

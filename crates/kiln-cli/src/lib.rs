@@ -31,7 +31,7 @@ enum Command {
     /// Train a model as a YAML config describes.
     Train(TrainArgs),
     /// Fine-tune a pretrained model (LoRA by default) on a JSONL dataset directory, from flags.
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
     /// Continue a prompt with a trained model.
     Generate(GenerateArgs),
     /// Loss, perplexity and token count of a model on a text or JSONL file.
@@ -164,7 +164,8 @@ struct FinetuneArgs {
     /// The base: a Hugging Face model directory or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// A directory with train.jsonl and valid.jsonl (text, completions or chat records).
+    /// A directory with train.jsonl and valid.jsonl (text, completions or chat records; preference
+    /// pairs with --objective dpo or orpo).
     #[arg(long)]
     data: PathBuf,
     /// Train every weight instead of LoRA adapters.
@@ -425,7 +426,7 @@ pub fn main() -> ExitCode {
     // The command runs on a worker of the CPU kernels' thread pool (kiln_train::threads).
     let result = kiln_train::threads::run_on_pool(|| match cli.command {
         Command::Train(args) => train(args),
-        Command::Finetune(args) => finetune(args),
+        Command::Finetune(args) => finetune(*args),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
         Command::Devices => devices().map_err(Failure::from),
@@ -677,6 +678,13 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
         return print_bench(&config, 30, 5, false);
     }
     let test = args.data.join("test.jsonl");
+    if args.test && config.finetune.objective.is_preference() {
+        return Err(usage(anyhow::anyhow!(
+            "--test scores test.jsonl with the next-token loss; a {} run reports its rewards on \
+             valid.jsonl at each evaluation",
+            config.finetune.objective.name()
+        )));
+    }
     if args.test && !test.is_file() {
         return Err(usage(anyhow::anyhow!(
             "--test: {} has no test.jsonl to score",

@@ -263,7 +263,18 @@ pub fn parse_split(
             Some(f) => f,
             None => {
                 let f = detect(&record).ok_or_else(|| {
-                    line_err(path, line, "cannot tell the format: expected `text`, `prompt`+`completion`, or `messages`")
+                    let pairs = record.get("chosen").is_some() && record.get("rejected").is_some();
+                    line_err(
+                        path,
+                        line,
+                        if pairs {
+                            "a preference pair (prompt, chosen, rejected): these train with \
+                             finetune.objective: dpo or orpo, not as examples"
+                        } else {
+                            "cannot tell the format: expected `text`, `prompt`+`completion`, or \
+                             `messages`"
+                        },
+                    )
                 })?;
                 format = Some(f);
                 f

@@ -46,6 +46,13 @@ pub struct PairEncoding<'a> {
 
 const FIELDS: [&str; 3] = ["prompt", "chosen", "rejected"];
 
+/// A record's tokens before the split: the prompt alone, and the prompt followed by each answer.
+struct Sequences {
+    prompt: Vec<u32>,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -82,7 +89,11 @@ impl PairEncoding<'_> {
                 ));
             }
         }
-        let (prompt, chosen, rejected) = if record["prompt"].is_array() {
+        let Sequences {
+            prompt,
+            chosen,
+            rejected,
+        } = if record["prompt"].is_array() {
             self.conversational(record, path, line)?
         } else {
             self.strings(record, path, line)?
@@ -97,12 +108,7 @@ impl PairEncoding<'_> {
         })
     }
 
-    fn strings(
-        &self,
-        record: &Value,
-        path: &Path,
-        line: usize,
-    ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
+    fn strings(&self, record: &Value, path: &Path, line: usize) -> Result<Sequences, DataError> {
         let text = |key: &str| {
             let v = record[key].as_str().ok_or_else(|| {
                 line_err(
@@ -127,11 +133,11 @@ impl PairEncoding<'_> {
             }
             ids
         };
-        Ok((
-            self.tokens(p, true, path, line)?,
-            with_eos(self.tokens(&format!("{p}{c}"), true, path, line)?),
-            with_eos(self.tokens(&format!("{p}{r}"), true, path, line)?),
-        ))
+        Ok(Sequences {
+            prompt: self.tokens(p, true, path, line)?,
+            chosen: with_eos(self.tokens(&format!("{p}{c}"), true, path, line)?),
+            rejected: with_eos(self.tokens(&format!("{p}{r}"), true, path, line)?),
+        })
     }
 
     fn conversational(
@@ -139,7 +145,7 @@ impl PairEncoding<'_> {
         record: &Value,
         path: &Path,
         line: usize,
-    ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
+    ) -> Result<Sequences, DataError> {
         let template = self.chat_template.ok_or_else(|| {
             line_err(
                 path,
@@ -169,11 +175,11 @@ impl PairEncoding<'_> {
                 .map_err(|e| line_err(path, line, e.to_string()))
         };
         let joined = |answer: &[Message]| [prompt.as_slice(), answer].concat();
-        Ok((
-            self.tokens(&render(&prompt, true)?, false, path, line)?,
-            self.tokens(&render(&joined(&chosen), false)?, false, path, line)?,
-            self.tokens(&render(&joined(&rejected), false)?, false, path, line)?,
-        ))
+        Ok(Sequences {
+            prompt: self.tokens(&render(&prompt, true)?, false, path, line)?,
+            chosen: self.tokens(&render(&joined(&chosen), false)?, false, path, line)?,
+            rejected: self.tokens(&render(&joined(&rejected), false)?, false, path, line)?,
+        })
     }
 }
 

@@ -779,10 +779,7 @@ mod tests {
             ..sft
         };
         let eight = lora_workload(&m, 8, 256);
-        let (e_pairs, e_eight) = (
-            estimate(&m, &pairs, None, 0),
-            estimate(&m, &eight, None, 0),
-        );
+        let (e_pairs, e_eight) = (estimate(&m, &pairs, None, 0), estimate(&m, &eight, None, 0));
         assert_eq!(e_pairs.activations, e_eight.activations);
         assert_eq!(e_pairs.logits, e_eight.logits);
         let full = Workload {

@@ -580,6 +580,32 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         n_total as f64 / 1e6,
         100.0 * n_trainable as f64 / n_total.max(1) as f64
     ));
+    if let Some(p) = Preference::from_config(&config.finetune) {
+        say(&format!(
+            "objective: {}",
+            match p {
+                Preference::Dpo {
+                    beta,
+                    loss,
+                    label_smoothing,
+                } => format!(
+                    "DPO ({} loss, beta {beta}{}) against {}",
+                    format!("{loss:?}").to_lowercase(),
+                    if label_smoothing > 0.0 {
+                        format!(", label smoothing {label_smoothing}")
+                    } else {
+                        String::new()
+                    },
+                    if setup.reference.is_some() {
+                        "a frozen copy of the pretrained model"
+                    } else {
+                        "the base model with the adapters off"
+                    }
+                ),
+                Preference::Orpo { beta } => format!("ORPO (beta {beta}), no reference"),
+            }
+        ));
+    }
     let (held, held_bytes) = model.quantized_numel();
     if held > 0 {
         say(&format!(
