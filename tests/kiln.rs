@@ -5148,7 +5148,12 @@ fn preference_runs_resume_exactly_log_trl_metrics_export_peft_and_refuse_bad_pai
         assert!(a.final_val_loss.unwrap().is_finite(), "{what}");
     }
     // In bf16 (the base held in it, the loss in f32) a DPO run starts at the reference too.
-    let half = preference_config(&out, &data, "bf16", &["train.dtype=bf16", "train.max_steps=2"]);
+    let half = preference_config(
+        &out,
+        &data,
+        "bf16",
+        &["train.dtype=bf16", "train.max_steps=2"],
+    );
     let h = train(&half, &quiet()).unwrap();
     assert!(h.final_val_loss.unwrap().is_finite());
     // PEFT's layout, loadable as any kiln LoRA adapter.
