@@ -455,19 +455,35 @@ pub fn packed_train_batch(
 /// Micro-batch `index` of size `batch_size` from shuffled passes over `split`: a pure function
 /// of (seed, index), so resume is exact. Epoch `e` is a permutation seeded by (seed, e).
 pub fn train_batch(split: &Split, seed: u64, index: u64, batch_size: usize, pad_id: u32) -> Batch {
-    let n = split.examples.len();
-    let start = index as usize * batch_size;
-    let picked: Vec<&Example> = (start..start + batch_size)
-        .map(|k| {
-            let (epoch, pos) = (k / n, k % n);
-            let perm = permutation(n, seed, epoch as u64);
-            &split.examples[perm[pos]]
-        })
+    let picked: Vec<&Example> = shuffled_indices(split.examples.len(), seed, index, batch_size)
+        .into_iter()
+        .map(|i| &split.examples[i])
         .collect();
     collate(&picked, pad_id)
 }
 
-pub(crate) fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+/// The records of micro-batch `index` (`batch_size` of `n`), taken in order from shuffled
+/// passes: epoch `e` is a permutation seeded by (seed, e).
+pub(crate) fn shuffled_indices(n: usize, seed: u64, index: u64, batch_size: usize) -> Vec<usize> {
+    let start = index as usize * batch_size;
+    let mut epoch_perm: Option<(usize, Vec<usize>)> = None;
+    (start..start + batch_size)
+        .map(|k| {
+            let (epoch, pos) = (k / n, k % n);
+            match &epoch_perm {
+                Some((e, perm)) if *e == epoch => perm[pos],
+                _ => {
+                    let perm = permutation(n, seed, epoch as u64);
+                    let i = perm[pos];
+                    epoch_perm = Some((epoch, perm));
+                    i
+                }
+            }
+        })
+        .collect()
+}
+
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
     let mut rng = Rng::stream(seed, PURPOSE_SHUFFLE, epoch);
     for i in (1..n).rev() {

@@ -11,7 +11,7 @@
 //! completion) longer than `max_len` tokens is cut at its end (TRL's `keep_start`), and a pair
 //! whose prompt alone fills `max_len` is dropped, since nothing of its answers would remain.
 
-use crate::jsonl::{line_err, messages_at, permutation};
+use crate::jsonl::{line_err, messages_at, shuffled_indices};
 use crate::{Batch, ChatTemplate, DataError, Message, Pairs, Tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -322,21 +322,9 @@ pub fn train_pairs(
     batch_size: usize,
     pad_id: u32,
 ) -> Batch {
-    let n = split.pairs.len();
-    let start = index as usize * batch_size;
-    let mut epoch_perm: Option<(usize, Vec<usize>)> = None;
-    let picked: Vec<&Pair> = (start..start + batch_size)
-        .map(|k| {
-            let (epoch, pos) = (k / n, k % n);
-            let perm = match &epoch_perm {
-                Some((e, p)) if *e == epoch => p,
-                _ => {
-                    epoch_perm = Some((epoch, permutation(n, seed, epoch as u64)));
-                    &epoch_perm.as_ref().expect("just set").1
-                }
-            };
-            &split.pairs[perm[pos]]
-        })
+    let picked: Vec<&Pair> = shuffled_indices(split.pairs.len(), seed, index, batch_size)
+        .into_iter()
+        .map(|i| &split.pairs[i])
         .collect();
     collate_pairs(&picked, pad_id)
 }

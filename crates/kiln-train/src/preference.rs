@@ -185,6 +185,27 @@ fn log1mexp(x: Tensor<1>) -> Tensor<1> {
     near.mask_where(is_far, far)
 }
 
+/// The metrics tensor (see [`METRICS`], detached): the means over pairs of the rewards, their
+/// accuracy and margin, and of the log-probabilities, then ORPO's three terms (`[1]` each).
+fn pair_metrics(
+    (reward_c, reward_r): (Tensor<1>, Tensor<1>),
+    (logps_c, logps_r): (Tensor<1>, Tensor<1>),
+    orpo_terms: [Tensor<1>; 3],
+) -> Tensor<1> {
+    let (reward_c, reward_r) = (reward_c.detach(), reward_r.detach());
+    let won = reward_c.clone().greater(reward_r.clone()).float();
+    let mut parts = vec![
+        reward_c.clone().mean(),
+        reward_r.clone().mean(),
+        won.mean(),
+        (reward_c - reward_r).mean(),
+        logps_c.detach().mean(),
+        logps_r.detach().mean(),
+    ];
+    parts.extend(orpo_terms.map(|t| t.detach()));
+    Tensor::cat(parts, 0)
+}
+
 /// The loss `[1]` and the metrics `[9]` (see [`METRICS`]; detached) of a pair batch from the
 /// policy's summed completion log-probabilities `logps` `[2B]` (chosen, then rejected), the
 /// reference's (DPO), the completion token counts, and ORPO's NLL term. All on one device.
@@ -226,22 +247,8 @@ fn objective(
                     (clean + flipped) / (1.0 - 2.0 * ls)
                 }
             };
-            let reward_c = chosen_ratio.detach() * beta;
-            let reward_r = rejected_ratio.detach() * beta;
-            let metrics = Tensor::cat(
-                vec![
-                    mean(reward_c.clone()),
-                    mean(reward_r.clone()),
-                    mean(reward_c.clone().greater(reward_r.clone()).float()),
-                    mean(reward_c - reward_r),
-                    mean(chosen.detach()),
-                    mean(rejected.detach()),
-                    zero(),
-                    zero(),
-                    zero(),
-                ],
-                0,
-            );
+            let rewards = (chosen_ratio * beta, rejected_ratio * beta);
+            let metrics = pair_metrics(rewards, (chosen, rejected), [zero(), zero(), zero()]);
             (mean(per_pair), metrics)
         }
         Preference::Orpo { beta } => {
@@ -252,22 +259,9 @@ fn objective(
                 - (log1mexp(chosen.clone()) - log1mexp(rejected.clone()));
             let ratio = log_sigmoid(log_odds.clone());
             let loss = nll.clone() - mean(ratio.clone() * beta);
-            let reward_c = chosen.clone().detach() * beta;
-            let reward_r = rejected.clone().detach() * beta;
-            let metrics = Tensor::cat(
-                vec![
-                    mean(reward_c.clone()),
-                    mean(reward_r.clone()),
-                    mean(reward_c.clone().greater(reward_r.clone()).float()),
-                    mean(reward_c - reward_r),
-                    mean(chosen.detach()),
-                    mean(rejected.detach()),
-                    nll.detach(),
-                    mean(ratio.detach()),
-                    mean(log_odds.detach()),
-                ],
-                0,
-            );
+            let rewards = (chosen.clone() * beta, rejected.clone() * beta);
+            let orpo_terms = [nll, mean(ratio), mean(log_odds)];
+            let metrics = pair_metrics(rewards, (chosen, rejected), orpo_terms);
             (loss, metrics)
         }
     }
