@@ -253,9 +253,14 @@ impl PreferenceDataset {
 /// Whether the first record of `dir/train.jsonl` is a preference record (has `chosen` and
 /// `rejected`); `None` when it cannot be read or parsed (the loader then names the problem).
 pub fn is_preference_dir(dir: &Path) -> Option<bool> {
-    let text = std::fs::read_to_string(dir.join("train.jsonl")).ok()?;
-    let first = text.lines().find(|l| !l.trim().is_empty())?;
-    let v: Value = serde_json::from_str(first).ok()?;
+    use std::io::BufRead;
+    // The first record only: a training file may be large.
+    let file = std::fs::File::open(dir.join("train.jsonl")).ok()?;
+    let first = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| !l.trim().is_empty())?;
+    let v: Value = serde_json::from_str(&first).ok()?;
     Some(v.get("chosen").is_some() && v.get("rejected").is_some())
 }
 
