@@ -4832,14 +4832,10 @@ fn every_family_held_in_its_gguf_blocks_computes_its_f32_values() {
 /// `got` equals `want` within `relative` of `want`'s largest magnitude, element by element.
 fn assert_close(what: &str, got: &[f32], want: &[f32], relative: f32) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let d = relative_difference(got, want, 1e-12);
     assert!(
-        err <= relative * scale,
-        "{what}: max difference {err} (scale {scale})"
+        d <= relative,
+        "{what}: max difference {d:.2e} of the largest value"
     );
 }
 

@@ -449,6 +449,16 @@ pub enum DpoLoss {
     Robust,
 }
 
+impl DpoLoss {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Ipo => "ipo",
+            Self::Robust => "robust",
+        }
+    }
+}
+
 /// `finetune.dpo`: Direct Preference Optimization against the frozen base (under LoRA, the same
 /// model with its adapters switched off; under full fine-tuning, a frozen copy of the start).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

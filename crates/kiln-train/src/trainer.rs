@@ -590,7 +590,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                     label_smoothing,
                 } => format!(
                     "DPO ({} loss, beta {beta}{}) against {}",
-                    format!("{loss:?}").to_lowercase(),
+                    loss.name(),
                     if label_smoothing > 0.0 {
                         format!(", label smoothing {label_smoothing}")
                     } else {
