@@ -602,6 +602,7 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], clip: f32, 
         });
 }
 
+pub mod attention;
 pub mod quant;
 
 #[cfg(test)]

@@ -290,3 +290,169 @@ fn adamw_matches_the_formula() {
         assert_close(&v, &wv, 1e-6, "adamw v");
     }
 }
+
+/// Attention written out in f64 over the materialised scores: (out, dq, dk, dv) for the
+/// gradient `d_out`.
+fn attention_ref(
+    sh: &attention::AttentionShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    first: &[u32],
+    d_out: &[f32],
+) -> [Vec<f64>; 4] {
+    let (hd, rep, off) = (sh.head_dim, sh.heads / sh.kv_heads, sh.keys - sh.queries);
+    let qi = |b: usize, i: usize, h: usize| ((b * sh.queries + i) * sh.heads + h) * hd;
+    let ki = |b: usize, j: usize, h: usize| ((b * sh.keys + j) * sh.kv_heads + h / rep) * hd;
+    let mut out = vec![0f64; q.len()];
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f64; q.len()],
+        vec![0f64; k.len()],
+        vec![0f64; v.len()],
+    );
+    for b in 0..sh.batch {
+        let row = if sh.mask_rows == 1 { 0 } else { b };
+        for h in 0..sh.heads {
+            for i in 0..sh.queries {
+                let keys = first[row * sh.queries + i] as usize..i + off + 1;
+                let raw: Vec<f64> = keys
+                    .clone()
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| q[qi(b, i, h) + d] as f64 * k[ki(b, j, h) + d] as f64)
+                            .sum::<f64>()
+                            * sh.scale as f64
+                    })
+                    .collect();
+                let c = sh.softcap.map(|c| c as f64);
+                let s: Vec<f64> = raw
+                    .iter()
+                    .map(|&x| c.map_or(x, |c| c * (x / c).tanh()))
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
+                let go = &d_out[qi(b, i, h)..qi(b, i, h) + hd];
+                let dp: Vec<f64> = keys
+                    .clone()
+                    .map(|j| {
+                        (0..hd)
+                            .map(|d| go[d] as f64 * v[ki(b, j, h) + d] as f64)
+                            .sum()
+                    })
+                    .collect();
+                let delta: f64 = p.iter().zip(&dp).map(|(p, g)| p * g).sum();
+                for (n, j) in keys.enumerate() {
+                    let mut ds = p[n] * (dp[n] - delta);
+                    if let Some(c) = c {
+                        ds *= 1.0 - (raw[n] / c).tanh().powi(2);
+                    }
+                    ds *= sh.scale as f64;
+                    for d in 0..hd {
+                        out[qi(b, i, h) + d] += p[n] * v[ki(b, j, h) + d] as f64;
+                        dv[ki(b, j, h) + d] += p[n] * go[d] as f64;
+                        dq[qi(b, i, h) + d] += ds * k[ki(b, j, h) + d] as f64;
+                        dk[ki(b, j, h) + d] += ds * q[qi(b, i, h) + d] as f64;
+                    }
+                }
+            }
+        }
+    }
+    [out, dq, dk, dv]
+}
+
+#[test]
+fn tiled_attention_matches_materialised_scores_in_values_and_gradients() {
+    use attention::{AttentionShape, attention, attention_backward};
+    // (batch, heads, kv heads, queries, keys, head dim, softcap, first keys of each query)
+    let window = |s: usize, off: usize, w: usize| -> Vec<u32> {
+        (0..s)
+            .map(|i| (i + off + 1).saturating_sub(w) as u32)
+            .collect()
+    };
+    // Packed: documents of lengths 5, 70, then the rest, per batch row (rows differ).
+    let packed = |s: usize, batch: usize| -> Vec<u32> {
+        (0..batch)
+            .flat_map(|b| {
+                let cuts = [0, 5 + b, 75 + b];
+                (0..s).map(move |i| *cuts.iter().filter(|&&c| c <= i).max().unwrap() as u32)
+            })
+            .collect()
+    };
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<f32>,
+        Vec<u32>,
+    );
+    let cases: Vec<(&str, Case)> = vec![
+        (
+            "causal, one tile",
+            (1, 2, 2, 7, 7, 8, None, window(7, 0, usize::MAX)),
+        ),
+        (
+            "causal GQA 9/3, odd length over tiles",
+            (1, 9, 3, 131, 131, 16, None, window(131, 0, usize::MAX)),
+        ),
+        (
+            "GQA 4/1, batch 2",
+            (2, 4, 1, 70, 70, 8, None, window(70, 0, usize::MAX)),
+        ),
+        (
+            "sliding window 17",
+            (1, 2, 1, 150, 150, 8, None, window(150, 0, 17)),
+        ),
+        ("packed rows", (2, 3, 3, 140, 140, 8, None, packed(140, 2))),
+        (
+            "soft-cap",
+            (1, 2, 2, 65, 65, 8, Some(0.7), window(65, 0, usize::MAX)),
+        ),
+        (
+            "cached keys before the queries",
+            (1, 4, 2, 3, 100, 8, None, window(3, 97, 40)),
+        ),
+    ];
+    for (what, (batch, heads, kv_heads, s, t, hd, softcap, first)) in cases {
+        let sh = AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            queries: s,
+            keys: t,
+            head_dim: hd,
+            mask_rows: first.len() / s,
+            scale: 0.9 / (hd as f32).sqrt(),
+            softcap,
+        };
+        assert!(sh.accepts(&first), "{what}");
+        let q = values(batch * s * heads * hd, 1, 2.0);
+        let k = values(batch * t * kv_heads * hd, 2, 2.0);
+        let v = values(batch * t * kv_heads * hd, 3, 1.0);
+        let g = values(batch * s * heads * hd, 4, 1.0);
+        let [want_out, want_dq, want_dk, want_dv] = attention_ref(&sh, (&q, &k, &v), &first, &g);
+        let mut out = vec![0f32; q.len()];
+        let mut lse = vec![0f32; batch * heads * s];
+        attention(&sh, (&q, &k, &v), &first, &mut out, &mut lse);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        attention_backward(
+            &sh,
+            (&q, &k, &v),
+            &first,
+            (&out, &lse),
+            &g,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        assert_close(&out, &want_out, 2e-6, &format!("{what}: out"));
+        assert_close(&dq, &want_dq, 4e-6, &format!("{what}: dq"));
+        assert_close(&dk, &want_dk, 4e-6, &format!("{what}: dk"));
+        assert_close(&dv, &want_dv, 4e-6, &format!("{what}: dv"));
+    }
+}
