@@ -22,6 +22,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{BoolTensor, FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{
+    AutodiffBackend,
     Backend, Cube, DType, Dispatch, Flex, Shape, Slice, TensorData, TensorMetadata,
     backend_extension,
 };
@@ -109,6 +110,36 @@ pub trait FusedOps: Backend {
         composed::cross_entropy_backward::<Self>(logits, targets, weights, grad)
     }
 
+    /// Attention computed in tiles, never as scores of every query and key
+    /// (`kiln_kernels::attention`): q `[b, s, heads, hd]`, k and v `[b, t, kv_heads, hd]` (t ≥ s:
+    /// the last s keys are the queries' own positions), `first` `[1 or b, s]` i32, the first
+    /// key each query sees (the last is its own position). Gives the output `[b, s, heads, hd]`
+    /// in q's type and each row's log-sum-exp `[b, heads, s]` in f32 (what the backward needs).
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        first: IntTensor<Self>,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed::attention::<Self>(q, k, v, first, params)
+    }
+
+    /// Gradients of [`FusedOps::kiln_attention`] for q, k and v from the output's gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn kiln_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        first: IntTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed::attention_backward::<Self>(q, k, v, first, (out, lse), grad, params)
+    }
+
     /// `x · Wᵀ` for a quantized `W` (`crate::quant`): `x` `[n, cols]` gives `[n, rows]`, `W`'s
     /// codes `[rows, words]`, scales and biases `[rows, groups]` (the bias is read only when
     /// the layout has one; callers without pass the scales again).
@@ -163,6 +194,15 @@ pub trait FusedOps: Backend {
 use crate::quant::{QuantMatrix, QuantShape};
 pub use kiln_kernels::AdamW as AdamWStep;
 
+/// The constants of an attention call besides its tensors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionParams {
+    /// The factor on `q · k`.
+    pub scale: f64,
+    /// Scores pass through `c · tanh(s / c)` when set.
+    pub softcap: Option<f64>,
+}
+
 /// The GPU backends: Burn's operations, merged by its fusion compiler; quantized matrices are
 /// de-quantised by kiln's CubeCL kernel (`fused_cube`).
 impl FusedOps for Cube {
@@ -180,6 +220,10 @@ impl FusedOps for Cube {
 /// float types than f32).
 mod composed {
     use super::*;
+    use burn::tensor::FloatDType;
+
+    /// The score of a key a query does not see (finite: WGSL has no infinities).
+    const MASKED: f32 = -1e9;
 
     fn last(t: &impl TensorMetadata) -> usize {
         t.shape().num_dims() - 1
@@ -250,6 +294,135 @@ mod composed {
         let dim = last(&y);
         let d = B::float_sum_dim(B::float_mul(g.clone(), y.clone()), dim);
         B::float_mul(y, B::float_sub(g, d))
+    }
+
+    /// `x` `[b, n, kv, hd]` in f32 with heads first, each K/V head repeated for its query heads:
+    /// `[b, heads, n, hd]`.
+    fn heads_first<B: Backend>(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+        let [b, n, kv, hd] = x.shape().dims::<4>();
+        let x = B::float_swap_dims(B::float_cast(x, FloatDType::F32), 1, 2);
+        if kv == heads {
+            return x;
+        }
+        let rep = heads / kv;
+        let x = B::float_reshape(x, Shape::new([b, kv, 1, n, hd]));
+        let x = B::float_expand(x, Shape::new([b, kv, rep, n, hd]));
+        B::float_reshape(x, Shape::new([b, heads, n, hd]))
+    }
+
+    /// The gradient of [`heads_first`]'s output back in `x`'s layout: each K/V head's query
+    /// heads summed, `[b, n, kv, hd]`.
+    fn heads_back<B: Backend>(g: FloatTensor<B>, kv: usize) -> FloatTensor<B> {
+        let [b, heads, n, hd] = g.shape().dims::<4>();
+        let g = if kv == heads {
+            g
+        } else {
+            let g = B::float_reshape(g, Shape::new([b, kv, heads / kv, n, hd]));
+            B::float_reshape(B::float_sum_dim(g, 2), Shape::new([b, kv, n, hd]))
+        };
+        B::float_swap_dims(g, 1, 2)
+    }
+
+    /// Where query i does not see key j, `[b, heads, s, t]`: before `first[i]` or after its
+    /// own position.
+    fn hidden<B: Backend>(first: IntTensor<B>, [b, heads, s, t]: [usize; 4]) -> BoolTensor<B> {
+        let device = first.device();
+        let settings = burn::backend::get_or_init_device_settings::<B>(&device);
+        let (int, bool) = (settings.int_dtype, settings.bool_dtype);
+        let rows = first.shape()[0];
+        let first = B::int_reshape(B::int_cast(first, int), Shape::new([rows, 1, s, 1]));
+        let keys = B::int_reshape(
+            B::int_arange(0..t as i64, &device, int),
+            Shape::new([1, 1, 1, t]),
+        );
+        let own = B::int_add_scalar(B::int_arange(0..s as i64, &device, int), (t - s).into());
+        let own = B::int_reshape(own, Shape::new([1, 1, s, 1]));
+        let before = B::bool_expand(
+            B::int_lower(keys.clone(), first, bool),
+            Shape::new([rows, 1, s, t]),
+        );
+        let after = B::bool_expand(B::int_greater(keys, own, bool), Shape::new([rows, 1, s, t]));
+        B::bool_expand(B::bool_or(before, after), Shape::new([b, heads, s, t]))
+    }
+
+    /// The scores in f32 `[b, heads, s, t]`, soft-capped, hidden ones at `MASKED`; and the raw
+    /// scaled scores (what the cap's slope needs).
+    fn attention_scores<B: Backend>(
+        q: &FloatTensor<B>,
+        k: &FloatTensor<B>,
+        first: IntTensor<B>,
+        p: AttentionParams,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let [b, s, heads, _] = q.shape().dims::<4>();
+        let t = k.shape()[1];
+        let (qh, kh) = (heads_first::<B>(q.clone(), heads), heads_first::<B>(k.clone(), heads));
+        let raw = B::float_mul_scalar(B::float_matmul(qh, B::float_transpose(kh)), p.scale.into());
+        let capped = match p.softcap {
+            Some(c) => B::float_mul_scalar(
+                B::float_tanh(B::float_div_scalar(raw.clone(), c.into())),
+                c.into(),
+            ),
+            None => raw.clone(),
+        };
+        let hide = hidden::<B>(first, [b, heads, s, t]);
+        (B::float_mask_fill(capped, hide, MASKED.into()), raw)
+    }
+
+    pub fn attention<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        first: IntTensor<B>,
+        p: AttentionParams,
+    ) -> (FloatTensor<B>, FloatTensor<B>) {
+        let [b, s, heads, _] = q.shape().dims::<4>();
+        let dtype = q.dtype();
+        let (scores, _) = attention_scores::<B>(&q, &k, first, p);
+        let m = B::float_max_dim(scores.clone(), 3);
+        let e = B::float_exp(B::float_sub(scores, m.clone()));
+        let z = B::float_sum_dim(e.clone(), 3);
+        let probs = B::float_div(e, z.clone());
+        let out = B::float_matmul(probs, heads_first::<B>(v, heads));
+        let out = B::float_cast(B::float_swap_dims(out, 1, 2), dtype.into());
+        let lse = B::float_reshape(B::float_add(m, B::float_log(z)), Shape::new([b, heads, s]));
+        (out, lse)
+    }
+
+    pub fn attention_backward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        first: IntTensor<B>,
+        (out, lse): (FloatTensor<B>, FloatTensor<B>),
+        grad: FloatTensor<B>,
+        p: AttentionParams,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let [b, s, heads, _] = q.shape().dims::<4>();
+        let kv = k.shape()[2];
+        let dtypes = (q.dtype(), k.dtype(), v.dtype());
+        let (scores, raw) = attention_scores::<B>(&q, &k, first, p);
+        let lse = B::float_reshape(lse, Shape::new([b, heads, s, 1]));
+        let probs = B::float_exp(B::float_sub(scores, lse));
+        let (dout, out) = (heads_first::<B>(grad, heads), heads_first::<B>(out, heads));
+        let (qh, kh) = (heads_first::<B>(q, heads), heads_first::<B>(k, heads));
+        let vh = heads_first::<B>(v, heads);
+        let dp = B::float_matmul(dout.clone(), B::float_transpose(vh));
+        let delta = B::float_sum_dim(B::float_mul(dout.clone(), out), 3);
+        let mut ds = B::float_mul(probs.clone(), B::float_sub(dp, delta));
+        if let Some(c) = p.softcap {
+            let t = B::float_tanh(B::float_div_scalar(raw, c.into()));
+            let slope = B::float_add_scalar(B::float_neg(B::float_mul(t.clone(), t)), 1.0.into());
+            ds = B::float_mul(ds, slope);
+        }
+        let ds = B::float_mul_scalar(ds, p.scale.into());
+        let dq = B::float_swap_dims(B::float_matmul(ds.clone(), kh), 1, 2);
+        let dk = heads_back::<B>(B::float_matmul(B::float_transpose(ds), qh), kv);
+        let dv = heads_back::<B>(B::float_matmul(B::float_transpose(probs), dout), kv);
+        (
+            B::float_cast(dq, dtypes.0.into()),
+            B::float_cast(dk, dtypes.1.into()),
+            B::float_cast(dv, dtypes.2.into()),
+        )
     }
 
     pub fn rope<B: Backend>(
@@ -599,6 +772,32 @@ mod cpu {
         }
     }
 
+    /// The kernel's shape for q `[b, s, h, hd]`, k `[b, t, kv, hd]` and `first`; `None` when they
+    /// do not fit it (then the composed formula runs).
+    pub fn attention_shape(
+        q: &FlexTensor,
+        k: &FlexTensor,
+        first: &[u32],
+        p: AttentionParams,
+    ) -> Option<kiln_kernels::attention::AttentionShape> {
+        let (qd, kd) = (q.layout().shape(), k.layout().shape());
+        if qd.num_dims() != 4 || kd.num_dims() != 4 || qd[0] != kd[0] || qd[3] != kd[3] {
+            return None;
+        }
+        let sh = kiln_kernels::attention::AttentionShape {
+            batch: qd[0],
+            heads: qd[2],
+            kv_heads: kd[2],
+            queries: qd[1],
+            keys: kd[1],
+            head_dim: qd[3],
+            mask_rows: if qd[1] == 0 { 1 } else { first.len() / qd[1] },
+            scale: p.scale as f32,
+            softcap: p.softcap.map(|c| c as f32),
+        };
+        sh.accepts(first).then_some(sh)
+    }
+
     pub fn is_f32(ts: &[&FlexTensor]) -> bool {
         ts.iter().all(|t| t.dtype() == DType::F32)
     }
@@ -839,6 +1038,75 @@ impl FusedOps for Flex {
         }
     }
 
+    fn kiln_attention(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        first: FlexTensor,
+        params: AttentionParams,
+    ) -> (FlexTensor, FlexTensor) {
+        let firsts = cpu::targets(&first);
+        let Some(sh) = cpu::attention_shape(&q, &k, &firsts, params) else {
+            return composed::attention::<Self>(q, k, v, first, params);
+        };
+        let dtype = q.dtype();
+        let (q, k, v) = (cpu::as_f32(q), cpu::as_f32(k), cpu::as_f32(v));
+        let mut out = vec![0f32; q.layout().num_elements()];
+        let mut lse = vec![0f32; sh.batch * sh.heads * sh.queries];
+        kiln_kernels::attention::attention(
+            &sh,
+            (&cpu::values(&q), &cpu::values(&k), &cpu::values(&v)),
+            &firsts,
+            &mut out,
+            &mut lse,
+        );
+        (
+            cpu::back_to(cpu::tensor(out, q.layout().shape().clone()), dtype),
+            cpu::tensor(lse, Shape::new([sh.batch, sh.heads, sh.queries])),
+        )
+    }
+
+    fn kiln_attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        first: FlexTensor,
+        out: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        params: AttentionParams,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let firsts = cpu::targets(&first);
+        let fits = cpu::attention_shape(&q, &k, &firsts, params).filter(|_| {
+            v.layout().shape() == k.layout().shape()
+                && out.layout().shape() == q.layout().shape()
+                && grad.layout().shape() == q.layout().shape()
+        });
+        let Some(sh) = fits else {
+            return composed::attention_backward::<Self>(q, k, v, first, (out, lse), grad, params);
+        };
+        let dtypes = (q.dtype(), k.dtype(), v.dtype());
+        let [q, k, v, out, lse, grad] = [q, k, v, out, lse, grad].map(cpu::as_f32);
+        let mut dq = vec![0f32; q.layout().num_elements()];
+        let mut dk = vec![0f32; k.layout().num_elements()];
+        let mut dv = vec![0f32; v.layout().num_elements()];
+        kiln_kernels::attention::attention_backward(
+            &sh,
+            (&cpu::values(&q), &cpu::values(&k), &cpu::values(&v)),
+            &firsts,
+            (&cpu::values(&out), &cpu::values(&lse)),
+            &cpu::values(&grad),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        (
+            cpu::back_to(cpu::tensor(dq, q.layout().shape().clone()), dtypes.0),
+            cpu::back_to(cpu::tensor(dk, k.layout().shape().clone()), dtypes.1),
+            cpu::back_to(cpu::tensor(dv, v.layout().shape().clone()), dtypes.2),
+        )
+    }
+
     fn kiln_adamw(
         p: FlexTensor,
         m: FlexTensor,
@@ -1077,6 +1345,61 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         }
     }
 
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        first: IntTensor<Self>,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // The tape keeps q, k, v, the output and the rows' lse: a few numbers per token, no
+        // scores; the backward recomputes them tile by tile.
+        #[derive(Debug)]
+        struct AttentionBackward;
+        type State<B> = (
+            [FloatTensor<B>; 5],
+            IntTensor<B>,
+            AttentionParams,
+        );
+        impl<B: Backend + FusedOps> Backward<B, 3> for AttentionBackward {
+            type State = State<B>;
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [nq, nk, nv] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let ([q, k, v, out, lse], first, params) = ops.state;
+                let (dq, dk, dv) =
+                    B::kiln_attention_backward(q, k, v, first, out, lse, grad, params);
+                register!(grads, nq, dq);
+                register!(grads, nk, dk);
+                register!(grads, nv, dv);
+            }
+        }
+        let nodes = [q.node(), k.node(), v.node()];
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        match AttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) =
+                    B::kiln_attention(q.clone(), k.clone(), v.clone(), first.clone(), params);
+                let lse_out = <Self as AutodiffBackend>::from_inner(lse.clone());
+                let state = ([q, k, v, out.clone(), lse], first, params);
+                (prep.finish(state, out), lse_out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::kiln_attention(q, k, v, first, params);
+                (prep.finish(out), <Self as AutodiffBackend>::from_inner(lse))
+            }
+        }
+    }
+
     fn kiln_qmatmul(
         x: FloatTensor<Self>,
         codes: IntTensor<Self>,
@@ -1144,6 +1467,27 @@ pub fn softmax_bias(scores: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
         scores.into_dispatch(),
         bias.into_dispatch(),
     ))
+}
+
+/// Attention of q `[b, s, heads, hd]` over k and v `[b, t, kv_heads, hd]`, computed in tiles
+/// (see [`FusedOps::kiln_attention`]): query i sees keys `first[i] ..= i + t − s` (`first`
+/// `[1 or b, s]` i32, a constant). Gives `[b, s, heads, hd]`; the tape keeps no scores.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    first: Tensor<2, Int>,
+    params: AttentionParams,
+) -> Tensor<4> {
+    let first = if q.is_autodiff() { first.autodiff() } else { first };
+    let (out, _lse) = <Dispatch as FusedOps>::kiln_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        first.into_dispatch(),
+        params,
+    );
+    Tensor::from_dispatch(out)
 }
 
 /// Rotary position embedding (rotate-half) of `x` `[b, s, heads, d]` by tables `[b or 1, s, d]`.

@@ -21,7 +21,7 @@ pub enum QkvProjection {
     Fused(Linear),
 }
 
-/// Keys and values (after RoPE, before grouped-query expansion) of one layer: `[1, kv, t, hd]`.
+/// Keys and values (after RoPE) of one layer: `[1, t, kv, hd]`.
 /// A sliding-window layer keeps only the last `window - 1` positions.
 pub type LayerCache = Option<(Tensor<4>, Tensor<4>)>;
 
@@ -104,23 +104,21 @@ impl Attention {
             q = table.rotate(q);
             k = table.rotate(k);
         }
-        let q = q.swap_dims(1, 2);
-        let k = k.swap_dims(1, 2);
-        let v = v.reshape([batch, seq, kvh, hd]).swap_dims(1, 2);
+        let v = v.reshape([batch, seq, kvh, hd]);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 1), Tensor::cat(vec![pv, v], 1)),
                     None => (k, v),
                 };
-                let total = k.dims()[2];
+                let total = k.dims()[1];
                 *slot = Some(match self.window {
                     // Later queries see at most the last `window - 1` of these keys.
                     Some(win) if total > win.saturating_sub(1) => {
                         let keep = win.saturating_sub(1);
                         (
-                            k.clone().narrow(2, total - keep, keep),
-                            v.clone().narrow(2, total - keep, keep),
+                            k.clone().narrow(1, total - keep, keep),
+                            v.clone().narrow(1, total - keep, keep),
                         )
                     }
                     _ => (k.clone(), v.clone()),
@@ -129,35 +127,67 @@ impl Attention {
             }
             None => (k, v),
         };
-        let total = k.dims()[2];
-        let (k, v) = if kvh == h {
-            (k, v)
-        } else {
-            let rep = h / kvh;
-            let expand = |t: Tensor<4>| {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([batch, kvh, rep, total, hd])
-                    .reshape([batch, h, total, hd])
-            };
-            (expand(k), expand(v))
+        let runs = consts.runs(self.window);
+        // Dropout on the attention probabilities needs them: that case alone materialises the
+        // scores. Everything else (training, recompute, evaluation, generation) attends in
+        // tiles.
+        let out = match dropout.as_mut().filter(|d| d.p > 0.0) {
+            Some(d) => {
+                let bias = runs.bias(&q.device());
+                materialised(q, k, v, bias, (self.scale, self.softcap), Some(d))
+            }
+            None => fused::attention(
+                q,
+                k,
+                v,
+                runs.first.clone(),
+                fused::AttentionParams {
+                    scale: self.scale,
+                    softcap: self.softcap,
+                },
+            ),
         };
-        // The scale goes on q, not on the b·h·s² scores: the same product, fewer multiplications
-        // (and a cheaper forward to recompute).
-        let mut scores = (q * self.scale).matmul(k.swap_dims(2, 3));
-        // The softmax (and its mask) in f32 whatever the compute type, as transformers does.
-        let dtype = float_dtype(&scores);
-        scores = to_dtype(scores, FloatDType::F32);
-        if let Some(c) = self.softcap {
-            scores = (scores / c).tanh() * c;
-        }
-        let mut probs = to_dtype(fused::softmax_bias(scores, consts.mask(self.window)), dtype);
-        if let Some(d) = dropout.as_mut() {
-            probs = d.apply(probs);
-        }
-        let out = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([batch * seq, h * hd]);
-        self.o_proj.forward(w, out, dropout)
+        self.o_proj
+            .forward(w, out.reshape([batch * seq, h * hd]), dropout)
     }
+}
+
+/// Attention over materialised scores: q `[b, s, heads, hd]`, k and v `[b, t, kv_heads, hd]`,
+/// `bias` the additive mask `[1 or b, 1, s, t]`, optional dropout on the probabilities. Gives
+/// `[b, s, heads, hd]`. The tape keeps `b × heads × s × t` probabilities.
+pub fn materialised(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Tensor<4>,
+    (scale, softcap): (f64, Option<f64>),
+    dropout: Option<&mut Dropout>,
+) -> Tensor<4> {
+    let [batch, _, h, hd] = q.dims();
+    let [_, total, kvh, _] = k.dims();
+    let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+    let (k, v) = if kvh == h {
+        (k, v)
+    } else {
+        let rep = h / kvh;
+        let expand = |t: Tensor<4>| {
+            t.unsqueeze_dim::<5>(2)
+                .expand([batch, kvh, rep, total, hd])
+                .reshape([batch, h, total, hd])
+        };
+        (expand(k), expand(v))
+    };
+    // The scale goes on q, not on the b·h·s² scores: the same product, fewer multiplications.
+    let mut scores = (q * scale).matmul(k.swap_dims(2, 3));
+    // The softmax (and its mask) in f32 whatever the compute type, as transformers does.
+    let dtype = float_dtype(&scores);
+    scores = to_dtype(scores, FloatDType::F32);
+    if let Some(c) = softcap {
+        scores = (scores / c).tanh() * c;
+    }
+    let mut probs = to_dtype(fused::softmax_bias(scores, bias), dtype);
+    if let Some(d) = dropout {
+        probs = d.apply(probs);
+    }
+    probs.matmul(v).swap_dims(1, 2)
 }

@@ -1,11 +1,14 @@
-//! Per-forward constants: the rotary tables of each RoPE an architecture uses and the additive
-//! attention mask of each window size, for one batch shape (plain, packed, or cached decoding).
+//! Per-forward constants: the rotary tables of each RoPE an architecture uses and, for each
+//! window size, the keys each query sees, for one batch shape (plain, packed, or cached
+//! decoding). Causal attention, packed rows and sliding windows all give a query one run of
+//! keys, from a first one to its own position: that run is what attention takes, never a
+//! queries × keys mask.
 
 use crate::dtype::to_dtype;
 use crate::fused;
 use crate::layers::rope::Rope;
 use burn::prelude::*;
-use burn::tensor::FloatDType;
+use burn::tensor::{DType, FloatDType, TensorCreationOptions};
 
 /// cos/sin `[1 or batch, seq, rotary_dim]` of one RoPE.
 pub struct RopeTable {
@@ -31,9 +34,50 @@ impl RopeTable {
     }
 }
 
+/// The keys each query of one window size sees: query i, `first[i] ..= i + keys − queries`.
+pub struct KeyRuns {
+    /// `[rows, queries]` i32 (rows: 1, or the batch's when packed).
+    pub first: Tensor<2, Int>,
+    host: Vec<u32>,
+    rows: usize,
+    queries: usize,
+    keys: usize,
+}
+
+impl KeyRuns {
+    fn new(host: Vec<u32>, rows: usize, queries: usize, keys: usize, device: &Device) -> Self {
+        let data: Vec<i32> = host.iter().map(|&f| f as i32).collect();
+        let first = Tensor::<2, Int>::from_data(
+            TensorData::new(data, [rows, queries]),
+            TensorCreationOptions::new(device.clone()).with_dtype(DType::I32),
+        );
+        Self {
+            first,
+            host,
+            rows,
+            queries,
+            keys,
+        }
+    }
+
+    /// The same runs as an additive mask `[rows, 1, queries, keys]` in f32 (0 where a query
+    /// sees a key), for attention that materialises its scores (with dropout on them).
+    pub fn bias(&self, device: &Device) -> Tensor<4> {
+        let (s, t) = (self.queries, self.keys);
+        let mut bias = vec![MASKED; self.rows * s * t];
+        for (r, row) in bias.chunks_mut((s * t).max(1)).enumerate().take(self.rows) {
+            for i in 0..s {
+                let first = self.host[r * s + i] as usize;
+                row[i * t + first..=i * t + i + t - s].fill(0.0);
+            }
+        }
+        Tensor::from_data(TensorData::new(bias, [self.rows, 1, s, t]), device)
+    }
+}
+
 pub struct ForwardConsts {
     pub ropes: Vec<RopeTable>,
-    masks: Vec<(Option<usize>, Tensor<4>)>,
+    runs: Vec<(Option<usize>, KeyRuns)>,
     /// Sequences in the batch.
     pub batch: usize,
     /// New positions per sequence.
@@ -57,13 +101,13 @@ pub enum Positions<'a> {
 const MASKED: f32 = -1e9;
 
 impl ForwardConsts {
-    /// The mask of layers whose window is `window`.
-    pub fn mask(&self, window: Option<usize>) -> Tensor<4> {
-        self.masks
+    /// The key runs of layers whose window is `window`.
+    pub fn runs(&self, window: Option<usize>) -> &KeyRuns {
+        self.runs
             .iter()
             .find(|(w, _)| *w == window)
-            .map(|(_, m)| m.clone())
-            .expect("a mask for every window the architecture declares")
+            .map(|(_, r)| r)
+            .expect("key runs for every window the architecture declares")
     }
 
     pub fn new(
@@ -126,66 +170,53 @@ impl ForwardConsts {
                 distinct.push(*w);
             }
         }
-        let masks = distinct
+        let runs = distinct
             .into_iter()
-            .map(|window| (window, mask(&at, window, device)))
+            .map(|window| (window, key_runs(&at, window, device)))
             .collect();
         Self {
             ropes,
-            masks,
+            runs,
             batch,
             seq,
         }
     }
 }
 
-/// The additive mask of one window size: `[1 or batch, 1, queries, keys]`.
-fn mask(at: &Positions<'_>, window: Option<usize>, device: &Device) -> Tensor<4> {
-    let within = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
-    let (rows, queries, keys, bias) = match at {
+/// The key runs of one window size.
+fn key_runs(at: &Positions<'_>, window: Option<usize>, device: &Device) -> KeyRuns {
+    // The first key a query at position `p` sees, by the window alone.
+    let reach = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
+    match at {
         Positions::Plain { seq, .. } => {
-            let mut bias = vec![0f32; seq * seq];
-            for q in 0..*seq {
-                for k in 0..*seq {
-                    if !within(q, k) {
-                        bias[q * seq + k] = MASKED;
-                    }
-                }
-            }
-            (1, *seq, *seq, bias)
+            let first = (0..*seq).map(|i| reach(i) as u32).collect();
+            KeyRuns::new(first, 1, *seq, *seq, device)
         }
         Positions::Cached { offset, n } => {
             // A windowed layer's cache holds only the last `window - 1` earlier positions.
             let start = window.map_or(0, |w| offset - (*offset).min(w.saturating_sub(1)));
-            let keys = offset + n - start;
-            let mut bias = vec![0f32; n * keys];
-            for q in 0..*n {
-                for k in 0..keys {
-                    if !within(offset + q, start + k) {
-                        bias[q * keys + k] = MASKED;
-                    }
-                }
-            }
-            (1, *n, keys, bias)
+            let first = (0..*n)
+                .map(|q| (reach(offset + q) - start) as u32)
+                .collect();
+            KeyRuns::new(first, 1, *n, offset + n - start, device)
         }
         Positions::Packed {
             batch,
             seq,
             segments,
         } => {
-            let mut bias = vec![0f32; batch * seq * seq];
+            let mut first = Vec::with_capacity(batch * seq);
             for b in 0..*batch {
                 let seg = &segments[b * seq..(b + 1) * seq];
-                for q in 0..*seq {
-                    for k in 0..*seq {
-                        if seg[k] != seg[q] || !within(q, k) {
-                            bias[(b * seq + q) * seq + k] = MASKED;
-                        }
+                let mut start = 0;
+                for i in 0..*seq {
+                    if i > 0 && seg[i] != seg[i - 1] {
+                        start = i;
                     }
+                    first.push(start.max(reach(i)) as u32);
                 }
             }
-            (*batch, *seq, *seq, bias)
+            KeyRuns::new(first, *batch, *seq, *seq, device)
         }
-    };
-    Tensor::from_data(TensorData::new(bias, [rows, 1, queries, keys]), device)
+    }
 }
