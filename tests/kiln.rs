@@ -499,21 +499,25 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
         let n = dims.iter().product();
         Tensor::<1>::from_data(TensorData::new(noise(n, seed, scale), [n]), &dev)
     };
-    let close = |name: &str, a: Tensor<1>, b: Tensor<1>| {
+    // Within `tol` of the larger of 1 and the reference's largest magnitude (`relative`: of that
+    // magnitude alone).
+    let close_within = |tol: f32, relative: bool, name: &str, a: Tensor<1>, b: Tensor<1>| {
         let (a, b) = (
             a.into_data().try_to_vec::<f32>().unwrap(),
             b.into_data().try_to_vec::<f32>().unwrap(),
         );
         let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let scale = if relative { scale } else { scale.max(1.0) };
         let err = a
             .iter()
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(
-            err <= 2e-5 * scale.max(1.0),
+            err <= tol * scale,
             "{what} {name}: max difference {err} (scale {scale})"
         );
     };
+    let close = |name: &str, a: Tensor<1>, b: Tensor<1>| close_within(2e-5, false, name, a, b);
     // Runs `f` on fresh leaves built from `inputs` (dims, seed, scale), returns the output and the
     // gradient of each input.
     let run = |inputs: &[(&[usize], u64, f32)], f: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
@@ -533,16 +537,27 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
             .collect();
         (out.detach(), g)
     };
-    let compare = |name: &str,
-                   inputs: &[(&[usize], u64, f32)],
-                   fused: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>,
-                   composed: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
+    let compare_within = |tol: Option<f32>,
+                          name: &str,
+                          inputs: &[(&[usize], u64, f32)],
+                          fused: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>,
+                          composed: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
         let (a, ga) = run(inputs, fused);
         let (b, gb) = run(inputs, composed);
+        let close = |name: &str, a, b| match tol {
+            Some(tol) => close_within(tol, true, name, a, b),
+            None => close(name, a, b),
+        };
         close(name, a, b);
         for (i, (x, y)) in ga.into_iter().zip(gb).enumerate() {
             close(&format!("{name} gradient {i}"), x, y);
         }
+    };
+    let compare = |name: &str,
+                   inputs: &[(&[usize], u64, f32)],
+                   fused: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>,
+                   composed: &dyn Fn(Vec<Tensor<1>>) -> Tensor<1>| {
+        compare_within(None, name, inputs, fused, composed)
     };
     let (n, d) = (37, 40);
     let nd: &[usize] = &[n, d];
@@ -667,6 +682,76 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
     let (p, m, g) = (t1(20, 1.0), t1(21, 0.1), t1(22, 1.0));
     let v = t1(23, 0.01).abs();
     let clip = Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &device.clone());
+    // Attention in tiles against attention over materialised scores (kiln's path under
+    // attention dropout), values and gradients within 1e-5 relative: causal, GQA 9/3 and 4/1,
+    // packed rows, a sliding window, a soft-cap, odd lengths over several 64-row tiles, and
+    // new queries after cached keys.
+    {
+        use kiln::models::layers::attention::materialised;
+        use kiln::models::layers::{ForwardConsts, Positions};
+        let segments: Vec<u32> = (0..2 * 131u32)
+            .map(|i| match (i / 131, i % 131) {
+                (0, p) => (p >= 40) as u32 + (p >= 100) as u32,
+                (_, p) => 10 + (p >= 7) as u32,
+            })
+            .collect();
+        // (name, batch, heads, kv heads, queries, cached keys, window, packed, soft-cap)
+        type Case<'a> = (&'a str, usize, usize, usize, usize, usize, Option<usize>, bool, Option<f64>);
+        let cases: [Case; 6] = [
+            ("causal 9/3", 1, 9, 3, 131, 0, None, false, None),
+            ("causal 4/1, batch 2", 2, 4, 1, 70, 0, None, false, None),
+            ("packed 9/3", 2, 9, 3, 131, 0, None, true, None),
+            ("sliding window 33, 4/1", 1, 4, 1, 131, 0, Some(33), false, None),
+            ("soft-cap 0.8", 1, 2, 2, 67, 0, None, false, Some(0.8)),
+            ("after 50 cached keys, window 20", 1, 4, 2, 9, 50, Some(20), false, None),
+        ];
+        for (name, batch, heads, kv, s, cached, window, packed, softcap) in cases {
+            let hd = 16;
+            let at = match (packed, cached) {
+                (true, _) => Positions::Packed {
+                    batch,
+                    seq: s,
+                    segments: &segments,
+                },
+                (false, 0) => Positions::Plain { batch, seq: s },
+                (false, offset) => Positions::Cached { offset, n: s },
+            };
+            let consts = ForwardConsts::new(&[], &[window], at, burn::tensor::FloatDType::F32, &dev);
+            let runs = consts.runs(window);
+            let t = runs.first.dims()[1] + cached.min(window.map_or(cached, |w| w - 1));
+            let p = fused::AttentionParams {
+                scale: 0.7 / (hd as f64).sqrt(),
+                softcap,
+            };
+            let inputs: [(&[usize], u64, f32); 3] = [
+                (&[batch, s, heads, hd], 11, 2.0),
+                (&[batch, t, kv, hd], 12, 2.0),
+                (&[batch, t, kv, hd], 13, 1.0),
+            ];
+            let shaped = |v: &[Tensor<1>]| {
+                (
+                    v[0].clone().reshape([batch, s, heads, hd]),
+                    v[1].clone().reshape([batch, t, kv, hd]),
+                    v[2].clone().reshape([batch, t, kv, hd]),
+                )
+            };
+            let n = batch * s * heads * hd;
+            compare_within(
+                Some(1e-5),
+                &format!("attention, {name}"),
+                &inputs,
+                &|v| {
+                    let (q, k, v) = shaped(&v);
+                    fused::attention(q, k, v, runs.first.clone(), p).reshape([n])
+                },
+                &|v| {
+                    let (q, k, v) = shaped(&v);
+                    let bias = runs.bias(&dev);
+                    materialised(q, k, v, bias, (p.scale, p.softcap), None).reshape([n])
+                },
+            );
+        }
+    }
     let h = fused::AdamWStep {
         lr: 1e-3,
         beta1: 0.9,

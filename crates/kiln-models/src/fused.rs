@@ -204,7 +204,8 @@ pub struct AttentionParams {
 }
 
 /// The GPU backends: Burn's operations, merged by its fusion compiler; quantized matrices are
-/// de-quantised by kiln's CubeCL kernel (`fused_cube`).
+/// de-quantised by kiln's CubeCL kernel (`fused_cube`), attention is kiln's kernels
+/// (`attention_cube`).
 impl FusedOps for Cube {
     fn kiln_dequantize(
         codes: IntTensor<Self>,
@@ -213,6 +214,29 @@ impl FusedOps for Cube {
         shape: QuantShape,
     ) -> FloatTensor<Self> {
         crate::fused_cube::dequantize(codes, scale, bias, shape)
+    }
+
+    fn kiln_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        first: IntTensor<Self>,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::attention_cube::attention(q, k, v, first, params)
+    }
+
+    fn kiln_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        first: IntTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        params: AttentionParams,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::attention_cube::attention_backward(q, k, v, first, out, lse, grad, params)
     }
 }
 

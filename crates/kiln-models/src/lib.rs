@@ -8,6 +8,7 @@
 
 pub use kiln_formats::{fsutil, ggml_quantize, ggml_repack, ggml_types, safetensors_io};
 pub mod arch;
+mod attention_cube;
 pub mod config;
 pub mod dtype;
 pub mod families;
