@@ -1482,6 +1482,17 @@ fn print_plan(config: &Config, json: bool) -> Result<(), Failure> {
                 human_bytes(e.total)
             );
         }
+        if r.attention_tiled {
+            out!(
+                "attention: in tiles, no scores kept (materialised they would take {})",
+                human_bytes(r.attention_scores)
+            );
+        } else {
+            out!(
+                "attention: scores materialised for dropout on them (model.dropout): {}",
+                human_bytes(r.attention_scores)
+            );
+        }
         match &r.plan {
             Ok(p) => out!(
                 "plan: micro-batch {} x {} accumulated, {}: estimated peak {} of {} usable ({} budget less the {:.0}% margin)",

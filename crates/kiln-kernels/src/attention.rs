@@ -14,7 +14,7 @@
 //! - The backward runs twice over the scores: by query tiles for dQ, and by key tiles (every
 //!   query head of a K/V head, every query tile that sees them) for dK and dV, so each output
 //!   element is written by one task and summed in one order: deterministic whatever the thread
-//!   count, without atomics.
+//!   count, without atomics. When every key fits one tile, the key pass writes dQ as well.
 //!
 //! Layouts (row-major f32): q, out, dq `[batch, queries, heads, head_dim]`; k, v, dk, dv
 //! `[batch, keys, kv_heads, head_dim]`, the projections' own layout, so no transposes; lse
@@ -374,9 +374,17 @@ pub fn attention_backward(
     let delta = &delta;
     let rep = sh.heads / sh.kv_heads;
 
-    // dQ, by query tiles.
-    let tiles = sh.queries.div_ceil(TILE);
+    // With one key tile, the key tasks below see every key of their queries: they write dQ
+    // too, and the scores are recomputed once instead of twice.
+    let single_key_tile = sh.keys <= TILE;
     let dq_at = Shared(dq.as_mut_ptr());
+
+    // dQ, by query tiles.
+    let tiles = if single_key_tile {
+        0
+    } else {
+        sh.queries.div_ceil(TILE)
+    };
     (0..sh.batch * sh.heads * tiles)
         .into_par_iter()
         .for_each(|task| {
@@ -526,6 +534,18 @@ pub fn attention_backward(
                                     (q.as_ptr().add(o0), sh.heads * hd, 1),
                                     sh.scale,
                                 );
+                                if single_key_tile {
+                                    // dQ = scale · dS · K: these rows of head h are this
+                                    // task's alone (one key tile, one task per K/V head).
+                                    product(
+                                        (m, hd, c),
+                                        (dq_at.at(o0), sh.heads * hd, 1),
+                                        false,
+                                        (dp.as_ptr(), c, 1),
+                                        (k.as_ptr().add(kv0), sh.kv_heads * hd, 1),
+                                        sh.scale,
+                                    );
+                                }
                             }
                         }
                     }

@@ -11,9 +11,11 @@ pub struct BlockProfile {
     pub per_token: f64,
     /// Per token with dropout on (its masks).
     pub per_token_dropout: f64,
-    /// Attention heads: the block keeps `heads × seq²` scores per sequence (per unit below).
+    /// Attention heads: tiled attention keeps a number per head and token; attention with
+    /// dropout on its probabilities materialises `heads × seq²` scores per sequence (per unit
+    /// below).
     pub heads: usize,
-    /// Per attention score.
+    /// Per attention score, when scores are materialised.
     pub per_score: f64,
     /// Per attention score with dropout on.
     pub per_score_dropout: f64,

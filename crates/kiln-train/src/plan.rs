@@ -24,6 +24,9 @@ pub struct Workload {
     pub total: u64,
     /// Dropout on (its masks are kept for backward).
     pub dropout: bool,
+    /// Dropout on the attention probabilities (`model.dropout`): attention then materialises
+    /// and keeps its scores; otherwise it runs in tiles and keeps one number per head and token.
+    pub attention_dropout: bool,
     /// Positions per loss chunk.
     pub loss_chunk: usize,
     /// Half-precision compute (`train.dtype: bf16 | f16`).
@@ -66,6 +69,8 @@ const PER_LOGIT: f64 = 1.5;
 /// docs/PERFORMANCE.md).
 const HALF_TOKEN_BYTES: f64 = 2.0;
 const HALF_SCORE_BYTES: f64 = 5.0;
+/// f32 elements tiled attention keeps per head and token: the row's log-sum-exp.
+const PER_HEAD_LSE: f64 = 1.0;
 /// What a process holds besides tensors: the program, its libraries, the allocator's slack.
 pub const CPU_OVERHEAD: u64 = 32 << 20;
 /// On GPUs the measure is the memory pool's reserved bytes: page slack over the tensors came to
@@ -81,13 +86,34 @@ pub fn block_activation_bytes(b: &BlockProfile, w: &Workload) -> u64 {
     } else {
         b.per_token
     };
-    let scores = (w.rows() * b.heads) as f64 * (w.seq * w.seq) as f64;
-    let per_score = b.per_score + if w.dropout { b.per_score_dropout } else { 0.0 };
-    if w.half {
-        (HALF_TOKEN_BYTES * tokens * per_token + HALF_SCORE_BYTES * scores * per_score) as u64
+    // Attention in tiles keeps each row's log-sum-exp (f32) and no scores: memory linear in the
+    // sequence. Dropout on the probabilities needs them, so that case keeps rows × heads × seq².
+    let (scores, per_score) = if w.attention_dropout {
+        let scores = (w.rows() * b.heads) as f64 * (w.seq * w.seq) as f64;
+        (scores, b.per_score + b.per_score_dropout)
     } else {
-        (4.0 * (tokens * per_token + scores * per_score)) as u64
-    }
+        (0.0, 0.0)
+    };
+    let lse = 4.0 * tokens * (b.heads as f64 * PER_HEAD_LSE);
+    lse as u64
+        + if w.half {
+            (HALF_TOKEN_BYTES * tokens * per_token + HALF_SCORE_BYTES * scores * per_score) as u64
+        } else {
+            (4.0 * (tokens * per_token + scores * per_score)) as u64
+        }
+}
+
+/// Bytes of scores the blocks' attention keeps when it materialises them (dropout on the
+/// probabilities), all blocks together, no recompute.
+pub fn materialised_scores_bytes(m: &Architecture, w: &Workload) -> u64 {
+    let per_seq = (w.rows() * w.seq * w.seq) as f64;
+    m.memory_profile()
+        .iter()
+        .map(|b| {
+            let bytes = if w.half { HALF_SCORE_BYTES } else { 4.0 };
+            (bytes * per_seq * b.heads as f64 * (b.per_score + b.per_score_dropout)) as u64
+        })
+        .sum()
 }
 
 /// The estimate for a model, a workload and a checkpointing choice (`every`: recompute spans).
@@ -390,6 +416,7 @@ pub fn workload(
         trainable,
         total,
         dropout: config.model.dropout > 0.0 || (lora && config.finetune.lora.dropout > 0.0),
+        attention_dropout: config.model.dropout > 0.0,
         loss_chunk: loss_chunk(config.memory.loss_chunk, m.config.vocab_size),
         half: config.train.dtype != kiln_config::ComputeDtype::F32,
         held,
@@ -500,6 +527,12 @@ pub struct PlanReport {
     pub plan: Result<Plan, String>,
     /// (`none` or `every: k`, estimate) for each option.
     pub options: Vec<(String, Estimate)>,
+    /// Whether attention runs in tiles (no scores kept; false under dropout on the attention
+    /// probabilities).
+    pub attention_tiled: bool,
+    /// Bytes of attention scores all blocks together would keep if they were materialised (at
+    /// the chosen micro-batch): what tiling saves, or what dropout on them costs.
+    pub attention_scores: u64,
 }
 
 /// The plan for `config` without loading weights or allocating tensors.
@@ -552,6 +585,8 @@ pub fn plan_config(config: &Config) -> Result<PlanReport, crate::TrainError> {
             .unwrap_or_else(|| "not detected; set memory.budget".into()),
         plan,
         options,
+        attention_tiled: !w.attention_dropout,
+        attention_scores: materialised_scores_bytes(&m, &w),
     })
 }
 
@@ -607,6 +642,7 @@ mod tests {
             trainable,
             total: m.num_params() as u64 + trainable,
             dropout: false,
+            attention_dropout: false,
             loss_chunk: loss_chunk(0, m.config.vocab_size),
             half: false,
             held: Default::default(),
@@ -760,6 +796,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!((p.micro_batch, p.grad_accum), (4, 3));
+    }
+
+    /// Attention in tiles keeps a number per head and token, so a block's activations grow
+    /// with the sequence, not its square; dropout on the attention probabilities materialises
+    /// the scores again and is counted so.
+    #[test]
+    fn tiled_attention_activations_grow_linearly_with_the_sequence() {
+        let m = smollm2_135m();
+        let at = |seq: usize, attention_dropout: bool| {
+            let w = Workload {
+                attention_dropout,
+                dropout: attention_dropout,
+                ..lora_workload(&m, 1, seq)
+            };
+            m.memory_profile()
+                .iter()
+                .map(|b| block_activation_bytes(b, &w))
+                .sum::<u64>() as f64
+        };
+        let (a2k, a8k) = (at(2048, false), at(8192, false));
+        assert!((a8k / a2k - 4.0).abs() < 1e-9, "{a2k} → {a8k}");
+        // Materialised, the 9 heads' scores at 8192 are 9 × 8192² × 4 bytes a block.
+        let scores = at(8192, true) - at(8192, false);
+        let per_block = 9.0 * 8192.0 * 8192.0 * 4.0;
+        assert!(scores >= 30.0 * per_block, "{scores} < 30 × {per_block}");
+        let w = lora_workload(&m, 1, 8192);
+        assert_eq!(materialised_scores_bytes(&m, &w) as f64, 30.0 * per_block * 2.0);
     }
 
     /// A 16 GB Mac's Metal working set: 2/3 of its RAM (FACTS.md), about 10.7 GiB.

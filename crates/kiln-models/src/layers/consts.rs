@@ -220,3 +220,61 @@ fn key_runs(at: &Positions<'_>, window: Option<usize>, device: &Device) -> KeyRu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether query `q` sees key `k` (both absolute positions) by the rules themselves: causal,
+    /// within the window, and for packed rows within the same run of a segment id.
+    fn sees(q: usize, k: usize, window: Option<usize>, segments: Option<&[u32]>) -> bool {
+        let same_run = segments.is_none_or(|s| s[k..=q].iter().all(|&x| x == s[q]));
+        k <= q && window.is_none_or(|w| q - k < w) && same_run
+    }
+
+    fn mask_of(runs: &KeyRuns) -> Vec<bool> {
+        let bias = runs.bias(&Device::flex());
+        let values: Vec<f32> = bias.into_data().to_vec().unwrap();
+        values.iter().map(|&b| b == 0.0).collect()
+    }
+
+    #[test]
+    fn key_runs_are_the_causal_packed_and_windowed_masks() {
+        let device = Device::flex();
+        let segments: Vec<u32> = [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 5, 5, 5, 6, 6, 6, 6, 6]
+            .into_iter()
+            .collect();
+        let (batch, seq) = (2, 9);
+        for window in [None, Some(3), Some(1)] {
+            let runs = key_runs(&Positions::Plain { batch, seq }, window, &device);
+            let want: Vec<bool> = (0..seq)
+                .flat_map(|q| (0..seq).map(move |k| sees(q, k, window, None)))
+                .collect();
+            assert_eq!(mask_of(&runs), want, "plain, window {window:?}");
+
+            let at = Positions::Packed {
+                batch,
+                seq,
+                segments: &segments,
+            };
+            let runs = key_runs(&at, window, &device);
+            let want: Vec<bool> = (0..batch)
+                .flat_map(|b| {
+                    let s = &segments[b * seq..(b + 1) * seq];
+                    (0..seq).flat_map(move |q| (0..seq).map(move |k| sees(q, k, window, Some(s))))
+                })
+                .collect();
+            assert_eq!(mask_of(&runs), want, "packed, window {window:?}");
+
+            // 3 new positions after 7 cached: a windowed cache holds the last window - 1.
+            let (offset, n) = (7, 3);
+            let runs = key_runs(&Positions::Cached { offset, n }, window, &device);
+            let start = window.map_or(0, |w| offset - offset.min(w - 1));
+            let keys = offset + n - start;
+            let want: Vec<bool> = (0..n)
+                .flat_map(|q| (0..keys).map(move |k| sees(offset + q, start + k, window, None)))
+                .collect();
+            assert_eq!(mask_of(&runs), want, "cached, window {window:?}");
+        }
+    }
+}
