@@ -67,4 +67,7 @@ k = [load(f"speed-kiln-{i}.json")["median_tokens_per_s"] for i in range(1, len(l
 t = [load(f"speed-torch-{i}.json")["median_tokens_per_s"] for i in range(1, len(list(out.glob("speed-torch-*"))) + 1)]
 print(f"seq 2048 tokens/s: kiln {min(k):.0f} / {med(k):.0f} / {max(k):.0f}, PyTorch SDPA + PEFT "
       f"{min(t):.0f} / {med(t):.0f} / {max(t):.0f} (min / median / max); kiln / PyTorch {med(k)/med(t):.2f}x")
+peak = lambda who: med(load(p.name)["peak_rss_bytes"] for p in out.glob(f"speed-{who}-*.json"))
+print(f"seq 2048 peak RSS (loading included): kiln {peak('kiln')/M:.0f} MiB, PyTorch {peak('torch')/M:.0f} MiB "
+      f"({peak('kiln')/peak('torch'):.2f}x)")
 PY

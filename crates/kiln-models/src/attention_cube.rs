@@ -175,7 +175,8 @@ fn query_gradient_kernel(
 }
 
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
+// `saturating_sub` is not a CubeCL operation.
+#[allow(clippy::too_many_arguments, clippy::implicit_saturating_sub)]
 fn key_gradient_kernel(
     q: &Tensor<f32>,
     k: &Tensor<f32>,
@@ -434,7 +435,11 @@ impl Operation<Runtime> for Backward {
         let ([q, k, v, first, lse, delta, d_out], [dq, dk, dv]) = self.desc.as_fixed();
         let float = |h: &mut Handles, t| h.get_float_tensor::<CubeBackend>(t);
         let (q, k, v) = (float(handles, q), float(handles, k), float(handles, v));
-        let (lse, delta, d_out) = (float(handles, lse), float(handles, delta), float(handles, d_out));
+        let (lse, delta, d_out) = (
+            float(handles, lse),
+            float(handles, delta),
+            float(handles, d_out),
+        );
         let first = handles.get_int_tensor::<CubeBackend>(first);
         let params = params_of(&self.desc.scalars);
         let (gq, gk, gv) = backward_inner(q, k, v, first, lse, delta, d_out, params);

@@ -22,9 +22,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::{BoolTensor, FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{
-    AutodiffBackend,
-    Backend, Cube, DType, Dispatch, Flex, Shape, Slice, TensorData, TensorMetadata,
-    backend_extension,
+    AutodiffBackend, Backend, Cube, DType, Dispatch, Flex, Shape, Slice, TensorData,
+    TensorMetadata, backend_extension,
 };
 use burn::prelude::*;
 
@@ -379,7 +378,10 @@ mod composed {
     ) -> (FloatTensor<B>, FloatTensor<B>) {
         let [b, s, heads, _] = q.shape().dims::<4>();
         let t = k.shape()[1];
-        let (qh, kh) = (heads_first::<B>(q.clone(), heads), heads_first::<B>(k.clone(), heads));
+        let (qh, kh) = (
+            heads_first::<B>(q.clone(), heads),
+            heads_first::<B>(k.clone(), heads),
+        );
         let raw = B::float_mul_scalar(B::float_matmul(qh, B::float_transpose(kh)), p.scale.into());
         let capped = match p.softcap {
             Some(c) => B::float_mul_scalar(
@@ -815,7 +817,7 @@ mod cpu {
             queries: qd[1],
             keys: kd[1],
             head_dim: qd[3],
-            mask_rows: if qd[1] == 0 { 1 } else { first.len() / qd[1] },
+            mask_rows: first.len().checked_div(qd[1]).unwrap_or(1),
             scale: p.scale as f32,
             softcap: p.softcap.map(|c| c as f32),
         };
@@ -1380,11 +1382,7 @@ impl<B: Backend + FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         // scores; the backward recomputes them tile by tile.
         #[derive(Debug)]
         struct AttentionBackward;
-        type State<B> = (
-            [FloatTensor<B>; 5],
-            IntTensor<B>,
-            AttentionParams,
-        );
+        type State<B> = ([FloatTensor<B>; 5], IntTensor<B>, AttentionParams);
         impl<B: Backend + FusedOps> Backward<B, 3> for AttentionBackward {
             type State = State<B>;
             fn backward(
@@ -1503,7 +1501,11 @@ pub fn attention(
     first: Tensor<2, Int>,
     params: AttentionParams,
 ) -> Tensor<4> {
-    let first = if q.is_autodiff() { first.autodiff() } else { first };
+    let first = if q.is_autodiff() {
+        first.autodiff()
+    } else {
+        first
+    };
     let (out, _lse) = <Dispatch as FusedOps>::kiln_attention(
         q.into_dispatch(),
         k.into_dispatch(),

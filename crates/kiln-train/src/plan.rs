@@ -822,7 +822,10 @@ mod tests {
         let per_block = 9.0 * 8192.0 * 8192.0 * 4.0;
         assert!(scores >= 30.0 * per_block, "{scores} < 30 × {per_block}");
         let w = lora_workload(&m, 1, 8192);
-        assert_eq!(materialised_scores_bytes(&m, &w) as f64, 30.0 * per_block * 2.0);
+        assert_eq!(
+            materialised_scores_bytes(&m, &w) as f64,
+            30.0 * per_block * 2.0
+        );
     }
 
     /// A 16 GB Mac's Metal working set: 2/3 of its RAM (FACTS.md), about 10.7 GiB.

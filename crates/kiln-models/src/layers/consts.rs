@@ -228,13 +228,14 @@ mod tests {
     /// Whether query `q` sees key `k` (both absolute positions) by the rules themselves: causal,
     /// within the window, and for packed rows within the same run of a segment id.
     fn sees(q: usize, k: usize, window: Option<usize>, segments: Option<&[u32]>) -> bool {
-        let same_run = segments.is_none_or(|s| s[k..=q].iter().all(|&x| x == s[q]));
-        k <= q && window.is_none_or(|w| q - k < w) && same_run
+        k <= q
+            && window.is_none_or(|w| q - k < w)
+            && segments.is_none_or(|s| s[k..=q].iter().all(|&x| x == s[q]))
     }
 
     fn mask_of(runs: &KeyRuns) -> Vec<bool> {
         let bias = runs.bias(&Device::flex());
-        let values: Vec<f32> = bias.into_data().to_vec().unwrap();
+        let values: Vec<f32> = bias.into_data().try_to_vec().unwrap();
         values.iter().map(|&b| b == 0.0).collect()
     }
 
