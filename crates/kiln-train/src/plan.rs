@@ -103,15 +103,20 @@ pub fn block_activation_bytes(b: &BlockProfile, w: &Workload) -> u64 {
         }
 }
 
-/// Bytes of scores the blocks' attention keeps when it materialises them (dropout on the
-/// probabilities), all blocks together, no recompute.
+/// Bytes of scores the blocks' attention would keep if it materialised them (with the dropout
+/// masks when that is why it does), all blocks together, no recompute.
 pub fn materialised_scores_bytes(m: &Architecture, w: &Workload) -> u64 {
     let per_seq = (w.rows() * w.seq * w.seq) as f64;
     m.memory_profile()
         .iter()
         .map(|b| {
             let bytes = if w.half { HALF_SCORE_BYTES } else { 4.0 };
-            (bytes * per_seq * b.heads as f64 * (b.per_score + b.per_score_dropout)) as u64
+            let dropout = if w.attention_dropout {
+                b.per_score_dropout
+            } else {
+                0.0
+            };
+            (bytes * per_seq * b.heads as f64 * (b.per_score + dropout)) as u64
         })
         .sum()
 }
@@ -822,10 +827,7 @@ mod tests {
         let per_block = 9.0 * 8192.0 * 8192.0 * 4.0;
         assert!(scores >= 30.0 * per_block, "{scores} < 30 × {per_block}");
         let w = lora_workload(&m, 1, 8192);
-        assert_eq!(
-            materialised_scores_bytes(&m, &w) as f64,
-            30.0 * per_block * 2.0
-        );
+        assert_eq!(materialised_scores_bytes(&m, &w) as f64, 30.0 * per_block);
     }
 
     /// A 16 GB Mac's Metal working set: 2/3 of its RAM (FACTS.md), about 10.7 GiB.
