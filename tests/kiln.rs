@@ -1206,6 +1206,28 @@ fn auto_checkpointing_fits_a_budget_below_the_no_recompute_need() {
     );
     let none_total = report["options"][0][1]["total"].as_u64().unwrap();
     assert!(none_total > budget, "{report}");
+    // Attention runs in tiles and the plan says what its scores would take; dropout on the
+    // probabilities materialises them, and the plan says so and counts them.
+    assert_eq!(report["attention_tiled"], true, "{report}");
+    let text = kiln(&["plan", config.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("attention: in tiles, no scores kept"),
+        "{text}"
+    );
+    let plan_json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["plan", config.to_str().unwrap(), "--json"];
+        args.extend(extra.iter().flat_map(|s| ["--set", s]));
+        serde_json::from_slice(&kiln(&args).stdout).unwrap()
+    };
+    let materialised = plan_json(&["memory.checkpointing=none", "model.dropout=0.1"]);
+    assert_eq!(materialised["attention_tiled"], false, "{materialised}");
+    let activations = |r: &serde_json::Value| r["options"][0][1]["activations"].as_u64().unwrap();
+    let scores = report["attention_scores"].as_u64().unwrap();
+    assert!(
+        activations(&materialised) > activations(&report) + scores,
+        "{materialised}"
+    );
 
     let r = kiln(&["train", config.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&r.stdout);
