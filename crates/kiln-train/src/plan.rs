@@ -691,23 +691,29 @@ mod tests {
             assert!(e.needed_budget > METAL_WORKING_SETS[1].1, "{gb} GB: {e}");
             assert!(e.leanest.weights > 30 << 30, "{gb} GB: {e}");
         }
-        // On the 96 GB Mac keeping every activation (about 37 GB of them, 70 GB in all) does not
-        // fit the usable 66 GB; recompute does. The 128 GB Mac keeps them all.
-        let p96 = plans[2].1.as_ref().unwrap_or_else(|e| panic!("96 GB: {e}"));
+        // With attention in tiles the 96 and 128 GB Macs keep every activation at 2048 (about
+        // 19 GB of them).
+        for (gb, p) in &plans[2..] {
+            let p = p.as_ref().unwrap_or_else(|e| panic!("{gb} GB: {e}"));
+            assert_eq!(p.recompute_every, None, "{gb} GB: {p:?}");
+            assert!(p.estimate.total <= p.usable);
+        }
+        // At 4096, keeping them (about 39 GB, 72 GB in all) does not fit the 96 GB Mac's usable
+        // 66 GB; recompute does. The 128 GB Mac keeps them all.
+        let long = lora_workload(&m, 1, 4096);
+        let on = |i: usize, c| choose(&m, &long, c, metal(METAL_WORKING_SETS[i].1), GPU_OVERHEAD);
+        let p96 = on(2, Checkpointing::Auto).unwrap_or_else(|e| panic!("96 GB: {e}"));
         assert!(p96.recompute_every.is_some(), "96 GB: {p96:?}");
         assert!(p96.estimate.total <= p96.usable);
-        assert!(estimate(&m, &w, None, GPU_OVERHEAD).total > p96.usable);
-        let p128 = plans[3]
-            .1
-            .as_ref()
-            .unwrap_or_else(|e| panic!("128 GB: {e}"));
+        assert!(estimate(&m, &long, None, GPU_OVERHEAD).total > p96.usable);
+        let p128 = on(3, Checkpointing::Auto).unwrap_or_else(|e| panic!("128 GB: {e}"));
         assert_eq!(p128.recompute_every, None, "128 GB: {p128:?}");
         assert!(p128.estimate.total <= p128.usable);
         // Asked for no recompute, the same run is refused on the 96 GB Mac, and the message
         // names the budget that would fit and the breakdown.
         let e = choose(
             &m,
-            &w,
+            &long,
             Checkpointing::None,
             metal(METAL_WORKING_SETS[2].1),
             GPU_OVERHEAD,
@@ -763,7 +769,7 @@ mod tests {
             (16, 1, None)
         );
         // Less room: a smaller micro-batch, more accumulation, still no recompute.
-        let p = run(6, Checkpointing::Auto).unwrap();
+        let p = run(4, Checkpointing::Auto).unwrap();
         assert!(
             p.micro_batch < 16 && p.micro_batch * p.grad_accum == 16,
             "{p:?}"
