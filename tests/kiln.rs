@@ -827,6 +827,61 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
     }
 }
 
+/// The key runs attention takes equal the masks written from the rules themselves: causal,
+/// within the window, and for packed rows within the same run of a segment id; plain, packed
+/// (rows differing) and after cached keys (a windowed cache holds the last window - 1).
+#[test]
+fn key_runs_are_the_causal_packed_and_windowed_masks() {
+    use kiln::models::layers::{ForwardConsts, Positions};
+    let device = burn::tensor::Device::flex();
+    let sees = |q: usize, k: usize, window: Option<usize>, segments: Option<&[u32]>| {
+        k <= q
+            && window.is_none_or(|w| q - k < w)
+            && segments.is_none_or(|s| s[k..=q].iter().all(|&x| x == s[q]))
+    };
+    let mask_of = |at: Positions<'_>, window: Option<usize>| -> Vec<bool> {
+        let consts = ForwardConsts::new(&[], &[window], at, burn::tensor::FloatDType::F32, &device);
+        let bias = consts.runs(window).bias(&device);
+        let values: Vec<f32> = bias.into_data().try_to_vec().unwrap();
+        values.iter().map(|&b| b == 0.0).collect()
+    };
+    let segments: Vec<u32> = vec![0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 5, 5, 5, 6, 6, 6, 6, 6];
+    let (batch, seq) = (2, 9);
+    for window in [None, Some(3), Some(1)] {
+        let want: Vec<bool> = (0..seq)
+            .flat_map(|q| (0..seq).map(move |k| sees(q, k, window, None)))
+            .collect();
+        assert_eq!(
+            mask_of(Positions::Plain { batch, seq }, window),
+            want,
+            "plain, window {window:?}"
+        );
+        let at = Positions::Packed {
+            batch,
+            seq,
+            segments: &segments,
+        };
+        let want: Vec<bool> = (0..batch)
+            .flat_map(|b| {
+                let s = &segments[b * seq..(b + 1) * seq];
+                (0..seq).flat_map(move |q| (0..seq).map(move |k| sees(q, k, window, Some(s))))
+            })
+            .collect();
+        assert_eq!(mask_of(at, window), want, "packed, window {window:?}");
+        let (offset, n) = (7, 3);
+        let start = window.map_or(0, |w| offset - offset.min(w - 1));
+        let keys = offset + n - start;
+        let want: Vec<bool> = (0..n)
+            .flat_map(|q| (0..keys).map(move |k| sees(offset + q, start + k, window, None)))
+            .collect();
+        assert_eq!(
+            mask_of(Positions::Cached { offset, n }, window),
+            want,
+            "cached, window {window:?}"
+        );
+    }
+}
+
 #[test]
 fn fused_ops_match_burn_compositions_in_values_and_gradients() {
     check_fused_ops(&burn::tensor::Device::flex(), "cpu");
