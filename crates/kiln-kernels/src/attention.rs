@@ -88,10 +88,37 @@ impl AttentionShape {
         )
     }
 
+    /// Query tiles of every head of every batch row: the forward's and dQ's tasks.
+    fn query_tasks(&self) -> usize {
+        self.batch * self.heads * self.queries.div_ceil(TILE)
+    }
+
+    /// Query tile `task` (of [`AttentionShape::query_tasks`]): its rows and the keys they see.
+    fn query_tile(&self, first: &[u32], task: usize) -> QueryTile {
+        let tiles = self.queries.div_ceil(TILE);
+        let (b, h, tile) = (
+            task / (self.heads * tiles),
+            task / tiles % self.heads,
+            task % tiles,
+        );
+        let rows = tile * TILE..((tile + 1) * TILE).min(self.queries);
+        // Runs start in order and end at each query's own position.
+        let keys = self.visible(first, b, rows.start).0..self.visible(first, b, rows.end - 1).1;
+        QueryTile { b, h, rows, keys }
+    }
+
     fn first_row<'a>(&self, first: &'a [u32], b: usize) -> &'a [u32] {
         let row = if self.mask_rows == 1 { 0 } else { b };
         &first[row * self.queries..(row + 1) * self.queries]
     }
+}
+
+/// One query tile: batch row `b`, head `h`, query rows `rows`, and the keys any of them sees.
+struct QueryTile {
+    b: usize,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
 }
 
 /// A pointer shared by tasks that write disjoint elements of one buffer.
@@ -215,62 +242,52 @@ pub fn attention(
 ) {
     check(sh, q, k, v, first);
     assert!(out.len() == sh.q_len() && lse.len() == sh.lse_len());
-    let tiles = sh.queries.div_ceil(TILE);
     let (out_at, lse_at) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     let hd = sh.head_dim;
-    (0..sh.batch * sh.heads * tiles)
-        .into_par_iter()
-        .for_each(|task| {
-            let (b, h, tile) = (
-                task / (sh.heads * tiles),
-                task / tiles % sh.heads,
-                task % tiles,
-            );
-            let rows = tile * TILE..((tile + 1) * TILE).min(sh.queries);
-            let lo = sh.visible(first, b, rows.start).0;
-            let hi = sh.visible(first, b, rows.end - 1).1;
-            let n = hi - lo;
-            let mut p = vec![0f32; rows.len() * n];
-            let mut row_lse = vec![0f32; rows.len()];
-            super::simd(
-                #[inline(always)]
-                || {
-                    scores(sh, q, k, (b, h), rows.clone(), lo..hi, &mut p);
-                    for (r, i) in rows.clone().enumerate() {
-                        let (a, e) = sh.visible(first, b, i);
-                        let row = &mut p[r * n..(r + 1) * n];
-                        row[..a - lo].fill(0.0);
-                        row[e - lo..].fill(0.0);
-                        let seen = &mut row[a - lo..e - lo];
-                        if let Some(c) = sh.softcap {
-                            cap(seen, c, None);
-                        }
-                        let m = super::max(seen);
-                        let sum = super::exp_in_place(seen, m);
-                        let inv = 1.0 / sum;
-                        seen.iter_mut().for_each(|x| *x *= inv);
-                        row_lse[r] = m + sum.ln();
+    (0..sh.query_tasks()).into_par_iter().for_each(|task| {
+        let QueryTile { b, h, rows, keys } = sh.query_tile(first, task);
+        let (lo, hi, n) = (keys.start, keys.end, keys.len());
+        let mut p = vec![0f32; rows.len() * n];
+        let mut row_lse = vec![0f32; rows.len()];
+        super::simd(
+            #[inline(always)]
+            || {
+                scores(sh, q, k, (b, h), rows.clone(), lo..hi, &mut p);
+                for (r, i) in rows.clone().enumerate() {
+                    let (a, e) = sh.visible(first, b, i);
+                    let row = &mut p[r * n..(r + 1) * n];
+                    row[..a - lo].fill(0.0);
+                    row[e - lo..].fill(0.0);
+                    let seen = &mut row[a - lo..e - lo];
+                    if let Some(c) = sh.softcap {
+                        cap(seen, c, None);
                     }
-                },
+                    let m = super::max(seen);
+                    let sum = super::exp_in_place(seen, m);
+                    let inv = 1.0 / sum;
+                    seen.iter_mut().for_each(|x| *x *= inv);
+                    row_lse[r] = m + sum.ln();
+                }
+            },
+        );
+        let kvh = h / (sh.heads / sh.kv_heads);
+        let o0 = ((b * sh.queries + rows.start) * sh.heads + h) * hd;
+        let v0 = ((b * sh.keys + lo) * sh.kv_heads + kvh) * hd;
+        // SAFETY: this task alone writes rows `rows` of head h of batch row b in `out` and
+        // their lse entries; v's rows lo..hi of head kvh lie inside v.
+        unsafe {
+            product(
+                (rows.len(), hd, n),
+                (out_at.at(o0), sh.heads * hd, 1),
+                false,
+                (p.as_ptr(), n, 1),
+                (v.as_ptr().add(v0), sh.kv_heads * hd, 1),
+                1.0,
             );
-            let kvh = h / (sh.heads / sh.kv_heads);
-            let o0 = ((b * sh.queries + rows.start) * sh.heads + h) * hd;
-            let v0 = ((b * sh.keys + lo) * sh.kv_heads + kvh) * hd;
-            // SAFETY: this task alone writes rows `rows` of head h of batch row b in `out` and
-            // their lse entries; v's rows lo..hi of head kvh lie inside v.
-            unsafe {
-                product(
-                    (rows.len(), hd, n),
-                    (out_at.at(o0), sh.heads * hd, 1),
-                    false,
-                    (p.as_ptr(), n, 1),
-                    (v.as_ptr().add(v0), sh.kv_heads * hd, 1),
-                    1.0,
-                );
-                let l0 = (b * sh.heads + h) * sh.queries + rows.start;
-                std::ptr::copy_nonoverlapping(row_lse.as_ptr(), lse_at.at(l0), rows.len());
-            }
-        });
+            let l0 = (b * sh.heads + h) * sh.queries + rows.start;
+            std::ptr::copy_nonoverlapping(row_lse.as_ptr(), lse_at.at(l0), rows.len());
+        }
+    });
 }
 
 fn check(sh: &AttentionShape, q: &[f32], k: &[f32], v: &[f32], first: &[u32]) {
@@ -380,77 +397,64 @@ pub fn attention_backward(
     let dq_at = Shared(dq.as_mut_ptr());
 
     // dQ, by query tiles.
-    let tiles = if single_key_tile {
-        0
-    } else {
-        sh.queries.div_ceil(TILE)
-    };
-    (0..sh.batch * sh.heads * tiles)
-        .into_par_iter()
-        .for_each(|task| {
-            let (b, h, tile) = (
-                task / (sh.heads * tiles),
-                task / tiles % sh.heads,
-                task % tiles,
-            );
-            let rows = tile * TILE..((tile + 1) * TILE).min(sh.queries);
-            let lo = sh.visible(first, b, rows.start).0;
-            let hi = sh.visible(first, b, rows.end - 1).1;
-            let n = hi - lo;
-            let (mut p, mut dp) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
-            let mut slope = sh.softcap.map(|_| vec![0f32; rows.len() * n]);
-            let kvh = h / rep;
-            let o0 = ((b * sh.queries + rows.start) * sh.heads + h) * hd;
-            let kv0 = ((b * sh.keys + lo) * sh.kv_heads + kvh) * hd;
-            let d0 = (b * sh.heads + h) * sh.queries + rows.start;
-            super::simd(
-                #[inline(always)]
-                || {
-                    scores(sh, q, k, (b, h), rows.clone(), lo..hi, &mut p);
-                    let keys = lo..hi;
-                    probabilities(
-                        sh,
-                        first,
-                        lse,
-                        (b, h),
-                        rows.clone(),
-                        keys,
-                        &mut p,
-                        slope.as_deref_mut(),
-                    );
-                    // SAFETY: d_out's rows of head h and v's rows lo..hi of head kvh are inside
-                    // them; dp is this task's own.
-                    unsafe {
-                        product(
-                            (rows.len(), n, hd),
-                            (dp.as_mut_ptr(), n, 1),
-                            false,
-                            (d_out.as_ptr().add(o0), sh.heads * hd, 1),
-                            (v.as_ptr().add(kv0), 1, sh.kv_heads * hd),
-                            1.0,
-                        );
-                    }
-                    score_gradients(
-                        &p,
-                        &mut dp,
-                        slope.as_deref(),
-                        &delta[d0..d0 + rows.len()],
-                        n,
-                    );
-                },
-            );
-            // SAFETY: this task alone writes rows `rows` of head h of batch row b in dq.
-            unsafe {
-                product(
-                    (rows.len(), hd, n),
-                    (dq_at.at(o0), sh.heads * hd, 1),
-                    false,
-                    (dp.as_ptr(), n, 1),
-                    (k.as_ptr().add(kv0), sh.kv_heads * hd, 1),
-                    sh.scale,
+    let tasks = if single_key_tile { 0 } else { sh.query_tasks() };
+    (0..tasks).into_par_iter().for_each(|task| {
+        let QueryTile { b, h, rows, keys } = sh.query_tile(first, task);
+        let (lo, hi, n) = (keys.start, keys.end, keys.len());
+        let (mut p, mut dp) = (vec![0f32; rows.len() * n], vec![0f32; rows.len() * n]);
+        let mut slope = sh.softcap.map(|_| vec![0f32; rows.len() * n]);
+        let kvh = h / rep;
+        let o0 = ((b * sh.queries + rows.start) * sh.heads + h) * hd;
+        let kv0 = ((b * sh.keys + lo) * sh.kv_heads + kvh) * hd;
+        let d0 = (b * sh.heads + h) * sh.queries + rows.start;
+        super::simd(
+            #[inline(always)]
+            || {
+                scores(sh, q, k, (b, h), rows.clone(), lo..hi, &mut p);
+                let keys = lo..hi;
+                probabilities(
+                    sh,
+                    first,
+                    lse,
+                    (b, h),
+                    rows.clone(),
+                    keys,
+                    &mut p,
+                    slope.as_deref_mut(),
                 );
-            }
-        });
+                // SAFETY: d_out's rows of head h and v's rows lo..hi of head kvh are inside
+                // them; dp is this task's own.
+                unsafe {
+                    product(
+                        (rows.len(), n, hd),
+                        (dp.as_mut_ptr(), n, 1),
+                        false,
+                        (d_out.as_ptr().add(o0), sh.heads * hd, 1),
+                        (v.as_ptr().add(kv0), 1, sh.kv_heads * hd),
+                        1.0,
+                    );
+                }
+                score_gradients(
+                    &p,
+                    &mut dp,
+                    slope.as_deref(),
+                    &delta[d0..d0 + rows.len()],
+                    n,
+                );
+            },
+        );
+        // SAFETY: this task alone writes rows `rows` of head h of batch row b in dq.
+        unsafe {
+            product(
+                (rows.len(), hd, n),
+                (dq_at.at(o0), sh.heads * hd, 1),
+                false,
+                (dp.as_ptr(), n, 1),
+                (k.as_ptr().add(kv0), sh.kv_heads * hd, 1),
+                sh.scale,
+            );
+        }
+    });
 
     // dK and dV, by key tiles: every query head of the K/V head, every query tile that sees them.
     let key_tiles = sh.keys.div_ceil(TILE);

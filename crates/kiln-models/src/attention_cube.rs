@@ -75,6 +75,17 @@ fn first_key(first: &Tensor<i32>, dims: &Dims, b: usize, i: usize) -> usize {
     usize::cast_from(first[row * dims.queries + i])
 }
 
+/// Query row `row` of lse's `[b, heads, queries]`: its batch row, query, K/V head, and where
+/// its head's `hd` elements start in q (and out, d_out, dq).
+#[cube]
+fn query_row(dims: &Dims, row: usize, #[comptime] hd: usize) -> (usize, usize, usize, usize) {
+    let i = row % dims.queries;
+    let h = (row / dims.queries) % dims.heads;
+    let b = row / (dims.queries * dims.heads);
+    let kvh = h / (dims.heads / dims.kv_heads);
+    (b, i, kvh, ((b * dims.queries + i) * dims.heads + h) * hd)
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn forward_kernel(
@@ -93,12 +104,7 @@ fn forward_kernel(
     if ABSOLUTE_POS >= lse.len() {
         terminate!();
     }
-    // lse is [b, heads, queries]: the thread's row.
-    let i = ABSOLUTE_POS % dims.queries;
-    let h = (ABSOLUTE_POS / dims.queries) % dims.heads;
-    let b = ABSOLUTE_POS / (dims.queries * dims.heads);
-    let kvh = h / (dims.heads / dims.kv_heads);
-    let q_at = ((b * dims.queries + i) * dims.heads + h) * hd;
+    let (b, i, kvh, q_at) = query_row(&dims, ABSOLUTE_POS, hd);
     let mut acc = Array::<f32>::new(hd);
     for d in 0..hd {
         acc[d] = 0.0f32;
@@ -106,8 +112,7 @@ fn forward_kernel(
     // Finite: WGSL has no infinities. Every row sees at least its own key.
     let mut m = f32::new(-3.0e38);
     let mut l = 0.0f32;
-    let end = i + dims.keys - dims.queries + 1;
-    for j in first_key(first, &dims, b, i)..end {
+    for j in first_key(first, &dims, b, i)..i + dims.keys - dims.queries + 1 {
         let k_at = ((b * dims.keys + j) * dims.kv_heads + kvh) * hd;
         let (s, _slope) = score(q, k, q_at, k_at, scale, cap, hd, softcap);
         let m_new = if s > m { s } else { m };
@@ -145,18 +150,13 @@ fn query_gradient_kernel(
     if ABSOLUTE_POS >= lse.len() {
         terminate!();
     }
-    let i = ABSOLUTE_POS % dims.queries;
-    let h = (ABSOLUTE_POS / dims.queries) % dims.heads;
-    let b = ABSOLUTE_POS / (dims.queries * dims.heads);
-    let kvh = h / (dims.heads / dims.kv_heads);
-    let q_at = ((b * dims.queries + i) * dims.heads + h) * hd;
+    let (b, i, kvh, q_at) = query_row(&dims, ABSOLUTE_POS, hd);
     let (row_lse, row_delta) = (lse[ABSOLUTE_POS], delta[ABSOLUTE_POS]);
     let mut acc = Array::<f32>::new(hd);
     for d in 0..hd {
         acc[d] = 0.0f32;
     }
-    let end = i + dims.keys - dims.queries + 1;
-    for j in first_key(first, &dims, b, i)..end {
+    for j in first_key(first, &dims, b, i)..i + dims.keys - dims.queries + 1 {
         let k_at = ((b * dims.keys + j) * dims.kv_heads + kvh) * hd;
         let (s, slope) = score(q, k, q_at, k_at, scale, cap, hd, softcap);
         let p = (s - row_lse).exp();
