@@ -89,6 +89,11 @@ fn write_tiny_config(
     path
 }
 
+// `mpirun` runs: built with `--features mpi` (scripts/test does where MPI is installed).
+#[cfg(feature = "mpi")]
+#[path = "kiln/mpi.rs"]
+mod mpi;
+
 fn quiet() -> TrainOptions {
     TrainOptions {
         quiet: true,

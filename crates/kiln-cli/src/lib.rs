@@ -11,6 +11,7 @@ use kiln_train::checkpoint;
 use kiln_train::device;
 use kiln_train::inference::{self, SampleOptions};
 use kiln_train::memory::human_bytes;
+use kiln_train::ranks::Ranks;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -374,16 +375,24 @@ macro_rules! out {
 struct Failure {
     code: u8,
     error: anyhow::Error,
+    /// Every rank of a distributed run fails alike here (they disagree on the run, or a signal
+    /// stopped them all): they end MPI together. Any other failure on a rank aborts them all.
+    together: bool,
 }
 
 impl From<anyhow::Error> for Failure {
     fn from(error: anyhow::Error) -> Self {
-        Failure { code: 1, error }
+        Failure {
+            code: 1,
+            error,
+            together: false,
+        }
     }
 }
 
 fn usage(error: impl Into<anyhow::Error>) -> Failure {
     Failure {
+        together: false,
         code: 2,
         error: error.into(),
     }
@@ -423,10 +432,22 @@ pub fn main() -> ExitCode {
         .try_init();
     let cli = Cli::parse();
     kiln_train::memory::tune_allocator();
+    // Under `mpirun`, a training command is one rank of a run (before the thread pool starts:
+    // ranks on one machine share its cores).
+    let ranks = match &cli.command {
+        Command::Train(_) | Command::Finetune(_) => match Ranks::join() {
+            Ok(ranks) => ranks,
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => Ranks::single(),
+    };
     // The command runs on a worker of the CPU kernels' thread pool (kiln_train::threads).
     let result = kiln_train::threads::run_on_pool(|| match cli.command {
-        Command::Train(args) => train(args),
-        Command::Finetune(args) => finetune(*args),
+        Command::Train(args) => train(args, &ranks),
+        Command::Finetune(args) => finetune(*args, &ranks),
         Command::Generate(args) => generate(args),
         Command::Eval(args) => eval(args),
         Command::Devices => devices().map_err(Failure::from),
@@ -438,13 +459,26 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let _ = writeln!(std::io::stderr(), "error: {:#}", f.error);
+            if ranks.is_distributed() && !f.together {
+                // The other ranks may be waiting for this one in a collective: ending MPI
+                // normally would hang them, MPI_Abort ends the whole run (mpirun names the rank).
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: rank {}: {:#}",
+                    ranks.rank(),
+                    f.error
+                );
+                ranks.abort(i32::from(f.code));
+            }
+            if !ranks.is_distributed() || ranks.is_root() {
+                let _ = writeln!(std::io::stderr(), "error: {:#}", f.error);
+            }
             ExitCode::from(f.code)
         }
     }
 }
 
-fn train(args: TrainArgs) -> Result<(), Failure> {
+fn train(args: TrainArgs, ranks: &Ranks) -> Result<(), Failure> {
     let config = Config::load(&args.config, &args.set).map_err(usage)?;
     if args.print_config {
         let _ = write!(std::io::stdout(), "{}", config.to_yaml());
@@ -456,6 +490,7 @@ fn train(args: TrainArgs) -> Result<(), Failure> {
         &args.set,
         Resume::from_flags(args.resume, args.allow_config_change),
         args.stop_after,
+        ranks,
     )
 }
 
@@ -665,7 +700,7 @@ fn finetune_config(args: &FinetuneArgs) -> Result<Config, Failure> {
         })
 }
 
-fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
+fn finetune(args: FinetuneArgs, ranks: &Ranks) -> Result<(), Failure> {
     let config = finetune_config(&args)?;
     if args.print_config {
         let _ = write!(std::io::stdout(), "{}", config.to_yaml());
@@ -699,8 +734,10 @@ fn finetune(args: FinetuneArgs) -> Result<(), Failure> {
         &[],
         Resume::from_flags(args.resume, args.allow_config_change),
         None,
+        ranks,
     )?;
-    if args.test {
+    // The test set is scored once, by rank 0.
+    if args.test && ranks.is_root() {
         out!("test ({}):", test.display());
         eval(EvalArgs {
             model: run_dir,
@@ -725,6 +762,7 @@ fn run_training(
     overrides: &[String],
     resume: Resume,
     stop_after: Option<usize>,
+    ranks: &Ranks,
 ) -> Result<(), Failure> {
     // A field set by `--set` is blamed on the override, not on the file; `kiln finetune`'s
     // fields on the flags that set them.
@@ -826,6 +864,7 @@ fn run_training(
         resume: resume != Resume::No,
         quiet: false,
         stop_after,
+        ranks: ranks.clone(),
     };
     kiln_train::signals::install();
     let summary = kiln_train::train(&config, &options).map_err(|e| match e {
@@ -834,7 +873,14 @@ fn run_training(
             usage(anyhow::anyhow!("{}: {message}", name_of(&field)))
         }
         // A malformed record (named by file and line) is bad input, as a bad flag is.
+        // Every rank found the same disagreement (README: Several machines).
+        e @ kiln_train::TrainError::Ranks(_) => Failure {
+            code: 2,
+            error: anyhow::Error::from(e),
+            together: true,
+        },
         e @ kiln_train::TrainError::Data(kiln_data::DataError::Corpus { .. }) => Failure {
+            together: false,
             code: 2,
             error: anyhow::Error::from(e).context("training failed"),
         },
@@ -842,7 +888,14 @@ fn run_training(
     })?;
     if let Some(sig) = summary.interrupted_by {
         return Err(Failure {
-            code: (128 + sig).clamp(1, 255) as u8,
+            // The ranks agreed on the signal and stopped after the same step.
+            together: true,
+            // Under mpirun the signal is whichever mpirun passed on: the user interrupted it.
+            code: if ranks.is_distributed() {
+                130
+            } else {
+                (128 + sig).clamp(1, 255) as u8
+            },
             error: anyhow::anyhow!(
                 "interrupted by {} after step {}; checkpoint {} (continue with --resume)",
                 kiln_train::signals::name(sig),
@@ -854,6 +907,9 @@ fn run_training(
                     .unwrap_or_else(|| "none".into())
             ),
         });
+    }
+    if !ranks.is_root() {
+        return Ok(());
     }
     out!(
         "done: {} of {} steps on {}",
@@ -871,6 +927,14 @@ fn run_training(
         );
     }
     out!("  {:.0} tokens/s", summary.tokens_per_s);
+    if let Some((bytes, secs)) = summary.communication {
+        out!(
+            "  gradients from the other ranks: {} in {:.1} ms a step ({} ranks)",
+            human_bytes(bytes),
+            secs * 1e3,
+            ranks.size()
+        );
+    }
     if let Some(p) = summary.peak_memory_bytes {
         out!(
             "  peak memory {} (estimated {})",

@@ -66,7 +66,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let rss_before_steps = memory::current_rss();
     let peak_setup = memory::peak_rss();
     memory::reset_peak();
-    let total = total_steps(config, &setup.data).max(steps + warmup);
+    let total = total_steps(config, &setup.data, 1).max(steps + warmup);
     let accum = config.train.grad_accum as u64;
     let mut first_step_secs = 0.0;
     let mut step_secs = Vec::with_capacity(steps);
@@ -92,6 +92,7 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
             shape,
             &mut prefetch,
             crate::trainer::preference_of(config, setup.reference.as_ref()),
+            &crate::ranks::Ranks::single(),
         );
         model = next;
         let tokens = out.tokens;

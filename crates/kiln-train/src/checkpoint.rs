@@ -62,6 +62,10 @@ pub struct TrainerState {
     /// Seconds of training before this checkpoint (excluding time spent before a resume's load).
     pub elapsed_secs: f64,
     pub kiln_version: String,
+    /// The processes that trained it (`mpirun -np N`); `None` in checkpoints of one process
+    /// and in those written before runs could have several.
+    #[serde(default)]
+    pub ranks: Option<usize>,
 }
 
 fn ckpt_err(path: &Path, message: impl Into<String>) -> TrainError {
@@ -372,6 +376,63 @@ fn files_under(dir: &Path, prefix: &str, out: &mut Vec<(String, PathBuf)>) {
             out.push((name, e.path()));
         }
     }
+}
+
+/// Every file of the checkpoint `dir` (its manifest too), as one byte string that [`unpack`]
+/// writes out again: how rank 0 hands the checkpoint a run resumes from to ranks on machines
+/// that do not hold it.
+pub fn pack(dir: &Path) -> Result<Vec<u8>, TrainError> {
+    let mut files = Vec::new();
+    files_under(dir, "", &mut files);
+    files.push((MANIFEST_FILE.to_string(), dir.join(MANIFEST_FILE)));
+    let mut out = Vec::new();
+    for (name, path) in files {
+        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+/// Writes the files of a [`pack`]ed checkpoint into `dir`, which then verifies as the original.
+pub fn unpack(packed: &[u8], dir: &Path) -> Result<(), TrainError> {
+    let damaged = || ckpt_err(dir, "the checkpoint rank 0 sent is cut short");
+    fn take<'a>(packed: &'a [u8], at: &mut usize, n: usize) -> Option<&'a [u8]> {
+        let piece = packed.get(*at..at.checked_add(n)?)?;
+        *at += n;
+        Some(piece)
+    }
+    fn length(packed: &[u8], at: &mut usize) -> Option<usize> {
+        Some(u64::from_le_bytes(take(packed, at, 8)?.try_into().ok()?) as usize)
+    }
+    let mut files = Vec::new();
+    let mut at = 0;
+    while at < packed.len() {
+        let entry = (|| {
+            let n = length(packed, &mut at)?;
+            let name = String::from_utf8(take(packed, &mut at, n)?.to_vec()).ok()?;
+            let n = length(packed, &mut at)?;
+            Some((name, take(packed, &mut at, n)?))
+        })();
+        files.push(entry.ok_or_else(damaged)?);
+    }
+    for (name, bytes) in files {
+        // Names are the sender's relative paths; nothing may land outside `dir`.
+        if name
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..")
+        {
+            return Err(ckpt_err(dir, format!("rank 0 sent a file named {name:?}")));
+        }
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| io_err(&path, e))?;
+    }
+    Ok(())
 }
 
 /// Records every file's size and CRC-32C in `manifest.json`, written last (also how a checkpoint

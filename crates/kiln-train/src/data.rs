@@ -98,6 +98,37 @@ impl TrainData {
         }
     }
 
+    /// A checksum of every token the run trains and validates on (and which positions train):
+    /// ranks of one run compare theirs, so a rank whose data file differs is found before it
+    /// trains on other data.
+    pub fn fingerprint(&self) -> u32 {
+        fn ids(crc: u32, ids: &[u32]) -> u32 {
+            let crc = crc32c::crc32c_append(crc, &(ids.len() as u64).to_le_bytes());
+            ids.iter()
+                .fold(crc, |c, id| crc32c::crc32c_append(c, &id.to_le_bytes()))
+        }
+        match self {
+            TrainData::Text(c) => ids(ids(0, &c.train), &c.valid),
+            TrainData::Examples { dataset, .. } => dataset
+                .train
+                .examples
+                .iter()
+                .chain(&dataset.valid.examples)
+                .fold(0, |crc, e| {
+                    let trained: Vec<u8> = e.trained.iter().map(|&t| t as u8).collect();
+                    crc32c::crc32c_append(ids(crc, &e.ids), &trained)
+                }),
+            TrainData::Pairs { dataset, .. } => dataset
+                .train
+                .pairs
+                .iter()
+                .chain(&dataset.valid.pairs)
+                .fold(0, |crc, p| {
+                    ids(ids(ids(crc, &p.prompt), &p.chosen), &p.rejected)
+                }),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             TrainData::Text(c) => format!(

@@ -169,10 +169,37 @@ fn cpu_device() -> SelectedDevice {
     }
 }
 
-fn wgpu_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
+/// Burn's name for the `slot`-th hardware adapter of `adapters` (wgpu's order): its index among
+/// the adapters of its type.
+fn hardware_kind(adapters: &[AdapterSummary], slot: usize) -> Option<(DeviceKind, usize)> {
+    let hardware: Vec<usize> = (0..adapters.len())
+        .filter(|&i| !adapters[i].software)
+        .collect();
+    let at = *hardware.get(slot % hardware.len().max(1))?;
+    let of_type = hardware[..hardware.iter().position(|&i| i == at)?]
+        .iter()
+        .filter(|&&i| adapters[i].device_type == adapters[at].device_type)
+        .count();
+    let kind = match adapters[at].device_type.as_str() {
+        "IntegratedGpu" => DeviceKind::IntegratedGpu(of_type),
+        "VirtualGpu" => DeviceKind::VirtualGpu(of_type),
+        _ => DeviceKind::DiscreteGpu(of_type),
+    };
+    Some((kind, at))
+}
+
+fn wgpu_device(adapter: AdapterChoice, slot: Option<usize>) -> Result<SelectedDevice, TrainError> {
     let adapters = list_adapters();
     let wanted_software = adapter == AdapterChoice::Software;
-    let Some(found) = adapters.iter().find(|a| a.software == wanted_software) else {
+    // Ranks on one machine each take their own GPU (in turn, when there are more ranks).
+    let chosen = slot
+        .filter(|_| !wanted_software)
+        .and_then(|s| hardware_kind(&adapters, s));
+    let found = match chosen {
+        Some((_, at)) => adapters.get(at),
+        None => adapters.iter().find(|a| a.software == wanted_software),
+    };
+    let Some(found) = found else {
         return Err(TrainError::Device(if wanted_software {
             "no software GPU adapter found (on Debian/Ubuntu: apt-get install mesa-vulkan-drivers)"
                 .into()
@@ -190,7 +217,7 @@ fn wgpu_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
         }
         DeviceKind::Cpu
     } else {
-        DeviceKind::DefaultDevice
+        chosen.map_or(DeviceKind::DefaultDevice, |(kind, _)| kind)
     };
     Ok(SelectedDevice {
         budget: gpu_budget(found),
@@ -213,20 +240,29 @@ fn wgpu_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
 /// Opens the device the config asks for; `auto` prefers Metal on macOS, then a hardware GPU
 /// through wgpu, then the CPU. A software adapter is used only when asked for.
 pub fn select(config: &BackendConfig) -> Result<SelectedDevice, TrainError> {
+    select_for_rank(config, None)
+}
+
+/// [`select`] for one of several ranks: `local_rank` (its place among the ranks on this machine)
+/// picks its hardware GPU, so ranks on a machine with several GPUs each take their own.
+pub fn select_for_rank(
+    config: &BackendConfig,
+    local_rank: Option<usize>,
+) -> Result<SelectedDevice, TrainError> {
     match config.kind {
         BackendKind::Cpu => Ok(cpu_device()),
-        BackendKind::Wgpu => wgpu_device(config.adapter),
+        BackendKind::Wgpu => wgpu_device(config.adapter, local_rank),
         BackendKind::Metal => metal_device(),
-        BackendKind::Vulkan => vulkan_device(config.adapter),
+        BackendKind::Vulkan => vulkan_device(config.adapter, local_rank),
         BackendKind::Auto => {
             if config.adapter == AdapterChoice::Software {
-                return wgpu_device(AdapterChoice::Software);
+                return wgpu_device(AdapterChoice::Software, None);
             }
             if cfg!(target_os = "macos") {
                 return metal_device();
             }
             if list_adapters().iter().any(|a| !a.software) {
-                return wgpu_device(AdapterChoice::Default);
+                return wgpu_device(AdapterChoice::Default, local_rank);
             }
             Ok(cpu_device())
         }
@@ -256,12 +292,17 @@ fn metal_device() -> Result<SelectedDevice, TrainError> {
 }
 
 #[cfg(feature = "vulkan")]
-fn vulkan_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
-    let mut selected = wgpu_device(adapter)?;
+fn vulkan_device(
+    adapter: AdapterChoice,
+    local_rank: Option<usize>,
+) -> Result<SelectedDevice, TrainError> {
+    let mut selected = wgpu_device(adapter, local_rank)?;
     let kind = if adapter == AdapterChoice::Software {
         DeviceKind::Cpu
     } else {
-        DeviceKind::DefaultDevice
+        local_rank
+            .and_then(|s| hardware_kind(&list_adapters(), s))
+            .map_or(DeviceKind::DefaultDevice, |(kind, _)| kind)
     };
     selected.device = Device::vulkan(kind);
     selected.kind = BackendKind::Vulkan;
@@ -272,7 +313,7 @@ fn vulkan_device(adapter: AdapterChoice) -> Result<SelectedDevice, TrainError> {
 }
 
 #[cfg(not(feature = "vulkan"))]
-fn vulkan_device(_: AdapterChoice) -> Result<SelectedDevice, TrainError> {
+fn vulkan_device(_: AdapterChoice, _: Option<usize>) -> Result<SelectedDevice, TrainError> {
     Err(TrainError::Device(
         "backend.kind: vulkan needs kiln built with `--features vulkan`; backend.kind: wgpu \
          reaches Vulkan through WGSL without it"

@@ -36,6 +36,10 @@ pub enum TrainError {
     /// A config field the model refuses (a LoRA target it lacks): a mistake in the arguments.
     #[error("{field}: {message}")]
     Field { field: String, message: String },
+    /// The ranks of a distributed run disagree (config, data, version): every rank returns the
+    /// same error at the same point, so they can end together.
+    #[error("{0}")]
+    Ranks(String),
     #[error("{0}")]
     Other(String),
 }

@@ -10,6 +10,7 @@ mod error;
 // Where a run computes, and in how much memory.
 pub mod device;
 pub mod memory;
+pub mod ranks;
 pub mod threads;
 
 // What the model is before any weight exists, and the plan that makes it fit.

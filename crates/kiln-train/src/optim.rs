@@ -3,8 +3,11 @@
 //! Optimizer state is keyed by the parameter's Hugging Face name, not by a runtime id, so it can be
 //! saved to safetensors and restored into a freshly built model for exact resume.
 
+use crate::ranks::{Ranks, Traffic};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use kiln_config::{OptimConfig, ScheduleKind};
+use kiln_models::dtype::to_dtype;
 use kiln_models::fused::{self, AdamWStep};
 use kiln_models::safetensors_io::HostTensor;
 use kiln_models::{Model, ParamKind, ParamMapper, ParamVisitor};
@@ -70,6 +73,59 @@ impl GradAccumulator {
                 (name.clone(), v.unwrap_or_default())
             })
             .collect()
+    }
+
+    /// Sums every rank's gradients, and `extras` (the step's loss and metrics, on every rank
+    /// alike), in rank order: afterwards each rank holds the same sums, bit for bit. One host read
+    /// and one upload each way; returns what the gather moved.
+    pub fn sum_across<const N: usize>(
+        &mut self,
+        ranks: &Ranks,
+        extras: [&mut Option<Tensor<1>>; N],
+    ) -> Traffic {
+        let mut names: Vec<String> = self.grads.keys().cloned().collect();
+        names.sort();
+        let mut parts: Vec<Tensor<1>> = Vec::new();
+        let mut lengths = Vec::new();
+        let mut dtypes = Vec::new();
+        for t in names
+            .iter()
+            .map(|n| self.grads.get(n))
+            .chain(extras.iter().map(|e| e.as_ref()))
+            .flatten()
+        {
+            lengths.push(t.shape().num_elements());
+            dtypes.push(t.dtype());
+            parts.push(to_dtype(t.clone(), FloatDType::F32));
+        }
+        let Some(device) = parts.first().map(|t| t.device()) else {
+            return Traffic::default();
+        };
+        let mut host = Tensor::cat(parts, 0)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
+        let traffic = ranks.sum_in_rank_order(&mut host);
+        let n = host.len();
+        let summed = Tensor::<1>::from_data(TensorData::new(host, [n]), &device);
+        let mut at = 0;
+        let mut pieces = lengths.iter().zip(&dtypes).map(|(&len, &dtype)| {
+            let piece = summed.clone().slice(at..at + len);
+            at += len;
+            to_dtype(piece, FloatDType::from(dtype))
+        });
+        for name in &names {
+            if let (Some(slot), Some(piece)) = (self.grads.get_mut(name), pieces.next()) {
+                *slot = piece;
+            }
+        }
+        for extra in extras {
+            if extra.is_some() {
+                *extra = pieces.next();
+            }
+        }
+        traffic
     }
 
     /// The global L2 norm of all gradients, as a one-element device tensor (no host read).

@@ -35,20 +35,21 @@ fn eta(secs: f64) -> String {
 
 impl<'a> Progress<'a> {
     pub fn new(start_step: usize, total: usize, console: &'a Console<'a>) -> Self {
-        let bar = (!console.quiet() && std::io::stdout().is_terminal()).then(|| {
-            let bar =
-                ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout());
-            bar.set_style(
-                // Narrow enough for an 80-column terminal; the full figures go in a line of
-                // their own above the bar at each report.
-                ProgressStyle::with_template(
-                    "{bar:24.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.set_position(start_step as u64);
-            bar
-        });
+        let bar = (!console.quiet() && !console.is_detached() && std::io::stdout().is_terminal())
+            .then(|| {
+                let bar =
+                    ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stdout());
+                bar.set_style(
+                    // Narrow enough for an 80-column terminal; the full figures go in a line of
+                    // their own above the bar at each report.
+                    ProgressStyle::with_template(
+                        "{bar:24.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar.set_position(start_step as u64);
+                bar
+            });
         Self { bar, console }
     }
 

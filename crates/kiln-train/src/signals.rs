@@ -1,8 +1,12 @@
-//! SIGINT / SIGTERM: while the run loads (data, tokenizer, weights: reads that may block), a
+//! SIGINT / SIGTERM / SIGUSR1: while the run loads (data, tokenizer, weights: reads that may block), a
 //! signal ends the process at once, since nothing is half-written then. Once training runs, the
 //! first one asks the run to stop after the current step and write a checkpoint; a second SIGINT
 //! exits at once (the last complete checkpoint stays intact, since checkpoints are renamed into
 //! place only when whole).
+//!
+//! Under `mpirun` a Ctrl-C reaches mpirun alone, which sends the ranks SIGTERM and kills them
+//! `odls_base_sigkill_timeout` seconds later (1 by default); SIGUSR1 it forwards at once and
+//! leaves the ranks to end. So SIGUSR1 asks for the same checkpoint and stop as SIGINT.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -29,7 +33,7 @@ pub fn loading_done() {
 /// Installs the handlers (the CLI does; library users keep their own).
 pub fn install() {
     #[cfg(unix)]
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
         // SAFETY: a plain handler that only touches an atomic or calls _exit.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
@@ -57,6 +61,9 @@ pub fn name(sig: i32) -> &'static str {
         }
         if sig == libc::SIGTERM {
             return "SIGTERM";
+        }
+        if sig == libc::SIGUSR1 {
+            return "SIGUSR1";
         }
     }
     "signal"

@@ -38,7 +38,19 @@ pub struct Console<'a> {
     quiet: bool,
     broken: std::cell::Cell<bool>,
     failure: &'a SinkFailure,
+    detached: Option<Detached>,
 }
+
+/// Lines written by a thread of their own. Under `mpirun` stdout is a pipe that mpirun drains;
+/// after a Ctrl-C it stops draining it, and a run writing there would block in `write` until
+/// mpirun kills it, never reaching the checkpoint it was asked for. A full queue drops lines.
+struct Detached {
+    lines: Option<std::sync::mpsc::SyncSender<String>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+/// How long a detached console's end waits for its queued lines to be written.
+const DETACHED_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl<'a> Console<'a> {
     pub fn new(quiet: bool, failure: &'a SinkFailure) -> Self {
@@ -46,11 +58,49 @@ impl<'a> Console<'a> {
             quiet,
             broken: std::cell::Cell::new(false),
             failure,
+            detached: None,
         }
+    }
+
+    /// A console whose writes never block the run (see [`Detached`]); no progress bar.
+    pub fn detached(failure: &'a SinkFailure) -> Self {
+        let (lines, queue) = std::sync::mpsc::sync_channel::<String>(1024);
+        let (finished, done) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kiln-console".into())
+            .spawn(move || {
+                for line in queue {
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                        break;
+                    }
+                }
+                let _ = finished.send(());
+            });
+        Self {
+            quiet: false,
+            broken: std::cell::Cell::new(false),
+            failure,
+            detached: spawned.ok().map(|_| Detached {
+                lines: Some(lines),
+                done,
+            }),
+        }
+    }
+
+    /// True when lines go through a thread of their own.
+    pub fn is_detached(&self) -> bool {
+        self.detached.is_some()
     }
 
     pub fn line(&self, text: &str) {
         if self.quiet || self.broken.get() {
+            return;
+        }
+        if let Some(d) = &self.detached {
+            if let Some(lines) = &d.lines {
+                let _ = lines.try_send(text.to_string());
+            }
             return;
         }
         let mut out = std::io::stdout().lock();
@@ -63,6 +113,17 @@ impl<'a> Console<'a> {
 
     pub fn quiet(&self) -> bool {
         self.quiet
+    }
+}
+
+impl Drop for Console<'_> {
+    /// The queued lines are written before the run's own summary follows them, unless stdout
+    /// no longer drains.
+    fn drop(&mut self) {
+        if let Some(d) = &mut self.detached {
+            d.lines = None;
+            let _ = d.done.recv_timeout(DETACHED_DRAIN);
+        }
     }
 }
 

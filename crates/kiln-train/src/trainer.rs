@@ -9,6 +9,7 @@ use crate::optim::{AdamW, GradAccumulator, learning_rate};
 use crate::plan::{self, Plan};
 use crate::preference::{self, Preference, Reference};
 use crate::progress::{Progress, StepReport};
+use crate::ranks::{Ranks, StepCounts, Traffic};
 use crate::setup;
 use crate::shape::Method;
 use crate::sinks::{Console, Events, SinkFailure};
@@ -37,6 +38,8 @@ pub struct TrainOptions {
     /// Stop after this optimizer step (the schedule still spans the configured run); for tests and
     /// for splitting a run into sessions.
     pub stop_after: Option<usize>,
+    /// The processes training together (`mpirun`); one by default.
+    pub ranks: Ranks,
 }
 
 static PROCESS_START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -74,6 +77,9 @@ pub struct RunSummary {
     /// Seconds from the program's start (see [`mark_process_start`]) to the end of the first
     /// step of this session: device setup, loading, planning and the first kernels included.
     pub first_step_secs: Option<f64>,
+    /// Several ranks: bytes one rank sent and received, and seconds in the collectives, a step
+    /// (means over this session's steps).
+    pub communication: Option<(u64, f64)>,
 }
 
 fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -124,18 +130,20 @@ fn reward_summary(metrics: &[(&str, f32)]) -> Option<String> {
     ))
 }
 
-/// Total optimizer steps the config asks for.
-pub fn total_steps(config: &Config, data: &TrainData) -> usize {
+/// Total optimizer steps the config asks for, trained by `ranks` processes (each step takes
+/// `train.grad_accum` micro-batches on each).
+pub fn total_steps(config: &Config, data: &TrainData, ranks: usize) -> usize {
     let t = &config.train;
+    let accum = t.grad_accum * ranks.max(1);
     match t.epochs {
         Some(epochs) => {
             // A pass is counted in records where a micro-batch holds a number of them (pairs),
             // else in tokens at `seq_len` a sequence.
             let (per_pass, per_step) = match data.records_per_epoch() {
-                Some(records) => (records, t.batch_size.get() * t.grad_accum),
+                Some(records) => (records, t.batch_size.get() * accum),
                 None => (
                     data.train_tokens(),
-                    t.batch_size.get() * t.grad_accum * config.data.seq_len,
+                    t.batch_size.get() * accum * config.data.seq_len,
                 ),
             };
             ((epochs * per_pass as f64) / per_step as f64)
@@ -180,6 +188,11 @@ pub struct StepOutput {
     pub applied: Tensor<1, Bool>,
     /// Preference runs: the step's mean metrics (`preference::METRICS`), on the device.
     pub metrics: Option<Tensor<1>>,
+    /// A signal that asked the run to stop, as every rank agreed on it (several ranks); `None`
+    /// when the ranks' collectives did not run (one process reads its own signals).
+    pub signal: Option<i32>,
+    /// What the step's collectives moved (several ranks).
+    pub traffic: Traffic,
 }
 
 /// The preference objective of `config` with its reference (`frozen`: DPO's copy under full
@@ -270,6 +283,11 @@ impl Prefetched {
 /// One optimizer step: `grad_accum` micro-batches starting at micro-batch `first_micro`,
 /// gradients averaged, clipped to the global norm, one AdamW update at `lr`.
 ///
+/// Under several ranks the step takes `ranks × grad_accum` micro-batches: rank `r` computes
+/// those at `first_micro + r`, `+ r + ranks`, …, and the ranks sum their gradients, losses and
+/// metrics in rank order before the update, which every rank then applies alike. The result is
+/// one process's with `grad_accum` that many times larger.
+///
 /// Each micro-batch's forward and backward runs while the next micro-batch (of this step or the
 /// next) is built beside it on the thread pool, kept in `prefetch`: data preparation is off the
 /// critical path. Batches are a function of their index, so this changes no result.
@@ -284,12 +302,16 @@ pub fn train_step(
     shape: StepShape,
     prefetch: &mut Prefetched,
     preference: Option<(Preference, Reference<'_>)>,
+    ranks: &Ranks,
 ) -> (Model, StepOutput) {
-    let (bs, seq, accum) = (
+    let (bs, seq, local_accum) = (
         config.train.batch_size.get(),
         config.data.seq_len,
         config.train.grad_accum,
     );
+    let (rank, size) = (ranks.rank() as u64, ranks.size() as u64);
+    // Every micro-batch of the step counts alike, whichever rank computes it.
+    let accum = local_accum * ranks.size();
     let seed = config.run.seed;
     let dropout_p = config.model.dropout;
     let lora_p = match config.model.pretrained {
@@ -302,7 +324,8 @@ pub fn train_step(
     let mut loss_sum: Option<Tensor<1>> = None;
     let mut metrics_sum: Option<Tensor<1>> = None;
     let mut tokens = 0;
-    for index in first_micro..first_micro + accum as u64 {
+    for j in 0..local_accum as u64 {
+        let index = first_micro + j * size + rank;
         let batch = prefetch.take(data, seed, index, bs, seq);
         tokens += batch.batch_size * batch.seq_len;
         let mut dropout = (dropout_p > 0.0 || lora_p > 0.0).then(|| Dropout {
@@ -337,9 +360,9 @@ pub fn train_step(
                     None,
                 ),
             },
-            || data.train_batch(seed, index + 1, bs, seq),
+            || data.train_batch(seed, index + size, bs, seq),
         );
-        prefetch.0 = Some((index + 1, next));
+        prefetch.0 = Some((index + size, next));
         if let Some(m) = metrics {
             metrics_sum = Some(match metrics_sum {
                 Some(s) => s + m,
@@ -350,6 +373,15 @@ pub fn train_step(
             Some(s) => s + l,
             None => l,
         });
+    }
+    let (mut signal, mut traffic) = (None, Traffic::default());
+    if ranks.is_distributed() {
+        let counts = ranks.agree_counts(StepCounts {
+            tokens,
+            signal: crate::signals::requested(),
+        });
+        (tokens, signal) = (counts.tokens, counts.signal);
+        traffic = grads.sum_across(ranks, [&mut loss_sum, &mut metrics_sum]);
     }
     let norm = grads.global_norm();
     let clip = match (config.optim.grad_clip, &norm) {
@@ -377,6 +409,8 @@ pub fn train_step(
             tokens,
             applied,
             metrics: metrics_sum.map(|m| m / accum as f64),
+            signal,
+            traffic,
         },
     )
 }
@@ -397,6 +431,7 @@ fn load_run(
     config: &Config,
     selected: &SelectedDevice,
     resume_from: Option<&Path>,
+    ranks: &Ranks,
 ) -> Result<Loaded, TrainError> {
     let device = selected.device.clone();
     let train_device = device.clone().autodiff();
@@ -426,7 +461,7 @@ fn load_run(
     }
     let plan = setup.plan.clone();
     let config = plan::resolve(config, &plan);
-    let total = total_steps(&config, &setup.data);
+    let total = total_steps(&config, &setup.data, ranks.size());
     let mut optimizer = AdamW::new(&config.optim);
     let state = match (resume_from, saved) {
         (Some(dir), Some(state)) => {
@@ -455,6 +490,7 @@ fn load_run(
             best_step: None,
             elapsed_secs: 0.0,
             kiln_version: env!("CARGO_PKG_VERSION").into(),
+            ranks: None,
         },
     };
     Ok(Loaded {
@@ -471,9 +507,13 @@ fn load_run(
 /// Trains a model as `config` describes. Returns when the run ends (or at `stop_after`).
 pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, TrainError> {
     mark_process_start();
+    let ranks = &options.ranks;
+    // Rank 0 alone writes the run directory (on one machine the ranks share it).
+    let root = ranks.is_root();
     let run_dir = config.run.output_dir.join(&config.run.name);
-    let _lock = open_run_dir(&run_dir)?;
-    if !options.resume
+    let _lock = root.then(|| open_run_dir(&run_dir)).transpose()?;
+    if root
+        && !options.resume
         && let Some((_, existing)) = checkpoint::list(&run_dir).pop()
     {
         // Any step directory counts here (no need to checksum it): never write over a run.
@@ -485,22 +525,41 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         )));
     }
 
-    let selected: SelectedDevice = device::select(&config.backend)?;
+    let selected: SelectedDevice = device::select_for_rank(
+        &config.backend,
+        ranks.is_distributed().then(|| ranks.local_rank()),
+    )?;
     device::check_dtype(&selected, config.train.dtype)?;
     let sink_failure = SinkFailure::default();
-    let console = Console::new(options.quiet, &sink_failure);
+    let console = if ranks.is_distributed() && root && !options.quiet {
+        Console::detached(&sink_failure)
+    } else {
+        Console::new(options.quiet || !root, &sink_failure)
+    };
     let say = |line: &str| console.line(line);
     say(&format!("device: {}", selected.description));
 
     // Resume from the newest checkpoint that verifies and loads; each newer one is passed over
     // with the reason (a damaged file, a state or weights that do not load).
-    let (resume_from, loaded) = if options.resume {
+    let (resume_from, loaded) = if options.resume && !root {
+        // The checkpoint rank 0 chose, from rank 0: a rank on another machine has none.
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-rank{}-{}-resume",
+            ranks.rank(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        checkpoint::unpack(&ranks.broadcast_bytes(Vec::new()), &dir)?;
+        let loaded = load_run(config, &selected, Some(&dir), ranks);
+        let _ = std::fs::remove_dir_all(&dir);
+        (Some(dir), loaded?)
+    } else if options.resume {
         let mut passed_over = 0;
         let mut found = None;
         for (_, dir) in checkpoint::list(&run_dir).into_iter().rev() {
             let why = match checkpoint::verify(&dir) {
                 Err(why) => why,
-                Ok(()) => match load_run(config, &selected, Some(&dir)) {
+                Ok(()) => match load_run(config, &selected, Some(&dir), ranks) {
                     Ok(loaded) => {
                         found = Some((Some(dir), loaded));
                         break;
@@ -529,8 +588,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             ))
         })?
     } else {
-        (None, load_run(config, &selected, None)?)
+        (None, load_run(config, &selected, None, ranks)?)
     };
+    if root
+        && options.resume
+        && ranks.is_distributed()
+        && let Some(dir) = &resume_from
+    {
+        ranks.broadcast_bytes(checkpoint::pack(dir)?);
+    }
     let Loaded {
         mut model,
         setup,
@@ -541,6 +607,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         mut state,
     } = loaded;
     let config = &resolved;
+    if ranks.is_distributed() {
+        crate::ranks::check_same_run(ranks, config, setup.data.fingerprint(), state.step)?;
+    }
     let device = selected.device.clone();
     let seed = config.run.seed;
     if let Some(dir) = &resume_from {
@@ -549,6 +618,29 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             dir.display(),
             state.step
         ));
+    }
+    if ranks.is_distributed() {
+        say(&format!(
+            "ranks: {} processes (MPI); a step takes {} micro-batches of {} on each, summed in \
+             rank order",
+            ranks.size(),
+            config.train.grad_accum,
+            config.train.batch_size.get()
+        ));
+        if let Some(hint) = crate::ranks::interrupt_hint() {
+            say(&hint);
+        }
+        let before = state.ranks.unwrap_or(1);
+        if root && resume_from.is_some() && before != ranks.size() {
+            crate::sinks::warn(&format!(
+                "the checkpoint was trained by {before} process(es), this run has {}: a step now \
+                 takes {} micro-batches, so the run goes on but is not bit-identical to one \
+                 that kept {before}",
+                ranks.size(),
+                ranks.size() * config.train.grad_accum
+            ));
+        }
+        state.ranks = Some(ranks.size());
     }
     let (n_trainable, n_total) = count_params(&model);
     let mc = model.config();
@@ -616,11 +708,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         ));
     }
     say(&format!(
-        "data: {}; {} steps of {} × {} × ≤{} tokens",
+        "data: {}; {} steps of {} × {}{} × ≤{} tokens",
         setup.data.describe(),
         total,
         config.train.batch_size.get(),
         config.train.grad_accum,
+        if ranks.is_distributed() {
+            format!(" × {} ranks", ranks.size())
+        } else {
+            String::new()
+        },
         config.data.seq_len
     ));
     let n_params = n_trainable;
@@ -645,14 +742,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     ));
 
     let resolved = config.to_yaml();
-    kiln_models::fsutil::atomic_write(
-        &run_dir.join(checkpoint::KILN_CONFIG_FILE),
-        resolved.as_bytes(),
-    )
-    .map_err(output_err(&run_dir))?;
+    if root {
+        kiln_models::fsutil::atomic_write(
+            &run_dir.join(checkpoint::KILN_CONFIG_FILE),
+            resolved.as_bytes(),
+        )
+        .map_err(output_err(&run_dir))?;
+    }
     let mut events = Events::create(
         &run_dir.join("tensorboard"),
-        config.logging.tensorboard,
+        config.logging.tensorboard && root,
         &sink_failure,
     );
     events.text("config", &format!("```yaml\n{resolved}\n```"), state.step);
@@ -671,7 +770,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let (bs, seq, accum) = (
         config.train.batch_size.get(),
         config.data.seq_len,
-        config.train.grad_accum,
+        config.train.grad_accum * ranks.size(),
     );
     let last_step = options.stop_after.unwrap_or(total).min(total);
     let progress = Progress::new(state.step, total, &console);
@@ -682,6 +781,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut last_checkpoint = None;
     let mut peak_device: Option<u64> = None;
     let mut run_tokens = 0u64;
+    // What the ranks' collectives moved and took, per log interval and over the run.
+    let (mut interval_traffic, mut run_traffic) = (Traffic::default(), Traffic::default());
+    let mut interval_first = state.step;
+    let mut stopped_by = None;
 
     let first_step = state.step;
     // The measured peak covers training (steps, evaluation, checkpoints), not loading.
@@ -716,9 +819,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             shape,
             &mut prefetch,
             objective,
+            ranks,
         );
         model = next;
         state.micro_batches += accum as u64;
+        interval_traffic.bytes += out.traffic.bytes;
+        interval_traffic.secs += out.traffic.secs;
+        run_traffic.bytes += out.traffic.bytes;
+        run_traffic.secs += out.traffic.secs;
         skips.add(out.applied.clone());
         if first_step_secs.is_none() {
             // One host read, at the first step only: it is complete when its loss is known.
@@ -738,7 +846,12 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         interval_tokens += out.tokens as u64;
         progress.step(step);
 
-        let interrupted = crate::signals::requested();
+        // The ranks stop after the same step: the signal one of them got, agreed in the step.
+        let interrupted = if ranks.is_distributed() {
+            out.signal
+        } else {
+            crate::signals::requested()
+        };
         let at_end = step == last_step || interrupted.is_some();
         let log_due = step % config.logging.log_every == 0 || at_end;
         // Skipped updates are counted on the device and read with the loss, at most
@@ -829,6 +942,21 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             events.scalar("optim/lr", lr as f32, step);
             events.scalar("optim/grad_norm", grad_norm as f32, step);
             events.scalar("system/tokens_per_s", tps as f32, step);
+            if ranks.is_distributed() {
+                let steps = (step - interval_first).max(1) as f64;
+                events.scalar(
+                    "system/allreduce_bytes",
+                    (interval_traffic.bytes as f64 / steps) as f32,
+                    step,
+                );
+                events.scalar(
+                    "system/allreduce_ms",
+                    (1e3 * interval_traffic.secs / steps) as f32,
+                    step,
+                );
+                interval_traffic = Traffic::default();
+            }
+            interval_first = step;
             if let Some(m) = mem {
                 events.scalar("system/memory_bytes", m as f32, step);
             }
@@ -846,9 +974,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             events.flush();
         }
 
+        // Rank 0 evaluates (the others go on to the next step and wait for it there).
         let eval_due = ((config.train.eval_every > 0 && step % config.train.eval_every == 0)
             || at_end)
-            && interrupted.is_none();
+            && interrupted.is_none()
+            && root;
         let mut new_best = false;
         if eval_due {
             // In the compute type: a LoRA base model may be held in it.
@@ -910,10 +1040,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             }
         }
 
-        let save_due = (config.train.save_every > 0 && step % config.train.save_every == 0)
+        let save_due = ((config.train.save_every > 0 && step % config.train.save_every == 0)
             || at_end
             || sink_stop.is_some()
-            || (new_best && config.train.keep_best);
+            || (new_best && config.train.keep_best))
+            && root;
         if save_due {
             state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
             let kept = || {
@@ -980,6 +1111,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             last_checkpoint = Some(dir);
         }
         if interrupted.is_some() {
+            stopped_by = interrupted;
             break;
         }
         if let Some(why) = sink_stop {
@@ -1025,8 +1157,19 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         peak_memory_bytes: peak,
         estimated_peak_bytes: plan.estimate.total,
         event_file: events.path().map(Path::to_path_buf),
-        interrupted_by: crate::signals::requested(),
+        interrupted_by: if ranks.is_distributed() {
+            stopped_by
+        } else {
+            crate::signals::requested()
+        },
         first_step_secs,
+        communication: (ranks.is_distributed() && state.step > first_step).then(|| {
+            let steps = (state.step - first_step) as f64;
+            (
+                (run_traffic.bytes as f64 / steps) as u64,
+                run_traffic.secs / steps,
+            )
+        }),
     };
     Ok(summary)
 }
