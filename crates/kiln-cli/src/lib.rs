@@ -926,7 +926,11 @@ fn run_training(
             summary.best_val_loss.unwrap_or(l)
         );
     }
-    out!("  {:.0} tokens/s", summary.tokens_per_s);
+    out!(
+        "  {:.0} tokens/s, {:.3} s a step",
+        summary.tokens_per_s,
+        summary.secs_per_step
+    );
     if let Some((bytes, secs)) = summary.communication {
         out!(
             "  gradients from the other ranks: {} in {:.1} ms a step ({} ranks)",

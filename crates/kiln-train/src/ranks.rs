@@ -97,9 +97,9 @@ impl Ranks {
     #[cfg(not(feature = "mpi"))]
     fn join_mpi(launched: usize) -> Result<Self, TrainError> {
         Err(TrainError::Other(format!(
-            "started as one of {launched} processes (by mpirun), but this kiln was built without \
-             MPI, so each would train the whole run alone; build it with `cargo build --release \
-             --features mpi` (README: Several machines)"
+            "started as one of {launched} processes (by mpirun), but this kiln was built \
+             without MPI, so each would train the whole run alone; build it with `cargo build \
+             --features mpi` (README: Several processes and machines)"
         )))
     }
 

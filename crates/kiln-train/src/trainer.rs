@@ -68,6 +68,8 @@ pub struct RunSummary {
     pub final_val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub tokens_per_s: f64,
+    /// Seconds a step, over this session's steps (evaluations and checkpoints included).
+    pub secs_per_step: f64,
     pub peak_memory_bytes: Option<u64>,
     /// The planner's estimate of that peak.
     pub estimated_peak_bytes: u64,
@@ -1154,6 +1156,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         final_val_loss: state.last_val_loss,
         best_val_loss: state.best_val_loss,
         tokens_per_s: run_tokens as f64 / secs,
+        secs_per_step: secs / (state.step - first_step).max(1) as f64,
         peak_memory_bytes: peak,
         estimated_peak_bytes: plan.estimate.total,
         event_file: events.path().map(Path::to_path_buf),
