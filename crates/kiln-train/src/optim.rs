@@ -3,7 +3,7 @@
 //! Optimizer state is keyed by the parameter's Hugging Face name, not by a runtime id, so it can be
 //! saved to safetensors and restored into a freshly built model for exact resume.
 
-use crate::ranks::{Ranks, Traffic};
+use crate::ranks::{Ranks, Traffic, gather_chunk};
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kiln_config::{OptimConfig, ScheduleKind};
@@ -76,55 +76,35 @@ impl GradAccumulator {
     }
 
     /// Sums every rank's gradients, and `extras` (the step's loss and metrics, on every rank
-    /// alike), in rank order: afterwards each rank holds the same sums, bit for bit. One host read
-    /// and one upload each way; returns what the gather moved.
+    /// alike), in rank order: afterwards each rank holds the same sums, bit for bit. Tensors go
+    /// in groups of about [`gather_chunk`] values (a large one alone), each one host read, one
+    /// gather and one upload, so a full fine-tune's gradients are never all copied at once.
+    /// Returns what the gathers moved.
     pub fn sum_across<const N: usize>(
         &mut self,
         ranks: &Ranks,
         extras: [&mut Option<Tensor<1>>; N],
     ) -> Traffic {
-        let mut names: Vec<String> = self.grads.keys().cloned().collect();
-        names.sort();
-        let mut parts: Vec<Tensor<1>> = Vec::new();
-        let mut lengths = Vec::new();
-        let mut dtypes = Vec::new();
-        for t in names
-            .iter()
-            .map(|n| self.grads.get(n))
-            .chain(extras.iter().map(|e| e.as_ref()))
-            .flatten()
-        {
-            lengths.push(t.shape().num_elements());
-            dtypes.push(t.dtype());
-            parts.push(to_dtype(t.clone(), FloatDType::F32));
-        }
-        let Some(device) = parts.first().map(|t| t.device()) else {
-            return Traffic::default();
-        };
-        let mut host = Tensor::cat(parts, 0)
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .unwrap_or_default();
-        let traffic = ranks.sum_in_rank_order(&mut host);
-        let n = host.len();
-        let summed = Tensor::<1>::from_data(TensorData::new(host, [n]), &device);
-        let mut at = 0;
-        let mut pieces = lengths.iter().zip(&dtypes).map(|(&len, &dtype)| {
-            let piece = summed.clone().slice(at..at + len);
-            at += len;
-            to_dtype(piece, FloatDType::from(dtype))
-        });
-        for name in &names {
-            if let (Some(slot), Some(piece)) = (self.grads.get_mut(name), pieces.next()) {
-                *slot = piece;
+        // Every rank lists the same tensors in the same order: gradients by name, then extras.
+        let mut named: Vec<(&String, &mut Tensor<1>)> = self.grads.iter_mut().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let slots: Vec<&mut Tensor<1>> = named
+            .into_iter()
+            .map(|(_, t)| t)
+            .chain(extras.into_iter().filter_map(|e| e.as_mut()))
+            .collect();
+        let mut traffic = Traffic::default();
+        let mut group: Vec<&mut Tensor<1>> = Vec::new();
+        let mut values = 0;
+        for slot in slots {
+            values += slot.shape().num_elements();
+            group.push(slot);
+            if values >= gather_chunk() {
+                traffic.add(sum_group(ranks, std::mem::take(&mut group)));
+                values = 0;
             }
         }
-        for extra in extras {
-            if extra.is_some() {
-                *extra = pieces.next();
-            }
-        }
+        traffic.add(sum_group(ranks, group));
         traffic
     }
 
@@ -138,6 +118,34 @@ impl GradAccumulator {
             .reduce(|a, b| a + b)
             .map(|s| s.sqrt())
     }
+}
+
+/// Replaces each tensor of `group` with its sum over the ranks (see
+/// [`GradAccumulator::sum_across`]): one host read of them all, one gather, one upload.
+fn sum_group(ranks: &Ranks, group: Vec<&mut Tensor<1>>) -> Traffic {
+    let Some(device) = group.first().map(|t| t.device()) else {
+        return Traffic::default();
+    };
+    let parts: Vec<Tensor<1>> = group
+        .iter()
+        .map(|t| to_dtype((*t).clone(), FloatDType::F32))
+        .collect();
+    let mut host = Tensor::cat(parts, 0)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default();
+    let traffic = ranks.sum_in_rank_order(&mut host);
+    let n = host.len();
+    let summed = Tensor::<1>::from_data(TensorData::new(host, [n]), &device);
+    let mut at = 0;
+    for slot in group {
+        let len = slot.shape().num_elements();
+        let dtype = FloatDType::from(slot.dtype());
+        *slot = to_dtype(summed.clone().slice(at..at + len), dtype);
+        at += len;
+    }
+    traffic
 }
 
 /// AdamW with decoupled weight decay: `p ← p(1 − lr·wd) − lr · m̂ / (√v̂ + ε)`.

@@ -24,8 +24,18 @@ use std::sync::{Arc, Mutex};
 const SIZE_VARIABLES: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
 
 /// Values a gather moves at once: bounds the memory of the gathered copies (size × this many
-/// floats) when a full fine-tune sums hundreds of millions of gradients.
-const GATHER_CHUNK: usize = 16 << 20;
+/// floats) when a full fine-tune sums hundreds of millions of gradients. `KILN_GATHER_VALUES`
+/// sets another (the tests make it small, so that tensors split and group across gathers).
+pub fn gather_chunk() -> usize {
+    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("KILN_GATHER_VALUES")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(16 << 20)
+    })
+}
 
 /// This process's place among the ranks of the run (cheap to clone: one shared MPI handle).
 #[derive(Clone, Default)]
@@ -68,6 +78,13 @@ pub struct Traffic {
     pub bytes: u64,
     /// Seconds spent inside the collectives (waiting for the slowest rank included).
     pub secs: f64,
+}
+
+impl Traffic {
+    pub fn add(&mut self, other: Traffic) {
+        self.bytes += other.bytes;
+        self.secs += other.secs;
+    }
 }
 
 impl Ranks {
@@ -190,7 +207,7 @@ impl Ranks {
     pub fn sum_in_rank_order(&self, values: &mut [f32]) -> Traffic {
         let started = std::time::Instant::now();
         let mut bytes = 0u64;
-        for chunk in values.chunks_mut(GATHER_CHUNK) {
+        for chunk in values.chunks_mut(gather_chunk()) {
             let all = self.gather_f32(chunk);
             // What came from the other ranks (in a ring, as much again went out).
             bytes += ((all.len() - chunk.len()) * 4) as u64;

@@ -825,10 +825,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
         );
         model = next;
         state.micro_batches += accum as u64;
-        interval_traffic.bytes += out.traffic.bytes;
-        interval_traffic.secs += out.traffic.secs;
-        run_traffic.bytes += out.traffic.bytes;
-        run_traffic.secs += out.traffic.secs;
+        interval_traffic.add(out.traffic);
+        run_traffic.add(out.traffic);
         skips.add(out.applied.clone());
         if first_step_secs.is_none() {
             // One host read, at the first step only: it is complete when its loss is known.
