@@ -469,7 +469,12 @@ fn wgpu_on_lavapipe_matches_cpu() {
     let mut gpu_overrides = small.to_vec();
     gpu_overrides.extend(["backend.kind=wgpu", "backend.adapter=software"]);
     let gpu = train(&tiny_config(&out, &corpus, "gpu", &gpu_overrides), &quiet()).unwrap();
-    assert!(gpu.device.starts_with("wgpu:"), "{}", gpu.device);
+    // The run's device line names the compiler its kernels go through.
+    assert!(
+        gpu.device.starts_with("wgpu:") && gpu.device.ends_with("compiler: wgsl"),
+        "{}",
+        gpu.device
+    );
     let (c, g) = (cpu.final_train_loss.unwrap(), gpu.final_train_loss.unwrap());
     // f32 on both; summation order differs between kernels, so allow 1e-3 relative after 3 steps.
     assert!(
@@ -3538,7 +3543,22 @@ fn generate_reports_speed_and_the_thread_count_follows_rayon() {
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Burn Flex, 1 threads"));
+    let devices = String::from_utf8_lossy(&o.stdout);
+    assert!(devices.contains("Burn Flex, 1 threads"), "{devices}");
+    // Each adapter names the compilers kiln can run on it: lavapipe only WGSL (SPIR-V crashes it).
+    for adapter in devices.split("\ngpu: ").skip(1) {
+        let compilers = adapter
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("compilers: "))
+            .unwrap_or_else(|| panic!("no compilers line: {devices}"));
+        assert!(
+            compilers.starts_with("wgsl (backend.kind: wgpu)"),
+            "{devices}"
+        );
+        if adapter.contains("[software") {
+            assert!(!compilers.contains("spirv"), "{devices}");
+        }
+    }
     let model = repo().join("tests/fixtures/families/llama3");
     let o = kiln(&[
         "generate",

@@ -1679,6 +1679,7 @@ fn devices() -> Result<()> {
             human_bytes(a.max_buffer_size),
             human_bytes(a.max_storage_binding)
         );
+        out!("  compilers: {}", device::compilers_for(&a).join(", "));
         match device::gpu_budget(&a) {
             Some(b) => out!("  memory budget: {} ({})", human_bytes(b.bytes), b.source),
             None => out!("  memory budget: not reported (set memory.budget)"),

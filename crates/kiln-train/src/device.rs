@@ -224,7 +224,7 @@ fn wgpu_device(adapter: AdapterChoice, slot: Option<usize>) -> Result<SelectedDe
         device: Device::wgpu(kind),
         kind: BackendKind::Wgpu,
         description: format!(
-            "wgpu: {} ({}, {}{})",
+            "wgpu: {} ({}, {}{}), compiler: {}",
             found.name,
             found.device_type,
             found.backend,
@@ -232,9 +232,39 @@ fn wgpu_device(adapter: AdapterChoice, slot: Option<usize>) -> Result<SelectedDe
                 String::new()
             } else {
                 format!(", {}", found.driver)
-            }
+            },
+            compiler(BackendKind::Wgpu).unwrap_or("?")
         ),
     })
+}
+
+/// The language the backend's kernels are compiled to: Burn's `wgpu` feature writes WGSL
+/// (naga turns it into SPIR-V or MSL, without matrix cores), `vulkan` CubeCL's own SPIR-V
+/// (cooperative matrices), `metal` MSL (simdgroup matrices). None for the CPU.
+pub fn compiler(kind: BackendKind) -> Option<&'static str> {
+    match kind {
+        BackendKind::Wgpu => Some("wgsl"),
+        BackendKind::Vulkan => Some("spirv"),
+        BackendKind::Metal => Some("msl"),
+        BackendKind::Cpu | BackendKind::Auto => None,
+    }
+}
+
+/// The compilers an adapter can run kiln's kernels with in this build, each with the
+/// `backend.kind` that picks it.
+pub fn compilers_for(adapter: &AdapterSummary) -> Vec<String> {
+    let mut out = vec!["wgsl (backend.kind: wgpu)".to_string()];
+    match adapter.backend.as_str() {
+        // CubeCL's SPIR-V crashes lavapipe (FACTS.md): software adapters keep WGSL.
+        "Vulkan" if adapter.software => {}
+        "Vulkan" if cfg!(feature = "vulkan") => out.push("spirv (backend.kind: vulkan)".into()),
+        "Vulkan" => {
+            out.push("spirv (backend.kind: vulkan, in a build with --features vulkan)".into())
+        }
+        "Metal" if cfg!(target_os = "macos") => out.push("msl (backend.kind: metal)".into()),
+        _ => {}
+    }
+    out
 }
 
 /// Opens the device the config asks for; `auto` prefers Metal on macOS, then a hardware GPU
@@ -280,7 +310,7 @@ fn metal_device() -> Result<SelectedDevice, TrainError> {
         budget,
         device: Device::metal(DeviceKind::DefaultDevice),
         kind: BackendKind::Metal,
-        description: format!("metal: {name}"),
+        description: format!("metal: {name}, compiler: msl"),
     })
 }
 
@@ -308,7 +338,8 @@ fn vulkan_device(
     selected.kind = BackendKind::Vulkan;
     selected.description = selected
         .description
-        .replacen("wgpu:", "vulkan (SPIR-V):", 1);
+        .replacen("wgpu:", "vulkan:", 1)
+        .replacen("compiler: wgsl", "compiler: spirv", 1);
     Ok(selected)
 }
 
