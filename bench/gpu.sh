@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU figures: kiln on wgpu (Vulkan) against PyTorch on CUDA, on a lent NVIDIA machine (the
-# workplace's `device` tool), for the two benchmark shapes of docs/PERFORMANCE.md, plus the time
-# from `kiln train` start to the first completed step with a cold and a warm autotune cache.
+# workplace's `device` tool), for the two benchmark shapes of docs/PERFORMANCE.md and a
+# compute-heavy one (LoRA on random weights of SmolLM2-360M's shapes, rows of 1024 tokens, batch
+# 8), plus the time from `kiln train` start to the first completed step with a cold and a warm
+# autotune cache.
 # Not a test: it prints figures.
 #
 # That machine has no Rust toolchain and reaches no network, so what it needs travels with the
@@ -46,10 +48,29 @@ for f in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(f".devrun/smollm2/{f}", "/tmp/smollm2-random/")
 print("random SmolLM2-135M-shaped base:", sum(p.numel() for p in m.parameters()), "parameters")
 PY
+# The compute-heavy shape's base: SmolLM2-360M's shapes (its config.json differs from 135M's in
+# these fields only), random weights, the same tokenizer.
+[ -f /tmp/smollm2-360m-random/model.safetensors ] || python3 - <<'PY' 2>&1 | tail -2
+import shutil, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+c = LlamaConfig.from_pretrained(".devrun/smollm2")
+c.hidden_size, c.intermediate_size, c.num_hidden_layers = 960, 2560, 32
+c.num_attention_heads, c.num_key_value_heads, c.head_dim = 15, 5, 64
+m = LlamaForCausalLM(c).float()
+m.save_pretrained("/tmp/smollm2-360m-random", safe_serialization=True)
+for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(f".devrun/smollm2/{f}", "/tmp/smollm2-360m-random/")
+print("random SmolLM2-360M-shaped base:", sum(p.numel() for p in m.parameters()), "parameters")
+PY
 
 scratch=(configs/shakespeare-char.yaml)
 lora=(configs/smollm2-lora.yaml --set model.pretrained=/tmp/smollm2-random --set data.seq_len=256
   --set train.batch_size=4 --set data.pack=true)
+text=datasets/shakespeare/input.txt
+heavy=(configs/smollm2-lora.yaml --set model.pretrained=/tmp/smollm2-360m-random --set data.seq_len=1024
+  --set train.batch_size=8 --set data.format=text --set data.train="$text" --set data.mask_prompt=false)
+heavy_torch=(--base /tmp/smollm2-360m-random --device cuda --seq-len 1024 --batch-size 8 --text "$text")
 
 if [ "$mode" = util ]; then
   # Samples the GPU's utilisation every 100 ms while each run trains; the mean over the second
@@ -68,6 +89,8 @@ if [ "$mode" = util ]; then
   util kiln-lora "$kiln" bench "${lora[@]}" --set backend.kind=wgpu --steps 40 --warmup 5 --json
   util torch-lora python3 bench/torch_peft_lora.py --base /tmp/smollm2-random --device cuda --seq-len 256 \
     --batch-size 4 --pack --steps 100 --warmup 5 --json
+  util kiln-heavy "$kiln" bench "${heavy[@]}" --set backend.kind=wgpu --steps 20 --warmup 3 --json
+  util torch-heavy python3 bench/torch_peft_lora.py "${heavy_torch[@]}" --steps 40 --warmup 3 --json
   tar czf "$out/util.tgz" -C "$out" $(cd "$out" && ls util-*)
   exit 0
 fi
@@ -89,8 +112,10 @@ for r in $(seq "$rounds"); do
   "$kiln" bench "${lora[@]}" --set backend.kind=wgpu --steps 20 --warmup 5 --json > "$out/lora-kiln-$r.json" 2> "$out/lora-kiln-$r.err"
   python3 bench/torch_peft_lora.py --base /tmp/smollm2-random --device cuda --seq-len 256 --batch-size 4 \
     --pack --steps 20 --warmup 5 --json > "$out/lora-torch-$r.json" 2> "$out/lora-torch-$r.err"
+  "$kiln" bench "${heavy[@]}" --set backend.kind=wgpu --steps 8 --warmup 3 --json > "$out/heavy-kiln-$r.json" 2> "$out/heavy-kiln-$r.err"
+  python3 bench/torch_peft_lora.py "${heavy_torch[@]}" --steps 8 --warmup 3 --json > "$out/heavy-torch-$r.json" 2> "$out/heavy-torch-$r.err"
   echo "round $r done"
 done
-python3 bench/compare.py "$out" scratch lora
+python3 bench/compare.py "$out" scratch lora heavy
 # Only a few files come back from the device machine: the reports travel as one archive.
 tar czf "$out/reports.tgz" -C "$out" $(cd "$out" && ls ./*.json ./*.err ./*.txt)
