@@ -79,8 +79,8 @@ pub struct RunSummary {
     /// Seconds from the program's start (see [`mark_process_start`]) to the end of the first
     /// step of this session: device setup, loading, planning and the first kernels included.
     pub first_step_secs: Option<f64>,
-    /// Several ranks: bytes one rank sent and received, and seconds in the collectives, a step
-    /// (means over this session's steps).
+    /// Several ranks: the gradient bytes a rank received from the others, and the seconds it
+    /// spent in the collectives, a step (means over this session's steps).
     pub communication: Option<(u64, f64)>,
 }
 
