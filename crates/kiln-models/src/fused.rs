@@ -204,8 +204,24 @@ pub struct AttentionParams {
 
 /// The GPU backends: Burn's operations, merged by its fusion compiler; quantized matrices are
 /// de-quantised by kiln's CubeCL kernel (`fused_cube`), attention is kiln's kernels
-/// (`attention_cube`).
+/// (`attention_cube`), AdamW one kernel a parameter (`adamw_cube`).
 impl FusedOps for Cube {
+    fn kiln_adamw(
+        p: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        clip: FloatTensor<Self>,
+        apply: BoolTensor<Self>,
+        hyper: AdamWStep,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if crate::adamw_cube::takes([&p, &m, &v, &g, &clip]) {
+            crate::adamw_cube::adamw(p, m, v, g, clip, apply, hyper)
+        } else {
+            composed::adamw::<Self>(p, m, v, g, clip, apply, hyper)
+        }
+    }
+
     fn kiln_dequantize(
         codes: IntTensor<Self>,
         scale: FloatTensor<Self>,

@@ -7,6 +7,7 @@
 //! [`layers`]; a [`Model`] is that declaration with its weights.
 
 pub use kiln_formats::{fsutil, ggml_quantize, ggml_repack, ggml_types, safetensors_io};
+mod adamw_cube;
 pub mod arch;
 mod attention_cube;
 pub mod config;
