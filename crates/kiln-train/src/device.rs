@@ -175,8 +175,9 @@ fn hardware_kind(adapters: &[AdapterSummary], slot: usize) -> Option<(DeviceKind
     let hardware: Vec<usize> = (0..adapters.len())
         .filter(|&i| !adapters[i].software)
         .collect();
-    let at = *hardware.get(slot % hardware.len().max(1))?;
-    let of_type = hardware[..hardware.iter().position(|&i| i == at)?]
+    let turn = slot % hardware.len().max(1);
+    let at = *hardware.get(turn)?;
+    let of_type = hardware[..turn]
         .iter()
         .filter(|&&i| adapters[i].device_type == adapters[at].device_type)
         .count();
@@ -189,6 +190,15 @@ fn hardware_kind(adapters: &[AdapterSummary], slot: usize) -> Option<(DeviceKind
 }
 
 fn wgpu_device(adapter: AdapterChoice, slot: Option<usize>) -> Result<SelectedDevice, TrainError> {
+    open_wgpu(adapter, slot).map(|(_, selected)| selected)
+}
+
+/// The adapter wgpu opens for `adapter` (and a rank's `slot`), with Burn's name for it, which the
+/// `vulkan` backend opens too.
+fn open_wgpu(
+    adapter: AdapterChoice,
+    slot: Option<usize>,
+) -> Result<(DeviceKind, SelectedDevice), TrainError> {
     let adapters = list_adapters();
     let wanted_software = adapter == AdapterChoice::Software;
     // Ranks on one machine each take their own GPU (in turn, when there are more ranks).
@@ -219,23 +229,26 @@ fn wgpu_device(adapter: AdapterChoice, slot: Option<usize>) -> Result<SelectedDe
     } else {
         chosen.map_or(DeviceKind::DefaultDevice, |(kind, _)| kind)
     };
-    Ok(SelectedDevice {
-        budget: gpu_budget(found),
-        device: Device::wgpu(kind),
-        kind: BackendKind::Wgpu,
-        description: format!(
-            "wgpu: {} ({}, {}{}), compiler: {}",
-            found.name,
-            found.device_type,
-            found.backend,
-            if found.driver.is_empty() {
-                String::new()
-            } else {
-                format!(", {}", found.driver)
-            },
-            compiler(BackendKind::Wgpu).unwrap_or("?")
-        ),
-    })
+    Ok((
+        kind.clone(),
+        SelectedDevice {
+            budget: gpu_budget(found),
+            device: Device::wgpu(kind),
+            kind: BackendKind::Wgpu,
+            description: format!(
+                "wgpu: {} ({}, {}{}), compiler: {}",
+                found.name,
+                found.device_type,
+                found.backend,
+                if found.driver.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", found.driver)
+                },
+                compiler(BackendKind::Wgpu).unwrap_or("?")
+            ),
+        },
+    ))
 }
 
 /// The language the backend's kernels are compiled to: Burn's `wgpu` feature writes WGSL
@@ -326,14 +339,7 @@ fn vulkan_device(
     adapter: AdapterChoice,
     local_rank: Option<usize>,
 ) -> Result<SelectedDevice, TrainError> {
-    let mut selected = wgpu_device(adapter, local_rank)?;
-    let kind = if adapter == AdapterChoice::Software {
-        DeviceKind::Cpu
-    } else {
-        local_rank
-            .and_then(|s| hardware_kind(&list_adapters(), s))
-            .map_or(DeviceKind::DefaultDevice, |(kind, _)| kind)
-    };
+    let (kind, mut selected) = open_wgpu(adapter, local_rank)?;
     selected.device = Device::vulkan(kind);
     selected.kind = BackendKind::Vulkan;
     selected.description = selected

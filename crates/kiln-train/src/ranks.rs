@@ -38,7 +38,7 @@ pub fn gather_chunk() -> usize {
 }
 
 /// This process's place among the ranks of the run (cheap to clone: one shared MPI handle).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Ranks {
     rank: usize,
     size: usize,
@@ -46,6 +46,12 @@ pub struct Ranks {
     local_size: usize,
     #[cfg(feature = "mpi")]
     mpi: Option<Arc<Mpi>>,
+}
+
+impl Default for Ranks {
+    fn default() -> Self {
+        Self::single()
+    }
 }
 
 impl std::fmt::Debug for Ranks {
@@ -91,9 +97,12 @@ impl Ranks {
     /// The single process of a run not started by `mpirun`.
     pub fn single() -> Self {
         Self {
+            rank: 0,
             size: 1,
+            local_rank: 0,
             local_size: 1,
-            ..Self::default()
+            #[cfg(feature = "mpi")]
+            mpi: None,
         }
     }
 
@@ -161,7 +170,7 @@ impl Ranks {
     }
 
     pub fn size(&self) -> usize {
-        self.size.max(1)
+        self.size
     }
 
     /// This rank's place among the ranks on its machine (which GPU it takes).
@@ -171,7 +180,7 @@ impl Ranks {
 
     /// The ranks on this machine (they share its cores).
     pub fn local_size(&self) -> usize {
-        self.local_size.max(1)
+        self.local_size
     }
 
     /// Rank 0 prints, writes TensorBoard and writes checkpoints.
