@@ -931,6 +931,12 @@ fn run_training(
         summary.tokens_per_s,
         summary.secs_per_step
     );
+    if summary.replayed_steps > 0 {
+        out!(
+            "  {} steps replayed from the captured step",
+            summary.replayed_steps
+        );
+    }
     if let Some((bytes, secs)) = summary.communication {
         out!(
             "  gradients from the other ranks: {} in {:.1} ms a step ({} ranks)",

@@ -78,7 +78,7 @@ pub enum DType {
 }
 
 /// `backend`: where the run computes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     /// `auto | metal | vulkan | wgpu | cpu`. Default `auto`.
@@ -87,6 +87,21 @@ pub struct BackendConfig {
     pub adapter: AdapterChoice,
     /// Compute dtype. Default `f32` (the only one for now).
     pub dtype: DType,
+    /// On the GPU backends, capture the training step once and replay it on later steps,
+    /// which skips the host's work of issuing it (bit-identical results). `false` runs every
+    /// step eagerly. Default `true`.
+    pub capture: bool,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::default(),
+            adapter: AdapterChoice::default(),
+            dtype: DType::default(),
+            capture: true,
+        }
+    }
 }
 
 /// `model`: a decoder-only transformer. Keys follow Hugging Face's `config.json` names.

@@ -176,6 +176,8 @@ pub trait FusedOps: Backend {
     /// One AdamW update (`kiln_kernels::adamw`'s formula) of a flat parameter `p` with moments
     /// `m`, `v` and gradient `g` (all `[n]`); `clip` `[1]` scales the gradient; where `apply`
     /// `[1]` is false, `p`, `m` and `v` come back unchanged. Gives the new `(p, m, v)`.
+    /// `rates` `[4]` holds `hyper`'s `[lr, decay, bc1, bc2]` on the device ([`adamw_rates`]),
+    /// for the backends that read them there (a captured step can't read host scalars).
     #[allow(clippy::too_many_arguments)]
     fn kiln_adamw(
         p: FloatTensor<Self>,
@@ -184,9 +186,24 @@ pub trait FusedOps: Backend {
         g: FloatTensor<Self>,
         clip: FloatTensor<Self>,
         apply: BoolTensor<Self>,
+        rates: FloatTensor<Self>,
         hyper: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = rates;
         composed::adamw::<Self>(p, m, v, g, clip, apply, hyper)
+    }
+
+    /// `data` written into `tensor`'s own buffer where the backend can (a captured step reads
+    /// its inputs from the buffers it was captured with), else a new tensor of `data`.
+    fn kiln_overwrite(tensor: FloatTensor<Self>, data: TensorData) -> FloatTensor<Self> {
+        let device = tensor.device();
+        Self::float_from_data(data, &device)
+    }
+
+    /// [`FusedOps::kiln_overwrite`] for integer tensors.
+    fn kiln_overwrite_int(tensor: IntTensor<Self>, data: TensorData) -> IntTensor<Self> {
+        let device = tensor.device();
+        Self::int_from_data(data, &device)
     }
 }
 
@@ -213,13 +230,22 @@ impl FusedOps for Cube {
         g: FloatTensor<Self>,
         clip: FloatTensor<Self>,
         apply: BoolTensor<Self>,
+        rates: FloatTensor<Self>,
         hyper: AdamWStep,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        if crate::adamw_cube::takes([&p, &m, &v, &g, &clip]) {
-            crate::adamw_cube::adamw(p, m, v, g, clip, apply, hyper)
+        if crate::adamw_cube::takes([&p, &m, &v, &g, &clip, &rates]) {
+            crate::adamw_cube::adamw(p, m, v, g, clip, apply, rates, hyper)
         } else {
             composed::adamw::<Self>(p, m, v, g, clip, apply, hyper)
         }
+    }
+
+    fn kiln_overwrite(tensor: FloatTensor<Self>, data: TensorData) -> FloatTensor<Self> {
+        crate::overwrite_cube::overwrite(tensor, data)
+    }
+
+    fn kiln_overwrite_int(tensor: IntTensor<Self>, data: TensorData) -> IntTensor<Self> {
+        crate::overwrite_cube::overwrite(tensor, data)
     }
 
     fn kiln_dequantize(
@@ -1156,8 +1182,10 @@ impl FusedOps for Flex {
         g: FlexTensor,
         clip: FlexTensor,
         apply: FlexTensor,
+        _rates: FlexTensor,
         hyper: AdamWStep,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        // The rates are `hyper`'s own values; on the CPU the host ones serve.
         flex_adamw(p, m, v, g, clip, apply, hyper)
     }
 }
@@ -1552,14 +1580,23 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, weights: Tensor
     ))
 }
 
+/// The values of `hyper` that change from step to step, `[lr, decay, bc1, bc2]`, as the
+/// device tensor [`adamw`] takes.
+pub fn adamw_rates(hyper: &AdamWStep) -> TensorData {
+    TensorData::new(vec![hyper.lr, hyper.decay, hyper.bc1, hyper.bc2], [4])
+}
+
 /// One AdamW update of the flat parameter `p` (see [`FusedOps::kiln_adamw`]): the new
-/// `(p, m, v)`. Where `apply` is false they come back unchanged.
+/// `(p, m, v)`. Where `apply` is false they come back unchanged. `rates` holds
+/// [`adamw_rates`]`(&hyper)` on the device. On the GPU backends the update is written into
+/// `p`'s and the moments' own buffers when nothing else holds them.
 pub fn adamw(
     p: Tensor<1>,
     (m, v): (Tensor<1>, Tensor<1>),
     g: Tensor<1>,
     clip: Tensor<1>,
     apply: Tensor<1, Bool>,
+    rates: Tensor<1>,
     hyper: AdamWStep,
 ) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
     let (p, m, v) = <Dispatch as FusedOps>::kiln_adamw(
@@ -1569,6 +1606,7 @@ pub fn adamw(
         g.into_dispatch(),
         clip.into_dispatch(),
         apply.into_dispatch(),
+        rates.into_dispatch(),
         hyper,
     );
     (
@@ -1662,4 +1700,23 @@ pub mod reference {
             .neg()
             * weights
     }
+}
+
+/// `data` (of `tensor`'s shape and type) written into `tensor`'s own device buffer on the GPU
+/// backends, so that a captured step, which reads the buffers it was captured with, sees it;
+/// elsewhere a new tensor of `data`. Only in place when nothing else holds `tensor`.
+pub fn overwrite<const D: usize>(tensor: Tensor<D>, data: TensorData) -> Tensor<D> {
+    debug_assert_eq!(tensor.shape().dims::<D>(), data.shape().dims::<D>());
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_overwrite(
+        tensor.into_dispatch(),
+        data,
+    ))
+}
+
+/// [`overwrite`] for integer tensors.
+pub fn overwrite_int<const D: usize>(tensor: Tensor<D, Int>, data: TensorData) -> Tensor<D, Int> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::kiln_overwrite_int(
+        tensor.into_dispatch(),
+        data,
+    ))
 }

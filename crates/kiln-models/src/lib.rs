@@ -23,6 +23,7 @@ pub mod hf;
 pub mod layers;
 pub mod lora;
 pub mod model;
+mod overwrite_cube;
 pub mod params;
 pub mod plan;
 pub mod pretrained;
@@ -37,3 +38,17 @@ pub use model::{KvCache, Model};
 pub use params::{ParamKind, ParamMapper, ParamVisitor};
 
 pub use kiln_formats::ModelError;
+
+/// Counts of the GPU updates and uploads that could not write in place, which a captured
+/// training step must not have (`kiln_train::replay` checks them around its capture).
+pub mod in_place {
+    /// AdamW updates that wrote new buffers.
+    pub fn adamw_misses() -> u64 {
+        crate::adamw_cube::out_of_place()
+    }
+
+    /// Overwrites (`fused::overwrite`) that made new buffers.
+    pub fn overwrite_misses() -> u64 {
+        crate::overwrite_cube::misses()
+    }
+}

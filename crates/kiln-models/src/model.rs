@@ -255,8 +255,17 @@ impl Model {
     /// Token embeddings for `[batch, seq]` ids, as `[batch × seq, hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Tensor<2> {
         let device = self.device().without_autodiff();
+        self.embed_ids(Tensor::from_data(Self::ids_data(ids), &device))
+    }
+
+    /// `ids` as the data of the index tensor [`Model::embed_ids`] takes.
+    pub fn ids_data(ids: &[u32]) -> TensorData {
         let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ids.len()]), &device);
+        TensorData::new(idx, [ids.len()])
+    }
+
+    /// Token embeddings for ids already on the (plain) device, as `[ids, hidden]`.
+    pub fn embed_ids(&self, idx: Tensor<1, Int>) -> Tensor<2> {
         let x = match self.weights.quantized(self.arch.embed_tokens) {
             // Only the rows looked up are de-quantised, in the compute type, on the model's
             // side of autodiff (an untracked constant).

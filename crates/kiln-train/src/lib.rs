@@ -28,6 +28,7 @@ pub mod setup;
 pub mod inference;
 pub mod optim;
 pub mod preference;
+pub mod replay;
 pub mod step;
 
 // Running it: the loop with its sinks and signals, and the benchmark.

@@ -158,6 +158,18 @@ pub struct AdamW {
     pub t: u64,
     /// First and second moments, flattened, keyed by parameter name.
     pub state: BTreeMap<String, (Tensor<1>, Tensor<1>)>,
+    /// This step's rates on the device (`fused::adamw_rates`), for parameters without and with
+    /// weight decay, and a one to scale unclipped gradients by: written by
+    /// [`AdamW::set_rates`] into the same buffers every step, which a captured step reads.
+    rates: Option<StepRates>,
+}
+
+/// What [`AdamW::set_rates`] leaves for [`AdamW::update`].
+struct StepRates {
+    lr: f64,
+    plain: Tensor<1>,
+    decaying: Tensor<1>,
+    one: Tensor<1>,
 }
 
 impl AdamW {
@@ -169,16 +181,12 @@ impl AdamW {
             weight_decay: config.weight_decay,
             t: 0,
             state: BTreeMap::new(),
+            rates: None,
         }
     }
 
-    /// Applies one update with learning rate `lr` and returns the model with new parameter leaves.
-    /// Gradients are multiplied by `clip_coef` (a one-element tensor) first when given.
-    ///
-    /// `apply` (a one-element bool tensor) decides on the device whether the update happens:
-    /// where it is false, parameters and moments keep their values (a step whose loss or gradient
-    /// norm is not finite), without the host having to read anything. The bias-correction count
-    /// `t` advances either way.
+    /// Applies one update with learning rate `lr` and returns the model with new parameter leaves:
+    /// [`AdamW::set_rates`] then [`AdamW::update`].
     pub fn step(
         &mut self,
         model: Model,
@@ -187,14 +195,75 @@ impl AdamW {
         clip_coef: Option<Tensor<1>>,
         apply: Tensor<1, Bool>,
     ) -> Model {
+        self.set_rates(lr, &model.device().without_autodiff());
+        self.update(model, grads, clip_coef, apply)
+    }
+
+    /// The host-side half of a step: advances the bias-correction count and writes the step's
+    /// learning rate, decay and bias corrections to the device, into the buffers the last step
+    /// used (in place on the GPU), so that a captured [`AdamW::update`] reads them.
+    pub fn set_rates(&mut self, lr: f64, device: &Device) {
         self.t += 1;
+        let plain = fused::adamw_rates(&self.hyper(lr, false));
+        let decaying = fused::adamw_rates(&self.hyper(lr, true));
+        self.rates = Some(match self.rates.take() {
+            Some(r) => StepRates {
+                lr,
+                plain: fused::overwrite(r.plain, plain),
+                decaying: fused::overwrite(r.decaying, decaying),
+                one: r.one,
+            },
+            None => StepRates {
+                lr,
+                plain: Tensor::from_data(plain, device),
+                decaying: Tensor::from_data(decaying, device),
+                one: Tensor::ones([1], device),
+            },
+        });
+    }
+
+    /// The step's constants for a parameter that `decays` or not, at the current `t`.
+    fn hyper(&self, lr: f64, decays: bool) -> AdamWStep {
+        let decay = if decays && self.weight_decay > 0.0 {
+            1.0 - lr * self.weight_decay
+        } else {
+            1.0
+        };
+        AdamWStep {
+            lr: lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            decay: decay as f32,
+            bc1: (1.0 - self.beta1.powi(self.t as i32)) as f32,
+            bc2: (1.0 - self.beta2.powi(self.t as i32)) as f32,
+        }
+    }
+
+    /// The device-side half of a step, at the rates [`AdamW::set_rates`] wrote: gradients are
+    /// multiplied by `clip_coef` (a one-element tensor) first when given. Reads nothing from
+    /// the host and uploads nothing, so it can run inside a captured step.
+    ///
+    /// `apply` (a one-element bool tensor) decides on the device whether the update happens:
+    /// where it is false, parameters and moments keep their values (a step whose loss or gradient
+    /// norm is not finite), without the host having to read anything. The bias-correction count
+    /// `t` advances either way.
+    pub fn update(
+        &mut self,
+        model: Model,
+        grads: GradAccumulator,
+        clip_coef: Option<Tensor<1>>,
+        apply: Tensor<1, Bool>,
+    ) -> Model {
         struct Update<'a> {
             opt: &'a mut AdamW,
             grads: HashMap<String, Tensor<1>>,
-            lr: f64,
             /// The gradients' factor (1 without clipping).
             clip: Tensor<1>,
             apply: Tensor<1, Bool>,
+            lr: f64,
+            plain: Tensor<1>,
+            decaying: Tensor<1>,
         }
         impl ParamMapper for Update<'_> {
             fn map<const D: usize>(
@@ -215,19 +284,12 @@ impl AdamW {
                     Some(mv) => mv,
                     None => (g.zeros_like(), g.zeros_like()),
                 };
-                let decay = if kind.decays() && o.weight_decay > 0.0 {
-                    1.0 - self.lr * o.weight_decay
+                let decays = kind.decays();
+                let hyper = o.hyper(self.lr, decays);
+                let rates = if decays {
+                    self.decaying.clone()
                 } else {
-                    1.0
-                };
-                let hyper = AdamWStep {
-                    lr: self.lr as f32,
-                    beta1: o.beta1 as f32,
-                    beta2: o.beta2 as f32,
-                    eps: o.eps as f32,
-                    decay: decay as f32,
-                    bc1: (1.0 - o.beta1.powi(o.t as i32)) as f32,
-                    bc2: (1.0 - o.beta2.powi(o.t as i32)) as f32,
+                    self.plain.clone()
                 };
                 // One fused pass; a skipped update leaves all three as they were.
                 let (updated, m, v) = fused::adamw(
@@ -236,6 +298,7 @@ impl AdamW {
                     g,
                     self.clip.clone(),
                     self.apply.clone(),
+                    rates,
                     hyper,
                 );
                 o.state.insert(name.to_string(), (m, v));
@@ -247,13 +310,24 @@ impl AdamW {
                 }
             }
         }
+        let rates = self
+            .rates
+            .as_ref()
+            .expect("AdamW::set_rates runs before AdamW::update");
+        let (lr, plain, decaying, one) = (
+            rates.lr,
+            rates.plain.clone(),
+            rates.decaying.clone(),
+            rates.one.clone(),
+        );
         let mut update = Update {
             opt: self,
             grads: grads.grads,
-            lr,
-            clip: clip_coef
-                .unwrap_or_else(|| Tensor::ones([1], &model.device().without_autodiff())),
+            clip: clip_coef.unwrap_or(one),
             apply,
+            lr,
+            plain,
+            decaying,
         };
         model.map_params(&mut update)
     }

@@ -13,7 +13,7 @@
 
 use crate::inference::inference_view;
 use crate::optim::GradAccumulator;
-use crate::step::{self, HeadLoss, StepShape, compute_view, weighted_nll};
+use crate::step::{self, HeadLoss, StepBatch, StepShape, compute_view, weighted_nll_of};
 use burn::prelude::*;
 use burn::tensor::activation::log_sigmoid;
 use kiln_config::{DpoLoss, FinetuneConfig, Objective};
@@ -158,7 +158,7 @@ fn token_nll(model: &Model, h: Tensor<2>, targets: &[u32], chunk: usize) -> Tens
             let end = (start + chunk).min(rows);
             let logits = model.head(h.clone().slice(start..end));
             let ones = Tensor::<1>::ones([end - start], &device);
-            weighted_nll(logits, &targets[start..end], ones)
+            weighted_nll_of(logits, &targets[start..end], ones)
         })
         .collect();
     Tensor::cat(parts, 0)
@@ -293,7 +293,7 @@ pub fn forward_backward(
     let mut out = None;
     step::forward_backward_with(
         master,
-        batch,
+        &StepBatch::upload(master, batch),
         dropout,
         shape,
         grads,
@@ -333,7 +333,7 @@ pub fn forward_backward(
             out = Some((loss.detach().without_autodiff(), metrics.without_autodiff()));
             HeadLoss {
                 weights,
-                divisor: 1.0,
+                divisor: Tensor::ones([1], &device),
             }
         },
     );

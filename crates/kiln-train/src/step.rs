@@ -20,6 +20,8 @@ use burn::tensor::FloatDType;
 use kiln_data::Batch;
 use kiln_models::Dropout;
 use kiln_models::dtype::to_dtype;
+use kiln_models::fused;
+use kiln_models::layers::ForwardConsts;
 use kiln_models::{Model, ParamKind, ParamMapper};
 
 /// How one micro-batch is computed.
@@ -51,20 +53,89 @@ impl StepShape {
 pub struct HeadLoss {
     /// `[batch × seq]`, on the plain (non-autodiff) device: constants of the backward.
     pub weights: Tensor<1>,
-    pub divisor: f64,
+    /// `[1]`, on the plain device: a tensor, not a scalar, so that a captured step divides by
+    /// each batch's own count.
+    pub divisor: Tensor<1>,
 }
 
-impl HeadLoss {
-    /// The mean next-token loss over `batch`'s trained positions.
-    pub fn next_token(batch: &Batch, device: &Device) -> Self {
+/// A micro-batch's tensors on the (plain) device, uploaded before its forward: the next-token
+/// step reads nothing else from the host, so a captured step (`crate::replay`) can find the
+/// next micro-batch in the same buffers, written there by [`StepBatch::refill`].
+pub struct StepBatch {
+    /// `[batch × seq]` token ids.
+    pub ids: Tensor<1, Int>,
+    /// `[batch × seq]` next tokens.
+    pub targets: Tensor<1, Int>,
+    /// `[batch × seq]`: 1 where the target counts toward the loss.
+    pub weights: Tensor<1>,
+    /// `[1]`: how many targets count (at least 1).
+    pub count: Tensor<1>,
+    /// Rotary tables and masks for the batch's shape (and its segments when packed).
+    pub consts: ForwardConsts,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    /// Whether the rows are packed (the masks then depend on the batch, not only its shape).
+    pub packed: bool,
+}
+
+impl StepBatch {
+    /// `batch`'s tensors for `model`'s device.
+    pub fn upload(model: &Model, batch: &Batch) -> Self {
+        let device = model.device().without_autodiff();
+        let [ids, targets, weights, count] = Self::host_data(batch);
+        Self {
+            ids: Tensor::from_data(ids, &device),
+            targets: Tensor::from_data(targets, &device),
+            weights: Tensor::from_data(weights, &device),
+            count: Tensor::from_data(count, &device),
+            consts: model.consts_for(batch),
+            batch_size: batch.batch_size,
+            seq_len: batch.seq_len,
+            packed: batch.segments.is_some(),
+        }
+    }
+
+    /// Whether `batch` can be written into these buffers: the same shape, neither packed.
+    pub fn fits(&self, batch: &Batch) -> bool {
+        !self.packed
+            && batch.segments.is_none()
+            && batch.batch_size == self.batch_size
+            && batch.seq_len == self.seq_len
+    }
+
+    /// `batch` (which [`StepBatch::fits`]) written into these tensors' own buffers (in place
+    /// on the GPU backends).
+    pub fn refill(self, batch: &Batch) -> Self {
+        debug_assert!(self.fits(batch));
+        let [ids, targets, weights, count] = Self::host_data(batch);
+        Self {
+            ids: fused::overwrite_int(self.ids, ids),
+            targets: fused::overwrite_int(self.targets, targets),
+            weights: fused::overwrite(self.weights, weights),
+            count: fused::overwrite(self.count, count),
+            ..self
+        }
+    }
+
+    fn host_data(batch: &Batch) -> [TensorData; 4] {
         let rows = batch.batch_size * batch.seq_len;
         let (weights, count) = match batch.loss_mask.as_deref() {
             Some(m) => (m.to_vec(), m.iter().sum::<f32>()),
             None => (vec![1.0; rows], rows as f32),
         };
-        Self {
-            weights: Tensor::from_data(TensorData::new(weights, [rows]), device),
-            divisor: count.max(1.0) as f64,
+        [
+            Model::ids_data(&batch.inputs),
+            Model::ids_data(&batch.targets),
+            TensorData::new(weights, [rows]),
+            TensorData::new(vec![count.max(1.0)], [1]),
+        ]
+    }
+
+    /// The next-token loss of these positions.
+    pub fn head_loss(&self) -> HeadLoss {
+        HeadLoss {
+            weights: self.weights.clone(),
+            divisor: self.count.clone(),
         }
     }
 }
@@ -79,19 +150,39 @@ pub fn forward_backward(
     grads: &mut GradAccumulator,
     scale: f64,
 ) -> Tensor<1> {
+    let inputs = StepBatch::upload(master, batch);
+    forward_backward_on(master, &inputs, dropout, shape, grads, scale)
+}
+
+/// [`forward_backward`] of a micro-batch already on the device: uploads nothing and reads
+/// nothing back, so it can run inside a captured step.
+pub fn forward_backward_on(
+    master: &Model,
+    batch: &StepBatch,
+    dropout: &mut Option<Dropout>,
+    shape: StepShape,
+    grads: &mut GradAccumulator,
+    scale: f64,
+) -> Tensor<1> {
     let rows = batch.batch_size * batch.seq_len;
     if shape.recompute_every.is_none() && rows <= shape.loss_chunk {
         // One tape over the whole model.
         let compute = compute_view(master, shape.dtype);
         let loss_scale = loss_scale(shape.dtype);
-        let loss = compute.loss(batch, dropout);
+        let mut h = compute.embed_ids(batch.ids.clone());
+        for i in 0..compute.num_layers() {
+            h = compute.block(i, h, &batch.consts, dropout, None);
+        }
+        let logits = compute.head(h);
+        let loss = weighted_nll(logits, batch.targets.clone(), batch.weights.clone())
+            .sum()
+            .div(batch.count.clone());
         let g = (loss.clone() * loss_scale).backward();
         grads.add(master, &g, scale / loss_scale);
         return loss.detach().without_autodiff();
     }
-    let device = master.device().without_autodiff();
     forward_backward_with(master, batch, dropout, shape, grads, scale, &mut |_, _| {
-        HeadLoss::next_token(batch, &device)
+        batch.head_loss()
     })
 }
 
@@ -100,7 +191,7 @@ pub fn forward_backward(
 /// recomputed spans), the head in chunks. Returns the head's loss (detached).
 pub fn forward_backward_with(
     master: &Model,
-    batch: &Batch,
+    batch: &StepBatch,
     dropout: &mut Option<Dropout>,
     shape: StepShape,
     grads: &mut GradAccumulator,
@@ -131,13 +222,13 @@ pub fn forward_backward_with(
             head,
         )
     };
-    let consts = model.consts_for(batch);
-    let x0 = model.embed(&batch.inputs);
+    let consts = &batch.consts;
+    let x0 = model.embed_ids(batch.ids.clone());
     match shape.recompute_every {
         None => {
             let mut h = x0;
             for i in 0..model.num_layers() {
-                h = model.block(i, h, &consts, dropout, None);
+                h = model.block(i, h, consts, dropout, None);
             }
             let (loss, grad_h) = head_backward(model, &h, grads);
             backprop_into(h, grad_h, master, grads, scale);
@@ -158,13 +249,13 @@ pub fn forward_backward_with(
             for &(a, b) in rest {
                 saved.push((h.clone(), dropout.clone()));
                 for i in a..b {
-                    h = view.block(i, h, &consts, dropout, None);
+                    h = view.block(i, h, consts, dropout, None);
                 }
             }
             let last_input = h.autodiff().require_grad();
             let mut out = last_input.clone();
             for i in last.0..last.1 {
-                out = model.block(i, out, &consts, dropout, None);
+                out = model.block(i, out, consts, dropout, None);
             }
             let (loss, grad_out) = head_backward(model, &out, grads);
             let mut grad_h = span_backward(out, grad_out, &last_input, master, grads, scale);
@@ -173,7 +264,7 @@ pub fn forward_backward_with(
                 let input = input.autodiff().require_grad();
                 let mut out = input.clone();
                 for i in a..b {
-                    out = model.block(i, out, &consts, &mut replay, None);
+                    out = model.block(i, out, consts, &mut replay, None);
                 }
                 grad_h = span_backward(out, grad_h, &input, master, grads, scale);
             }
@@ -275,7 +366,7 @@ fn head_backward(
     model: &Model,
     master: &Model,
     h: &Tensor<2>,
-    batch: &Batch,
+    batch: &StepBatch,
     head_loss: &HeadLoss,
     chunk: usize,
     grads: &mut GradAccumulator,
@@ -301,9 +392,14 @@ fn head_backward(
         };
         let part = part.autodiff().require_grad();
         let logits = model.head(part.clone());
-        let l = weighted_nll(logits, &batch.targets[start..end], weights)
+        let targets = if whole {
+            batch.targets.clone()
+        } else {
+            batch.targets.clone().slice(start..end)
+        };
+        let l = weighted_nll(logits, targets, weights)
             .sum()
-            .div_scalar(head_loss.divisor);
+            .div(head_loss.divisor.clone());
         let g = (l.clone() * scale.loss).backward();
         grads.add(master, &g, scale.grads);
         grad_parts.push(
@@ -326,10 +422,13 @@ fn head_backward(
 }
 
 /// `weights_t · nll_t` for each row of `logits` (in f32 whatever the compute type).
-pub fn weighted_nll(logits: Tensor<2>, targets: &[u32], weights: Tensor<1>) -> Tensor<1> {
+pub fn weighted_nll(logits: Tensor<2>, targets: Tensor<1, Int>, weights: Tensor<1>) -> Tensor<1> {
+    kiln_models::fused::cross_entropy(to_dtype(logits, FloatDType::F32), targets, weights)
+}
+
+/// [`weighted_nll`] against targets on the host.
+pub fn weighted_nll_of(logits: Tensor<2>, targets: &[u32], weights: Tensor<1>) -> Tensor<1> {
     let device = logits.device().without_autodiff();
-    let n = targets.len();
-    let idx: Vec<i64> = targets.iter().map(|&t| t as i64).collect();
-    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device);
-    kiln_models::fused::cross_entropy(to_dtype(logits, FloatDType::F32), idx, weights)
+    let targets = Tensor::from_data(Model::ids_data(targets), &device);
+    weighted_nll(logits, targets, weights)
 }

@@ -82,6 +82,9 @@ pub struct RunSummary {
     /// Several ranks: the gradient bytes a rank received from the others, and the seconds it
     /// spent in the collectives, a step (means over this session's steps).
     pub communication: Option<(u64, f64)>,
+    /// Steps replayed from the captured step (GPU backends, `backend.capture`) rather than
+    /// issued one operation at a time.
+    pub replayed_steps: usize,
 }
 
 fn output_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
@@ -266,8 +269,13 @@ pub fn step_shape(config: &Config, model: &Model, plan: &Plan) -> StepShape {
 pub struct Prefetched(Option<(u64, kiln_data::Batch)>);
 
 impl Prefetched {
+    /// Keeps `batch` (micro-batch `index`) for the next [`Prefetched::take`].
+    pub(crate) fn put_back(&mut self, index: u64, batch: Option<kiln_data::Batch>) {
+        self.0 = batch.map(|b| (index, b));
+    }
+
     /// Micro-batch `index`: the one built ahead if it is that one, else built now.
-    fn take(
+    pub(crate) fn take(
         &mut self,
         data: &TrainData,
         seed: u64,
@@ -385,6 +393,46 @@ pub fn train_step(
         (tokens, signal) = (counts.tokens, counts.signal);
         traffic = grads.sum_across(ranks, [&mut loss_sum, &mut metrics_sum]);
     }
+    optimizer.set_rates(lr, &model.device().without_autodiff());
+    let loss_sum =
+        loss_sum.unwrap_or_else(|| Tensor::<1>::zeros([1], &model.device().without_autodiff()));
+    let (model, update) = apply_update(model, optimizer, grads, loss_sum, accum, config);
+    (
+        model,
+        StepOutput {
+            loss: update.loss,
+            grad_norm: update.grad_norm,
+            tokens,
+            applied: update.applied,
+            metrics: metrics_sum.map(|m| m / accum as f64),
+            signal,
+            traffic,
+        },
+    )
+}
+
+/// What [`apply_update`] leaves on the device.
+#[derive(Clone)]
+pub struct Update {
+    /// The step's mean loss.
+    pub loss: Tensor<1>,
+    /// The global gradient norm before clipping.
+    pub grad_norm: Option<Tensor<1>>,
+    /// Whether the update was applied (see [`StepOutput::applied`]).
+    pub applied: Tensor<1, Bool>,
+}
+
+/// The end of a step, after its gradients are summed: the norm, clipping, the finite check and
+/// AdamW at the rates [`AdamW::set_rates`] wrote. Reads nothing from the host and uploads
+/// nothing, so a captured step (`crate::replay`) runs it too.
+pub fn apply_update(
+    model: Model,
+    optimizer: &mut AdamW,
+    grads: GradAccumulator,
+    loss_sum: Tensor<1>,
+    accum: usize,
+    config: &Config,
+) -> (Model, Update) {
     let norm = grads.global_norm();
     let clip = match (config.optim.grad_clip, &norm) {
         (Some(max), Some(n)) if max > 0.0 => {
@@ -392,9 +440,7 @@ pub fn train_step(
         }
         _ => None,
     };
-    let loss = loss_sum
-        .map(|l| l / accum as f64)
-        .unwrap_or_else(|| Tensor::<1>::zeros([1], &model.device().without_autodiff()));
+    let loss = loss_sum / accum as f64;
     // A non-finite loss or gradient norm must not reach the weights: decided on the device, so
     // the step needs no host read (the host would otherwise wait for the GPU every step).
     let probe = match &norm {
@@ -402,17 +448,13 @@ pub fn train_step(
         None => loss.clone(),
     };
     let applied = probe.is_finite();
-    let model = optimizer.step(model, grads, lr, clip, applied.clone());
+    let model = optimizer.update(model, grads, clip, applied.clone());
     (
         model,
-        StepOutput {
+        Update {
             loss,
             grad_norm: norm,
-            tokens,
             applied,
-            metrics: metrics_sum.map(|m| m / accum as f64),
-            signal,
-            traffic,
         },
     )
 }
@@ -800,6 +842,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
     let mut sink_stop: Option<String> = None;
     let mut sink_reported = false;
     let objective = preference_of(config, setup.reference.as_ref());
+    let mut replay = crate::replay::Replay::for_run(
+        config,
+        selected.kind,
+        &device,
+        objective.is_some(),
+        ranks.size(),
+    );
     // From here a signal asks for a checkpoint; before, it ended the process at once.
     crate::signals::loading_done();
     while state.step < last_step {
@@ -811,18 +860,36 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 "step {step}: the learning rate is {lr}; check optim.lr and optim.schedule"
             )));
         }
-        let (next, out) = train_step(
-            model,
-            &mut optimizer,
-            &setup.data,
-            config,
-            state.micro_batches,
-            lr,
-            shape,
-            &mut prefetch,
-            objective,
-            ranks,
-        );
+        let replayed = match replay.as_mut() {
+            Some(r) => r
+                .step(
+                    model,
+                    &mut optimizer,
+                    &setup.data,
+                    config,
+                    state.micro_batches,
+                    lr,
+                    shape,
+                    &mut prefetch,
+                )
+                .inspect_err(|_| progress.finish())?,
+            None => Err(model),
+        };
+        let (next, out) = match replayed {
+            Ok(stepped) => stepped,
+            Err(model) => train_step(
+                model,
+                &mut optimizer,
+                &setup.data,
+                config,
+                state.micro_batches,
+                lr,
+                shape,
+                &mut prefetch,
+                objective,
+                ranks,
+            ),
+        };
         model = next;
         state.micro_batches += accum as u64;
         interval_traffic.add(out.traffic);
@@ -1164,6 +1231,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
             crate::signals::requested()
         },
         first_step_secs,
+        replayed_steps: replay.as_ref().map_or(0, |r| r.replayed),
         communication: (ranks.is_distributed() && state.step > first_step).then(|| {
             let steps = (state.step - first_step) as f64;
             (
