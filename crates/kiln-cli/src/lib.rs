@@ -1616,6 +1616,13 @@ fn print_bench(config: &Config, steps: usize, warmup: usize, json: bool) -> Resu
         r.min_tokens_per_s,
         r.max_tokens_per_s
     );
+    out!(
+        "host time to issue a step: median {:.2} ms, {:.2} ms CPU of the calling thread ({} of {} measured steps replayed from the captured step)",
+        r.median_issue_secs * 1e3,
+        r.median_issue_cpu_secs * 1e3,
+        r.replayed_steps,
+        r.step_secs.len()
+    );
     if let Some(p) = r.peak_rss_bytes {
         out!("peak RSS: {}", human_bytes(p));
     }

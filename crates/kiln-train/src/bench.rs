@@ -24,6 +24,14 @@ pub struct BenchReport {
     /// run as training runs them, queued without a host read, and are timed as one window, so
     /// every entry is the window's mean.
     pub step_secs: Vec<f64>,
+    /// Median seconds the host took to issue a measured step (the step call, which on a GPU
+    /// returns before the device is done): the host's share of the step.
+    pub median_issue_secs: f64,
+    /// Median CPU seconds of the calling thread in that call (Burn's, autodiff's and the fusion
+    /// recorder's work; not the device threads').
+    pub median_issue_cpu_secs: f64,
+    /// Measured steps replayed from the captured step (`backend.capture`, GPU backends).
+    pub replayed_steps: usize,
     pub median_tokens_per_s: f64,
     pub min_tokens_per_s: f64,
     pub max_tokens_per_s: f64,
@@ -75,25 +83,60 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
     let eager = selected.kind == kiln_config::BackendKind::Cpu;
     let mut window: Option<(Instant, usize)> = None;
     let mut last_loss = None;
+    let mut issue_secs = Vec::with_capacity(steps);
+    let mut issue_cpu_secs = Vec::with_capacity(steps);
+    let objective = crate::trainer::preference_of(config, setup.reference.as_ref());
+    let mut replay = crate::replay::Replay::for_run(
+        config,
+        selected.kind,
+        &selected.device,
+        objective.is_some(),
+        1,
+    );
     for step in 0..steps + warmup.max(1) {
         let measured = step >= warmup.max(1);
         if measured && window.is_none() {
             window = Some((Instant::now(), step));
         }
         let t = Instant::now();
+        let cpu = crate::threads::thread_cpu_secs();
         let lr = learning_rate(&config.optim, step + 1, total);
-        let (next, out) = train_step(
-            model,
-            &mut optimizer,
-            &setup.data,
-            config,
-            step as u64 * accum,
-            lr,
-            shape,
-            &mut prefetch,
-            crate::trainer::preference_of(config, setup.reference.as_ref()),
-            &crate::ranks::Ranks::single(),
-        );
+        let first_micro = step as u64 * accum;
+        let replayed = match replay.as_mut() {
+            Some(r) => r.step(
+                model,
+                &mut optimizer,
+                &setup.data,
+                config,
+                first_micro,
+                lr,
+                shape,
+                &mut prefetch,
+            )?,
+            None => Err(model),
+        };
+        let (next, out) = match replayed {
+            Ok(stepped) => stepped,
+            Err(model) => train_step(
+                model,
+                &mut optimizer,
+                &setup.data,
+                config,
+                first_micro,
+                lr,
+                shape,
+                &mut prefetch,
+                objective,
+                &crate::ranks::Ranks::single(),
+            ),
+        };
+        if measured {
+            // The host's part: the call returns once the step is issued (no read on a GPU).
+            issue_secs.push(t.elapsed().as_secs_f64());
+            if let (Some(a), Some(b)) = (cpu, crate::threads::thread_cpu_secs()) {
+                issue_cpu_secs.push(b - a);
+            }
+        }
         model = next;
         let tokens = out.tokens;
         if eager || !measured {
@@ -132,6 +175,9 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         .collect();
     rates.sort_by(f64::total_cmp);
     let median_rate = rates.get(rates.len() / 2).copied().unwrap_or(f64::NAN);
+    let median_issue_secs = median(&mut issue_secs);
+    let median_issue_cpu_secs = median(&mut issue_cpu_secs);
+    let replayed_steps = replay.as_ref().map_or(0, |r| r.replayed.min(steps));
     Ok(BenchReport {
         device: selected.description,
         threads: crate::threads::count(),
@@ -139,6 +185,9 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         tokens_per_step,
         first_step_secs,
         step_secs,
+        median_issue_secs,
+        median_issue_cpu_secs,
+        replayed_steps,
         median_tokens_per_s: median_rate,
         min_tokens_per_s: rates.first().copied().unwrap_or(f64::NAN),
         max_tokens_per_s: rates.last().copied().unwrap_or(f64::NAN),
@@ -149,6 +198,12 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         recompute_every: plan.recompute_every,
         estimate: plan.estimate,
     })
+}
+
+/// The median of `v` (NaN when empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn check_loss(loss: burn::prelude::Tensor<1>, step: usize) -> Result<(), TrainError> {

@@ -60,3 +60,16 @@ pub fn flush_subnormals() {
         }
     }
 }
+
+/// CPU seconds the calling thread has used, where the system tells (Linux, macOS): the host's
+/// own work in a step, apart from the device's threads (which, on a software Vulkan, also run
+/// the "GPU").
+pub fn thread_cpu_secs() -> Option<f64> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass and has no other effect.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    (rc == 0).then_some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
+}
