@@ -244,6 +244,36 @@ impl FusedOps for Cube {
         crate::overwrite_cube::overwrite(tensor, data)
     }
 
+    fn kiln_rms_norm(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        crate::rms_norm_cube::rms_norm(x, weight, eps)
+    }
+
+    fn kiln_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::rms_norm_cube::rms_norm_backward(x, weight, grad, eps)
+    }
+
+    fn kiln_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        inverse: bool,
+    ) -> FloatTensor<Self> {
+        if crate::rope_cube::takes(&x, &cos, &sin) {
+            crate::rope_cube::rope(x, cos, sin, inverse)
+        } else {
+            composed::rope::<Self>(x, cos, sin, inverse)
+        }
+    }
+
     fn kiln_overwrite_int(tensor: IntTensor<Self>, data: TensorData) -> IntTensor<Self> {
         crate::overwrite_cube::overwrite(tensor, data)
     }

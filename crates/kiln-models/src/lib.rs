@@ -11,6 +11,7 @@ mod adamw_cube;
 pub mod arch;
 mod attention_cube;
 pub mod config;
+mod cube_op;
 pub mod dtype;
 pub mod families;
 pub mod family;
@@ -29,6 +30,8 @@ pub mod plan;
 pub mod pretrained;
 pub mod quant;
 pub mod registry;
+mod rms_norm_cube;
+mod rope_cube;
 
 pub use arch::Architecture;
 pub use config::ModelConfig;

@@ -49,7 +49,7 @@ impl GradAccumulator {
             fn visit<const D: usize>(&mut self, name: &str, _: ParamKind, p: &Tensor<D>) {
                 let Some(g) = p.grad(self.grads) else { return };
                 let n = g.shape().num_elements();
-                let g = g.reshape([n]) * self.scale;
+                let g = crate::step::scaled(g.reshape([n]), self.scale);
                 let sum = match self.acc.remove(name) {
                     Some(prev) => prev + g,
                     None => g,

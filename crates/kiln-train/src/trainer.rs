@@ -440,7 +440,12 @@ pub fn apply_update(
         }
         _ => None,
     };
-    let loss = loss_sum / accum as f64;
+    // The mean over micro-batches (one kernel less on a GPU for a single one).
+    let loss = if accum == 1 {
+        loss_sum
+    } else {
+        loss_sum / accum as f64
+    };
     // A non-finite loss or gradient norm must not reach the weights: decided on the device, so
     // the step needs no host read (the host would otherwise wait for the GPU every step).
     let probe = match &norm {
