@@ -777,6 +777,31 @@ fn check_fused_ops(device: &burn::tensor::Device, what: &str) {
     };
     let (p, m, g) = (t1(20, 1.0), t1(21, 0.1), t1(22, 1.0));
     let v = t1(23, 0.01).abs();
+    // The global gradient norm (a kernel a gradient on the GPU): sizes below, at and past one
+    // cube's chunk of 2048 values.
+    let grads: Vec<Tensor<1>> = [(7, 1.0), (2048, 0.5), (5000, 2.0), (1, 3.0)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (len, scale))| {
+            Tensor::<1>::from_data(
+                TensorData::new(noise(len, 40 + i as u64, scale), [len]),
+                &device.clone(),
+            )
+        })
+        .collect();
+    let want = grads
+        .iter()
+        .map(|g| g.clone().square().sum())
+        .reduce(|a, b| a + b)
+        .unwrap()
+        .sqrt();
+    close_within(
+        1e-5,
+        true,
+        "global_norm",
+        fused::global_norm(grads).unwrap(),
+        want,
+    );
     let clip = Tensor::<1>::from_data(TensorData::new(vec![0.5f32], [1]), &device.clone());
     // Attention in tiles against attention over materialised scores (kiln's path under
     // attention dropout), values and gradients within 1e-5 relative: causal, GQA 9/3 and 4/1,

@@ -261,6 +261,70 @@ impl FusedOps for Cube {
         crate::rms_norm_cube::rms_norm_backward(x, weight, grad, eps)
     }
 
+    fn kiln_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        if crate::swiglu_cube::takes(&gate, &up) {
+            crate::swiglu_cube::swiglu(gate, up)
+        } else {
+            composed::swiglu::<Self>(gate, up)
+        }
+    }
+
+    fn kiln_swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if crate::swiglu_cube::takes(&gate, &up) && gate.shape() == grad.shape() {
+            crate::swiglu_cube::swiglu_backward(gate, up, grad)
+        } else {
+            composed::swiglu_backward::<Self>(gate, up, grad)
+        }
+    }
+
+    fn kiln_softmax_bias(scores: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        if crate::softmax_cube::takes(&scores, &bias) {
+            crate::softmax_cube::softmax_bias(scores, bias)
+        } else {
+            composed::softmax_bias::<Self>(scores, bias)
+        }
+    }
+
+    fn kiln_softmax_backward(
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if probs.shape() == grad.shape() {
+            crate::softmax_cube::softmax_backward(probs, grad)
+        } else {
+            composed::softmax_backward::<Self>(probs, grad)
+        }
+    }
+
+    fn kiln_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if crate::cross_entropy_cube::takes(&logits, &targets) {
+            crate::cross_entropy_cube::cross_entropy(logits, targets, weights)
+        } else {
+            composed::cross_entropy::<Self>(logits, targets, weights)
+        }
+    }
+
+    fn kiln_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if crate::cross_entropy_cube::takes(&logits, &targets) {
+            crate::cross_entropy_cube::cross_entropy_backward(logits, targets, weights, grad)
+        } else {
+            composed::cross_entropy_backward::<Self>(logits, targets, weights, grad)
+        }
+    }
+
     fn kiln_rope(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
@@ -1749,4 +1813,41 @@ pub fn overwrite_int<const D: usize>(tensor: Tensor<D, Int>, data: TensorData) -
         tensor.into_dispatch(),
         data,
     ))
+}
+
+/// The global L2 norm `[1]` of flat f32 gradients, `sqrt(Σ_g Σ g²)`; `None` without any. On
+/// the GPU backends one kernel a gradient (`grad_norm_cube`); elsewhere the sums a gradient at
+/// a time, added in order. Gradients are plain (untracked) tensors, so this routes by hand:
+/// the backend extension takes no list of tensors.
+pub fn global_norm(grads: Vec<Tensor<1>>) -> Option<Tensor<1>> {
+    use burn::backend::{
+        BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind,
+    };
+    grads.first()?;
+    let on_gpu = |t: &Tensor<1>| {
+        !t.is_autodiff()
+            && matches!(
+                t.device().as_dispatch(),
+                burn::backend::DispatchDevice::Cube(_)
+            )
+    };
+    if grads.iter().all(on_gpu) {
+        let cube: Vec<FloatTensor<Cube>> = grads
+            .into_iter()
+            .filter_map(|g| match g.into_dispatch().kind {
+                DispatchTensorKind::Cube(BackendTensor::Float(t)) => Some(t),
+                _ => None,
+            })
+            .collect();
+        let norm = crate::grad_norm_cube::global_norm(cube);
+        return Some(Tensor::from_dispatch(DispatchTensor {
+            kind: DispatchTensorKind::Cube(BackendTensor::Float(norm)),
+            autodiff: DispatchAutodiffContext::Disabled,
+        }));
+    }
+    grads
+        .into_iter()
+        .map(|g| g.square().sum())
+        .reduce(|a, b| a + b)
+        .map(Tensor::sqrt)
 }

@@ -4,9 +4,11 @@
 //! backward (the rows' gradients, then the weight's, a column per thread: deterministic, no
 //! atomics).
 //!
-//! A cube a row: its threads stride over the row and add their squares in shared memory.
+//! A cube a row (`cube_rows`): its threads stride over the row and add their squares in shared
+//! memory.
 
 use crate::cube_op::{self, back_to, empty_f32, f32_of, float_scalar, grid};
+use crate::cube_rows::{THREADS, cube_sum, row_of_cube};
 use burn::backend::fusion::custom::ScalarIr;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Cube, Shape, TensorMetadata};
@@ -14,45 +16,6 @@ use burn_cubecl::cubecl;
 use burn_cubecl::cubecl::prelude::*;
 use burn_cubecl::cubecl::{CubeDim, calculate_cube_count_elemwise};
 use burn_cubecl::tensor::CubeTensor;
-
-/// Threads a row (a power of two).
-const THREADS: usize = 128;
-
-/// This cube's row: `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X` (see `cube_op::grid`), and
-/// the row's width: 0 for a cube past the last row. Such a cube still reaches every barrier
-/// (WGSL wants barriers in uniform control flow, and the row count is not known uniform), it
-/// just reads and writes nothing.
-#[cube]
-fn row_of_cube(rows: usize, d: usize) -> (usize, usize) {
-    let row = CUBE_POS_Y as usize * CUBE_COUNT_X as usize + CUBE_POS_X as usize;
-    let mut width = d;
-    if row >= rows {
-        width = 0;
-    }
-    (row, width)
-}
-
-/// The sum over the cube's threads of `v`, in every thread (a tree in shared memory).
-#[cube]
-fn cube_sum(v: f32, #[comptime] threads: usize) -> f32 {
-    let mut shared = Shared::<[f32]>::new_slice(threads);
-    let tid = UNIT_POS_X as usize;
-    shared[tid] = v;
-    sync_cube();
-    // The cube's width as a runtime value (the loop variable must be one).
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            let sum = shared[tid] + shared[tid + stride];
-            shared[tid] = sum;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = shared[0];
-    sync_cube();
-    total
-}
 
 /// `1 / sqrt(mean(x²) + eps)` of row `row` (`d` wide; its first `width` values read), in
 /// every thread of the cube.

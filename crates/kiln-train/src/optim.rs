@@ -112,11 +112,7 @@ impl GradAccumulator {
     pub fn global_norm(&self) -> Option<Tensor<1>> {
         let mut names: Vec<&String> = self.grads.keys().collect();
         names.sort();
-        names
-            .into_iter()
-            .map(|n| self.grads[n].clone().square().sum())
-            .reduce(|a, b| a + b)
-            .map(|s| s.sqrt())
+        fused::global_norm(names.into_iter().map(|n| self.grads[n].clone()).collect())
     }
 }
 
