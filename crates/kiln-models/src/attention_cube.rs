@@ -7,7 +7,8 @@
 //! - Backward: one thread a query row sums its dQ over its keys; one thread a key sums its dK
 //!   and dV over every query head of its K/V head and every query that sees it (runs start in
 //!   order, so it stops at the first that starts past it). Each output is written by one thread,
-//!   in one order: deterministic, no atomics. `D = rowsum(dO ∘ O)` comes from Burn's operations.
+//!   in one order: deterministic, no atomics. `D = rowsum(dO ∘ O)` is a query row's own sum, in
+//!   the first kernel, which leaves it for the second.
 //!
 //! Rows are the parallel units and a row's head dimension is a loop: simple and memory-light
 //! (nothing per score is stored), not yet the shared-memory tiling a fast GPU kernel has.
@@ -138,9 +139,10 @@ fn query_gradient_kernel(
     v: &Tensor<f32>,
     first: &Tensor<i32>,
     lse: &Tensor<f32>,
-    delta: &Tensor<f32>,
+    out: &Tensor<f32>,
     d_out: &Tensor<f32>,
     dq: &mut Tensor<f32>,
+    delta: &mut Tensor<f32>,
     dims: Dims,
     scale: f32,
     cap: f32,
@@ -151,7 +153,13 @@ fn query_gradient_kernel(
         terminate!();
     }
     let (b, i, kvh, q_at) = query_row(&dims, ABSOLUTE_POS, hd);
-    let (row_lse, row_delta) = (lse[ABSOLUTE_POS], delta[ABSOLUTE_POS]);
+    // D = rowsum(dO ∘ O), kept for the key gradients' kernel, which runs next.
+    let mut row_delta = 0.0f32;
+    for d in 0..hd {
+        row_delta += d_out[q_at + d] * out[q_at + d];
+    }
+    delta[ABSOLUTE_POS] = row_delta;
+    let row_lse = lse[ABSOLUTE_POS];
     let mut acc = Array::<f32>::new(hd);
     for d in 0..hd {
         acc[d] = 0.0f32;
@@ -313,16 +321,17 @@ fn backward_inner(
     v: CubeTensor,
     first: CubeTensor,
     lse: CubeTensor,
-    delta: CubeTensor,
+    out: CubeTensor,
     d_out: CubeTensor,
     p: AttentionParams,
 ) -> (CubeTensor, CubeTensor, CubeTensor) {
-    let [q, k, v, first, lse, delta, d_out] = [q, k, v, first, lse, delta, d_out].map(contiguous);
+    let [q, k, v, first, lse, out, d_out] = [q, k, v, first, lse, out, d_out].map(contiguous);
     let ([b, s, h, hd], _) = dims_of(&q, &k, &first);
     let dims = || dims_of(&q, &k, &first).1;
     let dq = empty_like_f32(&q, q.shape());
     let dk = empty_like_f32(&k, k.shape());
     let dv = empty_like_f32(&k, k.shape());
+    let delta = empty_like_f32(&q, lse.shape());
     let (rows, key_rows) = (b * h * s, k.shape().num_elements() / hd.max(1));
     if rows == 0 || hd == 0 {
         return (dq, dk, dv);
@@ -331,7 +340,7 @@ fn backward_inner(
     let (scale, cap, softcap) = (p.scale as f32, cap_of(p), p.softcap.is_some());
     let cube_dim = CubeDim::new(&client, rows);
     let cube_count = calculate_cube_count_elemwise(&client, rows, cube_dim);
-    // SAFETY: as in `forward_inner`; lse and delta are [b, h, s], d_out and dq like q.
+    // SAFETY: as in `forward_inner`; lse and delta are [b, h, s], out, d_out and dq like q.
     unsafe {
         query_gradient_kernel::launch_unchecked(
             &client,
@@ -342,9 +351,10 @@ fn backward_inner(
             v.clone().into_tensor_arg(),
             first.clone().into_tensor_arg(),
             lse.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
+            out.into_tensor_arg(),
             d_out.clone().into_tensor_arg(),
             dq.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
             dims(),
             scale,
             cap,
@@ -432,17 +442,17 @@ struct Backward {
 
 impl Operation<Runtime> for Backward {
     fn execute(&self, handles: &mut Handles) -> Result<(), ExecutionError> {
-        let ([q, k, v, first, lse, delta, d_out], [dq, dk, dv]) = self.desc.as_fixed();
+        let ([q, k, v, first, lse, out, d_out], [dq, dk, dv]) = self.desc.as_fixed();
         let float = |h: &mut Handles, t| h.get_float_tensor::<CubeBackend>(t);
         let (q, k, v) = (float(handles, q), float(handles, k), float(handles, v));
-        let (lse, delta, d_out) = (
+        let (lse, out, d_out) = (
             float(handles, lse),
-            float(handles, delta),
+            float(handles, out),
             float(handles, d_out),
         );
         let first = handles.get_int_tensor::<CubeBackend>(first);
         let params = params_of(&self.desc.scalars);
-        let (gq, gk, gv) = backward_inner(q, k, v, first, lse, delta, d_out, params);
+        let (gq, gk, gv) = backward_inner(q, k, v, first, lse, out, d_out, params);
         handles.register_float_tensor::<CubeBackend>(&dq.id, gq);
         handles.register_float_tensor::<CubeBackend>(&dk.id, gk);
         handles.register_float_tensor::<CubeBackend>(&dv.id, gv);
@@ -517,11 +527,7 @@ pub fn attention_backward(
     params: AttentionParams,
 ) -> (FloatTensor<Cube>, FloatTensor<Cube>, FloatTensor<Cube>) {
     let dtypes = (q.dtype(), k.dtype(), v.dtype());
-    let [b, s, h, _] = q.shape().dims::<4>();
     let [q, k, v, out, lse, grad] = [q, k, v, out, lse, grad].map(f32_of);
-    // D = rowsum(dO ∘ O), [b, s, h] → [b, h, s].
-    let delta = Cube::float_sum_dim(Cube::float_mul(grad.clone(), out), 3);
-    let delta = Cube::float_swap_dims(Cube::float_reshape(delta, Shape::new([b, s, h])), 1, 2);
     let client = q.client.clone();
     let (dq, dk, dv) = (
         uninit_f32(&client, q.shape()),
@@ -536,7 +542,7 @@ pub fn attention_backward(
             v.into_ir(),
             first.into_ir(),
             lse.into_ir(),
-            delta.into_ir(),
+            out.into_ir(),
             grad.into_ir(),
         ],
         &[dq, dk, dv],
