@@ -493,7 +493,7 @@ fn wgpu_on_lavapipe_matches_cpu() {
 /// On the GPU backends the training step is captured once and replayed (`kiln_train::replay`):
 /// replayed steps equal eager steps bit for bit over 20 steps, weights and AdamW's moments,
 /// from scratch (two micro-batches a step, gradient clipping) and with LoRA on a pretrained
-/// directory, with a shape change (evaluation) in between.
+/// directory, on plain and on packed rows, with a shape change (evaluation) in between.
 #[test]
 fn replayed_steps_equal_eager_steps_on_lavapipe() {
     if !software_vulkan("replayed_steps_equal_eager_steps_on_lavapipe") {
@@ -521,15 +521,32 @@ fn replayed_steps_equal_eager_steps_on_lavapipe() {
         "logging.histograms_every=0",
         "optim.grad_clip=0.5",
     ];
+    // Short examples packed into rows: each step's rotary tables and key runs differ, and are
+    // refilled in place too.
+    let examples = dir.path().join("examples");
+    std::fs::create_dir_all(&examples).unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&corpus)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(600)
+        .map(|l| serde_json::json!({ "text": l }).to_string())
+        .collect();
+    let (train_lines, valid_lines) = lines.split_at(500);
+    std::fs::write(examples.join("train.jsonl"), train_lines.join("\n")).unwrap();
+    std::fs::write(examples.join("valid.jsonl"), valid_lines.join("\n")).unwrap();
+    let packed = format!("data.train={}", examples.display());
+    let lora = [
+        pretrained.as_str(),
+        "finetune.lora.rank=4",
+        "finetune.lora.dropout=0.0",
+    ];
     for (what, extra) in [
         ("scratch", vec!["train.grad_accum=2"]),
+        ("lora", lora.to_vec()),
         (
-            "lora",
-            vec![
-                pretrained.as_str(),
-                "finetune.lora.rank=4",
-                "finetune.lora.dropout=0.0",
-            ],
+            "packed-lora",
+            [&lora[..], &[packed.as_str(), "data.pack=true"]].concat(),
         ),
     ] {
         let run = |capture: bool| {

@@ -246,10 +246,42 @@ impl Model {
 
     /// Rotary tables and masks for a batch's shape (packed rows included).
     pub fn consts_for(&self, batch: &Batch) -> ForwardConsts {
-        match &batch.segments {
-            Some(seg) => self.consts_packed(batch.batch_size, batch.seq_len, seg),
-            None => self.consts(batch.batch_size, batch.seq_len),
-        }
+        self.consts_in(batch, self.dtype())
+    }
+
+    /// [`Model::consts_for`] with tables in `dtype`: for a forward in another compute type than
+    /// the model's own (`train.dtype`).
+    pub fn consts_in(&self, batch: &Batch, dtype: FloatDType) -> ForwardConsts {
+        let at = match &batch.segments {
+            Some(segments) => Positions::Packed {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+                segments,
+            },
+            None => Positions::Plain {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+            },
+        };
+        let device = self.device().without_autodiff();
+        ForwardConsts::new(&self.arch.ropes, &self.arch.windows(), at, dtype, &device)
+    }
+
+    /// `consts` (built for a batch of `batch`'s shape and packing) rewritten for `batch`, in
+    /// the same device buffers: see [`ForwardConsts::refill`].
+    pub fn refill_consts(&self, consts: ForwardConsts, batch: &Batch) -> ForwardConsts {
+        let at = match &batch.segments {
+            Some(segments) => Positions::Packed {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+                segments,
+            },
+            None => Positions::Plain {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+            },
+        };
+        consts.refill(&self.arch.ropes, at)
     }
 
     /// Token embeddings for `[batch, seq]` ids, as `[batch × seq, hidden]`.

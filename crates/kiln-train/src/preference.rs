@@ -293,7 +293,7 @@ pub fn forward_backward(
     let mut out = None;
     step::forward_backward_with(
         master,
-        &StepBatch::upload(master, batch),
+        &StepBatch::upload(master, batch, shape.dtype),
         dropout,
         shape,
         grads,

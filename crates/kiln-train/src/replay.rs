@@ -18,9 +18,9 @@
 //! The sequence: one eager step (it creates the moments and compiles the kernels), then
 //! [`WARM_STEPS`] eager steps with the device's allocations routed to the pool a capture may
 //! use, then the capture. The capture only records, so the captured step is replayed at once.
-//! Every later step refills the inputs and replays. Steps the graph cannot serve (a micro-batch
-//! of another shape, packed rows) run eagerly in between: they update the same buffers in
-//! place, so the graph stays valid.
+//! Every later step refills the inputs and replays (packed rows: their rotary tables and key
+//! runs too). Steps the graph cannot serve (a micro-batch of another shape) run eagerly in
+//! between: they update the same buffers in place, so the graph stays valid.
 //!
 //! Used on the GPU backends for the next-token objective of one process without dropout
 //! (`backend.capture: false` turns it off); everything else runs [`train_step`] as before.
@@ -133,8 +133,8 @@ impl Replay {
         let fits = self.inputs.is_empty()
             || (self.inputs.len() == batches.len()
                 && self.inputs.iter().zip(&batches).all(|(i, b)| i.fits(b)));
-        if !fits || batches.iter().any(|b| b.segments.is_some()) {
-            // Another shape, or packed rows: an eager step (in place, so the graph stays valid).
+        if !fits {
+            // Another shape: an eager step (in place, so the graph stays valid).
             prefetch.put_back(first_micro, batches.into_iter().next());
             return Ok(Err(model));
         }
@@ -142,13 +142,13 @@ impl Replay {
         self.inputs = if self.inputs.is_empty() {
             batches
                 .iter()
-                .map(|b| StepBatch::upload(&model, b))
+                .map(|b| StepBatch::upload(&model, b, shape.dtype))
                 .collect()
         } else {
             std::mem::take(&mut self.inputs)
                 .into_iter()
                 .zip(&batches)
-                .map(|(i, b)| i.refill(b))
+                .map(|(i, b)| i.refill(&model, b))
                 .collect()
         };
         optimizer.set_rates(lr, &self.device);

@@ -79,8 +79,9 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
-    /// `batch`'s tensors for `model`'s device.
-    pub fn upload(model: &Model, batch: &Batch) -> Self {
+    /// `batch`'s tensors for `model`'s device, its tables for a forward in `dtype` (the step's
+    /// compute type).
+    pub fn upload(model: &Model, batch: &Batch, dtype: FloatDType) -> Self {
         let device = model.device().without_autodiff();
         let [ids, targets, weights, count] = Self::host_data(batch);
         Self {
@@ -88,31 +89,38 @@ impl StepBatch {
             targets: Tensor::from_data(targets, &device),
             weights: Tensor::from_data(weights, &device),
             count: Tensor::from_data(count, &device),
-            consts: model.consts_for(batch),
+            consts: model.consts_in(batch, dtype),
             batch_size: batch.batch_size,
             seq_len: batch.seq_len,
             packed: batch.segments.is_some(),
         }
     }
 
-    /// Whether `batch` can be written into these buffers: the same shape, neither packed.
+    /// Whether `batch` can be written into these buffers: the same shape, both packed or
+    /// neither.
     pub fn fits(&self, batch: &Batch) -> bool {
-        !self.packed
-            && batch.segments.is_none()
+        self.packed == batch.segments.is_some()
             && batch.batch_size == self.batch_size
             && batch.seq_len == self.seq_len
     }
 
     /// `batch` (which [`StepBatch::fits`]) written into these tensors' own buffers (in place
-    /// on the GPU backends).
-    pub fn refill(self, batch: &Batch) -> Self {
+    /// on the GPU backends); a packed batch's rotary tables and key runs too.
+    pub fn refill(self, model: &Model, batch: &Batch) -> Self {
         debug_assert!(self.fits(batch));
         let [ids, targets, weights, count] = Self::host_data(batch);
+        let consts = if self.packed {
+            model.refill_consts(self.consts, batch)
+        } else {
+            // Plain rows: the constants depend on the shape alone.
+            self.consts
+        };
         Self {
             ids: fused::overwrite_int(self.ids, ids),
             targets: fused::overwrite_int(self.targets, targets),
             weights: fused::overwrite(self.weights, weights),
             count: fused::overwrite(self.count, count),
+            consts,
             ..self
         }
     }
@@ -150,7 +158,7 @@ pub fn forward_backward(
     grads: &mut GradAccumulator,
     scale: f64,
 ) -> Tensor<1> {
-    let inputs = StepBatch::upload(master, batch);
+    let inputs = StepBatch::upload(master, batch, shape.dtype);
     forward_backward_on(master, &inputs, dropout, shape, grads, scale)
 }
 

@@ -46,9 +46,8 @@ pub struct KeyRuns {
 
 impl KeyRuns {
     fn new(host: Vec<u32>, rows: usize, queries: usize, keys: usize, device: &Device) -> Self {
-        let data: Vec<i32> = host.iter().map(|&f| f as i32).collect();
         let first = Tensor::<2, Int>::from_data(
-            TensorData::new(data, [rows, queries]),
+            Self::data(&host, rows, queries),
             TensorCreationOptions::new(device.clone()).with_dtype(DType::I32),
         );
         Self {
@@ -57,6 +56,21 @@ impl KeyRuns {
             rows,
             queries,
             keys,
+        }
+    }
+
+    fn data(host: &[u32], rows: usize, queries: usize) -> TensorData {
+        let data: Vec<i32> = host.iter().map(|&f| f as i32).collect();
+        TensorData::new(data, [rows, queries])
+    }
+
+    /// Other runs of the same shape in the same device buffer (see [`ForwardConsts::refill`]).
+    fn refill(self, host: Vec<u32>, rows: usize, queries: usize, keys: usize) -> Self {
+        debug_assert_eq!((rows, queries, keys), (self.rows, self.queries, self.keys));
+        Self {
+            first: fused::overwrite_int(self.first, Self::data(&host, rows, queries)),
+            host,
+            ..self
         }
     }
 
@@ -117,39 +131,11 @@ impl ForwardConsts {
         dtype: FloatDType,
         device: &Device,
     ) -> Self {
-        // Positions of the table rows (one shared row unless packed) and the mask builder.
-        let (batch, seq, rows, positions) = match &at {
-            Positions::Plain { batch, seq } => (*batch, *seq, 1, (0..*seq).collect::<Vec<_>>()),
-            Positions::Cached { offset, n } => (1, *n, 1, (*offset..offset + n).collect()),
-            Positions::Packed {
-                batch,
-                seq,
-                segments,
-            } => {
-                let mut p = Vec::with_capacity(batch * seq);
-                for b in 0..*batch {
-                    let seg = &segments[b * seq..(b + 1) * seq];
-                    let mut pos = 0usize;
-                    for t in 0..*seq {
-                        if t > 0 && seg[t] != seg[t - 1] {
-                            pos = 0;
-                        }
-                        p.push(pos);
-                        pos += 1;
-                    }
-                }
-                (*batch, *seq, *batch, p)
-            }
-        };
-        let reach = positions.iter().max().map_or(0, |p| p + 1);
+        let (batch, seq, rows, positions) = positions_of(&at);
         let ropes = ropes
             .iter()
             .map(|rope| {
-                let inv_freq = rope.inv_freq(reach);
-                let (mut cos, mut sin) = (Vec::new(), Vec::new());
-                for &p in &positions {
-                    rope.push_row(&inv_freq, p, &mut cos, &mut sin);
-                }
+                let (cos, sin) = rope_rows(rope, &positions);
                 let shape = [rows, seq, rope.rotary_dim];
                 let table = |v: Vec<f32>| {
                     to_dtype(
@@ -172,7 +158,10 @@ impl ForwardConsts {
         }
         let runs = distinct
             .into_iter()
-            .map(|window| (window, key_runs(&at, window, device)))
+            .map(|window| {
+                let (first, rows, queries, keys) = first_keys(&at, window);
+                (window, KeyRuns::new(first, rows, queries, keys, device))
+            })
             .collect();
         Self {
             ropes,
@@ -181,16 +170,89 @@ impl ForwardConsts {
             seq,
         }
     }
+
+    /// These constants for `at` (of the same shape: the same batch, sequence and table rows),
+    /// written into the same device buffers (in place on the GPU backends), for a captured
+    /// training step that reads them there. `ropes` as given to [`ForwardConsts::new`].
+    pub fn refill(self, ropes: &[Rope], at: Positions<'_>) -> Self {
+        let (_, seq, rows, positions) = positions_of(&at);
+        let tables = self
+            .ropes
+            .into_iter()
+            .zip(ropes)
+            .map(|(table, rope)| {
+                let (cos, sin) = rope_rows(rope, &positions);
+                let shape = [rows, seq, rope.rotary_dim];
+                RopeTable {
+                    cos: fused::overwrite(table.cos, TensorData::new(cos, shape)),
+                    sin: fused::overwrite(table.sin, TensorData::new(sin, shape)),
+                    rotary_dim: table.rotary_dim,
+                }
+            })
+            .collect();
+        let runs = self
+            .runs
+            .into_iter()
+            .map(|(window, runs)| {
+                let (first, rows, queries, keys) = first_keys(&at, window);
+                (window, runs.refill(first, rows, queries, keys))
+            })
+            .collect();
+        Self {
+            ropes: tables,
+            runs,
+            ..self
+        }
+    }
 }
 
-/// The key runs of one window size.
-fn key_runs(at: &Positions<'_>, window: Option<usize>, device: &Device) -> KeyRuns {
+/// The batch, sequence, table rows (one shared row unless packed) and the position of each
+/// table entry, for `at`.
+fn positions_of(at: &Positions<'_>) -> (usize, usize, usize, Vec<usize>) {
+    match at {
+        Positions::Plain { batch, seq } => (*batch, *seq, 1, (0..*seq).collect::<Vec<_>>()),
+        Positions::Cached { offset, n } => (1, *n, 1, (*offset..offset + n).collect()),
+        Positions::Packed {
+            batch,
+            seq,
+            segments,
+        } => {
+            let mut p = Vec::with_capacity(batch * seq);
+            for b in 0..*batch {
+                let seg = &segments[b * seq..(b + 1) * seq];
+                let mut pos = 0usize;
+                for t in 0..*seq {
+                    if t > 0 && seg[t] != seg[t - 1] {
+                        pos = 0;
+                    }
+                    p.push(pos);
+                    pos += 1;
+                }
+            }
+            (*batch, *seq, *batch, p)
+        }
+    }
+}
+
+/// `rope`'s cos and sin rows for `positions`, concatenated.
+fn rope_rows(rope: &Rope, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let reach = positions.iter().max().map_or(0, |p| p + 1);
+    let inv_freq = rope.inv_freq(reach);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &p in positions {
+        rope.push_row(&inv_freq, p, &mut cos, &mut sin);
+    }
+    (cos, sin)
+}
+
+/// The first key of each query of one window size, and the runs' rows, queries and keys.
+fn first_keys(at: &Positions<'_>, window: Option<usize>) -> (Vec<u32>, usize, usize, usize) {
     // The first key a query at position `p` sees, by the window alone.
     let reach = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     match at {
         Positions::Plain { seq, .. } => {
             let first = (0..*seq).map(|i| reach(i) as u32).collect();
-            KeyRuns::new(first, 1, *seq, *seq, device)
+            (first, 1, *seq, *seq)
         }
         Positions::Cached { offset, n } => {
             // A windowed layer's cache holds only the last `window - 1` earlier positions.
@@ -198,7 +260,7 @@ fn key_runs(at: &Positions<'_>, window: Option<usize>, device: &Device) -> KeyRu
             let first = (0..*n)
                 .map(|q| (reach(offset + q) - start) as u32)
                 .collect();
-            KeyRuns::new(first, 1, *n, offset + n - start, device)
+            (first, 1, *n, offset + n - start)
         }
         Positions::Packed {
             batch,
@@ -216,7 +278,7 @@ fn key_runs(at: &Positions<'_>, window: Option<usize>, device: &Device) -> KeyRu
                     first.push(start.max(reach(i)) as u32);
                 }
             }
-            KeyRuns::new(first, *batch, *seq, *seq, device)
+            (first, *batch, *seq, *seq)
         }
     }
 }
