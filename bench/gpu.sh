@@ -112,10 +112,22 @@ for r in $(seq "$rounds"); do
   "$kiln" bench "${lora[@]}" --set backend.kind=wgpu --steps 20 --warmup 5 --json > "$out/lora-kiln-$r.json" 2> "$out/lora-kiln-$r.err"
   python3 bench/torch_peft_lora.py --base /tmp/smollm2-random --device cuda --seq-len 256 --batch-size 4 \
     --pack --steps 20 --warmup 5 --json > "$out/lora-torch-$r.json" 2> "$out/lora-torch-$r.err"
-  "$kiln" bench "${heavy[@]}" --set backend.kind=wgpu --steps 8 --warmup 3 --json > "$out/heavy-kiln-$r.json" 2> "$out/heavy-kiln-$r.err"
+  # The same LoRA step issued eagerly (no capture): what the replay is worth on this GPU.
+  "$kiln" bench "${lora[@]}" --set backend.kind=wgpu --set backend.capture=false --steps 20 --warmup 5 --json > "$out/lora-eager-kiln-$r.json" 2> "$out/lora-eager-kiln-$r.err"
+  # Warmup 5: the capture happens at the fifth step, before the measured window.
+  "$kiln" bench "${heavy[@]}" --set backend.kind=wgpu --steps 8 --warmup 5 --json > "$out/heavy-kiln-$r.json" 2> "$out/heavy-kiln-$r.err"
   python3 bench/torch_peft_lora.py "${heavy_torch[@]}" --steps 8 --warmup 3 --json > "$out/heavy-torch-$r.json" 2> "$out/heavy-torch-$r.err"
   echo "round $r done"
 done
 python3 bench/compare.py "$out" scratch lora heavy
+# Replayed against eager (kiln alone): tokens/s and the host's time to issue a step.
+python3 - "$out" <<'PY'
+import glob, json, sys
+for kind in ("lora", "lora-eager"):
+    for path in sorted(glob.glob(f"{sys.argv[1]}/{kind}-kiln-*.json")):
+        r = json.load(open(path))
+        print(f"{kind}: {r['median_tokens_per_s']:.0f} tokens/s, issue {1e3 * r['median_issue_secs']:.2f} ms "
+              f"({1e3 * r['median_issue_cpu_secs']:.2f} ms CPU), {r['replayed_steps']} steps replayed")
+PY
 # Only a few files come back from the device machine: the reports travel as one archive.
 tar czf "$out/reports.tgz" -C "$out" $(cd "$out" && ls ./*.json ./*.err ./*.txt)
