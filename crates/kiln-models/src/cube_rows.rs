@@ -24,9 +24,10 @@ pub fn row_of_cube(rows: usize, d: usize) -> (usize, usize) {
     (row, width)
 }
 
-/// The sum over the cube's threads of `v`, in every thread (a tree in shared memory).
+/// The sum (or with `max`, the largest) over the cube's threads of `v`, in every thread: a
+/// tree in shared memory.
 #[cube]
-pub fn cube_sum(v: f32, #[comptime] threads: usize) -> f32 {
+fn cube_reduce(v: f32, #[comptime] threads: usize, #[comptime] max: bool) -> f32 {
     let mut shared = Shared::<[f32]>::new_slice(threads);
     let tid = UNIT_POS_X as usize;
     shared[tid] = v;
@@ -35,8 +36,12 @@ pub fn cube_sum(v: f32, #[comptime] threads: usize) -> f32 {
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if tid < stride {
-            let sum = shared[tid] + shared[tid + stride];
-            shared[tid] = sum;
+            let (a, b) = (shared[tid], shared[tid + stride]);
+            let mut r = a + b;
+            if max {
+                r = f32::max(a, b);
+            }
+            shared[tid] = r;
         }
         sync_cube();
         stride /= 2;
@@ -46,25 +51,16 @@ pub fn cube_sum(v: f32, #[comptime] threads: usize) -> f32 {
     total
 }
 
+/// The sum over the cube's threads of `v`, in every thread.
+#[cube]
+pub fn cube_sum(v: f32, #[comptime] threads: usize) -> f32 {
+    cube_reduce(v, threads, false)
+}
+
 /// The largest `v` over the cube's threads, in every thread.
 #[cube]
 pub fn cube_max(v: f32, #[comptime] threads: usize) -> f32 {
-    let mut shared = Shared::<[f32]>::new_slice(threads);
-    let tid = UNIT_POS_X as usize;
-    shared[tid] = v;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if tid < stride {
-            let m = f32::max(shared[tid], shared[tid + stride]);
-            shared[tid] = m;
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = shared[0];
-    sync_cube();
-    total
+    cube_reduce(v, threads, true)
 }
 
 /// The largest of row `row`'s first `width` values (`at` its first element), and the sum of

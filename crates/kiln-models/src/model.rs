@@ -252,36 +252,20 @@ impl Model {
     /// [`Model::consts_for`] with tables in `dtype`: for a forward in another compute type than
     /// the model's own (`train.dtype`).
     pub fn consts_in(&self, batch: &Batch, dtype: FloatDType) -> ForwardConsts {
-        let at = match &batch.segments {
-            Some(segments) => Positions::Packed {
-                batch: batch.batch_size,
-                seq: batch.seq_len,
-                segments,
-            },
-            None => Positions::Plain {
-                batch: batch.batch_size,
-                seq: batch.seq_len,
-            },
-        };
         let device = self.device().without_autodiff();
-        ForwardConsts::new(&self.arch.ropes, &self.arch.windows(), at, dtype, &device)
+        ForwardConsts::new(
+            &self.arch.ropes,
+            &self.arch.windows(),
+            Positions::of(batch),
+            dtype,
+            &device,
+        )
     }
 
     /// `consts` (built for a batch of `batch`'s shape and packing) rewritten for `batch`, in
     /// the same device buffers: see [`ForwardConsts::refill`].
     pub fn refill_consts(&self, consts: ForwardConsts, batch: &Batch) -> ForwardConsts {
-        let at = match &batch.segments {
-            Some(segments) => Positions::Packed {
-                batch: batch.batch_size,
-                seq: batch.seq_len,
-                segments,
-            },
-            None => Positions::Plain {
-                batch: batch.batch_size,
-                seq: batch.seq_len,
-            },
-        };
-        consts.refill(&self.arch.ropes, at)
+        consts.refill(&self.arch.ropes, Positions::of(batch))
     }
 
     /// Token embeddings for `[batch, seq]` ids, as `[batch × seq, hidden]`.

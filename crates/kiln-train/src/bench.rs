@@ -5,7 +5,7 @@ use crate::TrainError;
 use crate::device;
 use crate::memory;
 use crate::optim::{AdamW, learning_rate};
-use crate::trainer::{total_steps, train_step};
+use crate::trainer::{next_step, total_steps};
 use kiln_config::Config;
 use std::time::Instant;
 
@@ -101,35 +101,19 @@ pub fn bench(config: &Config, steps: usize, warmup: usize) -> Result<BenchReport
         let t = Instant::now();
         let cpu = crate::threads::thread_cpu_secs();
         let lr = learning_rate(&config.optim, step + 1, total);
-        let first_micro = step as u64 * accum;
-        let replayed = match replay.as_mut() {
-            Some(r) => r.step(
-                model,
-                &mut optimizer,
-                &setup.data,
-                config,
-                first_micro,
-                lr,
-                shape,
-                &mut prefetch,
-            )?,
-            None => Err(model),
-        };
-        let (next, out) = match replayed {
-            Ok(stepped) => stepped,
-            Err(model) => train_step(
-                model,
-                &mut optimizer,
-                &setup.data,
-                config,
-                first_micro,
-                lr,
-                shape,
-                &mut prefetch,
-                objective,
-                &crate::ranks::Ranks::single(),
-            ),
-        };
+        let (next, out) = next_step(
+            model,
+            replay.as_mut(),
+            &mut optimizer,
+            &setup.data,
+            config,
+            step as u64 * accum,
+            lr,
+            shape,
+            &mut prefetch,
+            objective,
+            &crate::ranks::Ranks::single(),
+        )?;
         if measured {
             // The host's part: the call returns once the step is issued (no read on a GPU).
             issue_secs.push(t.elapsed().as_secs_f64());

@@ -411,6 +411,52 @@ pub fn train_step(
     )
 }
 
+/// One optimizer step: replayed from the captured step where `replay` serves it
+/// ([`Replay::step`](crate::replay::Replay::step)), else [`train_step`]. Arguments as there.
+#[allow(clippy::too_many_arguments)]
+pub fn next_step(
+    model: Model,
+    replay: Option<&mut crate::replay::Replay>,
+    optimizer: &mut AdamW,
+    data: &TrainData,
+    config: &Config,
+    first_micro: u64,
+    lr: f64,
+    shape: StepShape,
+    prefetch: &mut Prefetched,
+    preference: Option<(Preference, Reference<'_>)>,
+    ranks: &Ranks,
+) -> Result<(Model, StepOutput), TrainError> {
+    let model = match replay {
+        Some(r) => match r.step(
+            model,
+            optimizer,
+            data,
+            config,
+            first_micro,
+            lr,
+            shape,
+            prefetch,
+        )? {
+            Ok(stepped) => return Ok(stepped),
+            Err(model) => model,
+        },
+        None => model,
+    };
+    Ok(train_step(
+        model,
+        optimizer,
+        data,
+        config,
+        first_micro,
+        lr,
+        shape,
+        prefetch,
+        preference,
+        ranks,
+    ))
+}
+
 /// What [`apply_update`] leaves on the device.
 #[derive(Clone)]
 pub struct Update {
@@ -865,36 +911,20 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<RunSummary, Trai
                 "step {step}: the learning rate is {lr}; check optim.lr and optim.schedule"
             )));
         }
-        let replayed = match replay.as_mut() {
-            Some(r) => r
-                .step(
-                    model,
-                    &mut optimizer,
-                    &setup.data,
-                    config,
-                    state.micro_batches,
-                    lr,
-                    shape,
-                    &mut prefetch,
-                )
-                .inspect_err(|_| progress.finish())?,
-            None => Err(model),
-        };
-        let (next, out) = match replayed {
-            Ok(stepped) => stepped,
-            Err(model) => train_step(
-                model,
-                &mut optimizer,
-                &setup.data,
-                config,
-                state.micro_batches,
-                lr,
-                shape,
-                &mut prefetch,
-                objective,
-                ranks,
-            ),
-        };
+        let (next, out) = next_step(
+            model,
+            replay.as_mut(),
+            &mut optimizer,
+            &setup.data,
+            config,
+            state.micro_batches,
+            lr,
+            shape,
+            &mut prefetch,
+            objective,
+            ranks,
+        )
+        .inspect_err(|_| progress.finish())?;
         model = next;
         state.micro_batches += accum as u64;
         interval_traffic.add(out.traffic);

@@ -112,6 +112,23 @@ pub enum Positions<'a> {
     },
 }
 
+impl<'a> Positions<'a> {
+    /// A batch's positions: plain rows, or packed ones by its segments.
+    pub fn of(batch: &'a kiln_data::Batch) -> Self {
+        match &batch.segments {
+            Some(segments) => Positions::Packed {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+                segments,
+            },
+            None => Positions::Plain {
+                batch: batch.batch_size,
+                seq: batch.seq_len,
+            },
+        }
+    }
+}
+
 const MASKED: f32 = -1e9;
 
 impl ForwardConsts {
