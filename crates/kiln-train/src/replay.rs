@@ -162,8 +162,14 @@ impl Replay {
         let (model, outputs) = match std::mem::replace(&mut self.phase, Phase::Off) {
             Phase::Cold => {
                 let stepped = self.eager(model, optimizer, config, shape);
-                graph_call("prepare", Dispatch::graph_prepare(self.dispatch()))?;
-                self.phase = Phase::Warm(0);
+                self.phase = match Dispatch::graph_prepare(self.dispatch()) {
+                    Ok(()) => Phase::Warm(0),
+                    Err(e) => {
+                        // A device that can't capture: every step eager, as before.
+                        not_replayed(&format!("the device can't prepare a capture ({e})"));
+                        Phase::Off
+                    }
+                };
                 stepped
             }
             Phase::Warm(n) if n < WARM_STEPS => {
@@ -246,10 +252,13 @@ impl Replay {
         shape: StepShape,
     ) -> Result<(Model, Update), TrainError> {
         let before = misses();
-        graph_call(
-            "start the capture",
-            Dispatch::graph_start_capture(self.dispatch()),
-        )?;
+        if let Err(e) = Dispatch::graph_start_capture(self.dispatch()) {
+            // Nothing was recorded: close the prepared capture and take this step eagerly.
+            let _ = Dispatch::graph_stop_capture(self.dispatch());
+            not_replayed(&format!("the device refused to start a capture ({e})"));
+            self.phase = Phase::Off;
+            return Ok(self.eager(model, optimizer, config, shape));
+        }
         let (model, outputs) = self.eager(model, optimizer, config, shape);
         let graph =
             Dispatch::graph_stop_capture(self.dispatch()).map_err(|e| graph_error("capture", e))?;
@@ -261,10 +270,7 @@ impl Replay {
         if after != before {
             // The step wrote some state to new buffers: the graph computed this step, but a
             // second replay would read the old ones. Stay eager (correct, just slower).
-            crate::sinks::warn(
-                "the training step could not update every parameter in place, so it is not \
-                 replayed; steps run eagerly",
-            );
+            not_replayed("it could not update every parameter in place");
             self.phase = Phase::Off;
             return Ok((model, outputs));
         }
@@ -284,6 +290,9 @@ fn graph_error(what: &str, e: impl std::fmt::Display) -> TrainError {
     ))
 }
 
-fn graph_call(what: &str, r: Result<(), burn::backend::ExecutionError>) -> Result<(), TrainError> {
-    r.map_err(|e| graph_error(what, e))
+/// Says once why the run's steps are not replayed (they run eagerly: correct, slower).
+fn not_replayed(why: &str) {
+    crate::sinks::warn(&format!(
+        "the training step is not replayed: {why}; every step runs eagerly"
+    ));
 }
