@@ -50,6 +50,11 @@ pub fn out_of_place() -> u64 {
     OUT_OF_PLACE.load(Ordering::Relaxed)
 }
 
+/// Counts an update that took another path than this kernel (the composed formula).
+pub fn note_not_in_place() {
+    OUT_OF_PLACE.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The update of element `i`: the new `(p, m, v)`. `rates` is `[lr, decay, bc1, bc2]`.
 #[cube]
 fn update(

@@ -236,6 +236,8 @@ impl FusedOps for Cube {
         if crate::adamw_cube::takes([&p, &m, &v, &g, &clip, &rates]) {
             crate::adamw_cube::adamw(p, m, v, g, clip, apply, rates, hyper)
         } else {
+            // New buffers, and the rates as host scalars: a captured step must not take this.
+            crate::adamw_cube::note_not_in_place();
             composed::adamw::<Self>(p, m, v, g, clip, apply, hyper)
         }
     }

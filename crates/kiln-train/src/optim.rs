@@ -238,13 +238,14 @@ impl AdamW {
 
     /// The device-side half of a step, at the rates [`AdamW::set_rates`] wrote: gradients are
     /// multiplied by `clip_coef` (a one-element tensor) first when given. Reads nothing from
-    /// the host and uploads nothing, so it can run inside a captured step.
+    /// the host and uploads nothing, so it can run inside a captured step. Crate-private:
+    /// every caller ([`AdamW::step`], `trainer::apply_update`) has called `set_rates` first.
     ///
     /// `apply` (a one-element bool tensor) decides on the device whether the update happens:
     /// where it is false, parameters and moments keep their values (a step whose loss or gradient
     /// norm is not finite), without the host having to read anything. The bias-correction count
     /// `t` advances either way.
-    pub fn update(
+    pub(crate) fn update(
         &mut self,
         model: Model,
         grads: GradAccumulator,

@@ -101,11 +101,6 @@ impl Replay {
         })
     }
 
-    /// Whether a replayed graph serves the steps now.
-    pub fn is_replaying(&self) -> bool {
-        matches!(self.phase, Phase::Replaying(_))
-    }
-
     /// One optimizer step, as [`train_step`](crate::trainer::train_step) computes it, from
     /// the replayed graph where it can (`Err(model)` hands a step it can't take back, for
     /// `train_step`). Micro-batch indices and the learning rate as there.
@@ -239,7 +234,9 @@ impl Replay {
                 None => l,
             });
         }
-        let loss_sum = loss_sum.expect("a step has at least one micro-batch");
+        // As in `train_step` (no micro-batches only in a config built by hand with
+        // `grad_accum: 0`, which parsing refuses).
+        let loss_sum = loss_sum.unwrap_or_else(|| Tensor::zeros([1], &self.device));
         apply_update(model, optimizer, grads, loss_sum, accum, config)
     }
 

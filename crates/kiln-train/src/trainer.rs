@@ -459,7 +459,7 @@ pub fn next_step(
 
 /// What [`apply_update`] leaves on the device.
 #[derive(Clone)]
-pub struct Update {
+pub(crate) struct Update {
     /// The step's mean loss.
     pub loss: Tensor<1>,
     /// The global gradient norm before clipping.
@@ -471,7 +471,7 @@ pub struct Update {
 /// The end of a step, after its gradients are summed: the norm, clipping, the finite check and
 /// AdamW at the rates [`AdamW::set_rates`] wrote. Reads nothing from the host and uploads
 /// nothing, so a captured step (`crate::replay`) runs it too.
-pub fn apply_update(
+pub(crate) fn apply_update(
     model: Model,
     optimizer: &mut AdamW,
     grads: GradAccumulator,
